@@ -1,0 +1,263 @@
+"""What every checkpoint layout shares: the in-memory :class:`Checkpoint`, safetensors reading with
+validation, atomic output directories, and tokenizer files.
+
+Nothing here knows about models or training; it moves tensors between memory and files. No pickle is
+ever loaded: only ``config.json`` (JSON) and ``*.safetensors`` files are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from bittern.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    MissingFileError,
+    NonFiniteWeightError,
+    OutputExistsError,
+    UnknownFormatError,
+)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+MARKER_KEY = "bittern"
+"""Key of bittern's own block in ``config.json``: ``{"format": ..., "ternary_layers": [...], ...}``."""
+MARKER_VERSION = 1
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class TernaryWeight:
+    """A ternary weight: ``W = codes * scale``.
+
+    Attributes:
+        codes: int8 ``[N, K]`` in {-1, 0, 1}.
+        scale: float32 ``[1]`` (per tensor) or ``[N]`` (per channel); always the multiplier ``s``.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.numel() != 1
+
+
+@dataclass
+class Checkpoint:
+    """A model's tensors and config, independent of the file layout they came from or go to.
+
+    Attributes:
+        config: the Hugging Face ``config.json`` content, without ``quantization_config`` and bittern's
+            marker (layouts add their own when writing).
+        tensors: every dense tensor by state-dict key (embeddings, norms, biases, unconverted linears, and the
+            latent weights of ``latent_layers``).
+        ternary: the ternary layers by module name (their ``.weight`` is not in ``tensors``).
+        latent_layers: module names whose dense ``.weight`` is the latent weight of a ternary layer
+            (prequantized checkpoints); None means "the default conversion policy decides".
+        dense_linear_layers: names of the linear layers that stay full precision (e.g. ``lm_head``),
+            when known; the packed layout lists them in ``modules_to_not_convert``.
+        per_channel: whether ternary layers use one scale per output row.
+        layout: where it came from: ``bittern-packed``, ``bittern-bf16``, ``bittern-prequantized``,
+            ``falcon-e``, ``bitnet-2b4t``, ``hf-full``, or ``model`` (built from a live model).
+        source: the directory it was read from (tokenizer files are copied from there), if any.
+        files: for each tensor key, the file it was read from (for error messages).
+    """
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    ternary: dict[str, TernaryWeight] = field(default_factory=dict)
+    latent_layers: list[str] | None = field(default_factory=list)
+    dense_linear_layers: list[str] | None = None
+    per_channel: bool = False
+    layout: str = "model"
+    source: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """Parse ``directory/config.json``.
+
+    Raises:
+        MissingFileError: the directory or its config.json does not exist.
+        CorruptCheckpointError: config.json is not a JSON object.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MissingFileError("checkpoint directory does not exist", directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise MissingFileError("config.json is missing; a checkpoint directory needs one", path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"not valid JSON ({exc})", path) from exc
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError("must hold a JSON object", path)
+    return config
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: ``model.safetensors`` or the shards its index names.
+
+    Raises:
+        MissingFileError: no safetensors weights, or a shard named in the index is missing.
+        UnknownFormatError: only pickle weights (``*.bin``/``*.pt``), which bittern never loads.
+    """
+    directory = Path(directory)
+    index = directory / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CorruptCheckpointError(f"not a safetensors index ({exc})", index) from exc
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise MissingFileError("shard named in the index is missing", file)
+        return files
+    single = directory / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(directory.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    if pickles:
+        raise UnknownFormatError(
+            f"only pickle weights found ({', '.join(pickles)}); bittern never loads pickle files. "
+            "Re-save the model with safetensors (model.save_pretrained(dir, safe_serialization=True))",
+            directory,
+        )
+    raise MissingFileError("no model.safetensors (or sharded *.safetensors) weights found", directory)
+
+
+def read_tensors(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Load every tensor of a checkpoint's safetensors files (on CPU).
+
+    Returns:
+        ``(tensors, files)``: tensors by key, and the file each came from.
+
+    Raises:
+        CorruptCheckpointError: a file is truncated or its header is corrupt (names the file), or a key
+            appears in two files.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    files: dict[str, Path] = {}
+    for path in weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    if key in tensors:
+                        raise CorruptCheckpointError(f"tensor also stored in '{files[key]}'", path, key)
+                    try:
+                        tensors[key] = handle.get_tensor(key)
+                    except (SafetensorError, RuntimeError, ValueError) as exc:
+                        raise CorruptCheckpointError(f"cannot read tensor ({exc})", path, key) from exc
+                    files[key] = path
+        except CheckpointError:
+            raise
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"not a readable safetensors file ({exc})", path) from exc
+    return tensors, files
+
+
+def check_finite(tensor: torch.Tensor, path: str | Path | None, key: str) -> None:
+    """Raise :class:`NonFiniteWeightError` naming ``path`` and ``key`` if ``tensor`` holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteWeightError(f"{bad} of {tensor.numel()} values are NaN or Inf", path, key)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (made contiguous, on CPU) to one safetensors file with ``format: pt`` metadata."""
+    ready = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+    save_file(ready, str(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def write_config(directory: Path, config: dict[str, Any]) -> None:
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def copy_tokenizer_files(source: Path | None, directory: Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files found in ``source`` into ``directory``."""
+    if source is None:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(source) / name
+        if src.is_file():
+            shutil.copy2(src, directory / name)
+            copied.append(name)
+    return copied
+
+
+@contextlib.contextmanager
+def atomic_output_dir(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``destination``; on success rename it into place.
+
+    On any exception the temporary directory is removed and ``destination`` is left untouched. An existing
+    ``destination`` is replaced only with ``overwrite=True`` (and only after the new content is complete).
+
+    Raises:
+        OutputExistsError: ``destination`` exists and ``overwrite`` is False (checked before any work).
+    """
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output '{destination}' already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    if destination.exists() and not destination.is_dir():
+        raise OutputExistsError(f"output '{destination}' exists and is not a directory")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+            os.replace(destination, retired / destination.name)
+            os.replace(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def split_marker(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """Split a config into ``(plain_config, quantization_config, bittern_marker)`` (copies)."""
+    plain = dict(config)
+    quantization = plain.pop("quantization_config", None)
+    marker = plain.pop(MARKER_KEY, None)
+    return plain, quantization, marker
+
+
+def make_marker(fmt: str, **fields: Any) -> dict[str, Any]:
+    """bittern's block for ``config.json``."""
+    return {"format": fmt, "version": MARKER_VERSION, **fields}

@@ -1,0 +1,217 @@
+"""The Hugging Face packed ``bitnet`` layout (DESIGN §3), read and written.
+
+Each ternary layer ``L`` is stored as ``L.weight`` (uint8 ``[N/4, K]``, 2-bit codes, see
+:mod:`bittern.packing`) and ``L.weight_scale`` (``[1]``), and ``config.json`` carries a
+``quantization_config`` with ``quant_method: bitnet``. Two scale conventions exist:
+
+* ``divide`` (``linear_class: bitlinear``; Falcon-E, onebitllms; the default): ``weight_scale = 1/s`` and
+  transformers divides the output by it;
+* ``multiply`` (``linear_class: autobitlinear``, offline; microsoft/bitnet-b1.58-2B-4T): ``weight_scale = s``
+  and transformers multiplies the output by it.
+
+Stock transformers loads what :func:`write_packed` writes with ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bittern import packing
+from bittern.errors import ConfigError, CorruptCheckpointError, ShapeMismatchError, UnknownFormatError
+from bittern.formats.common import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    TernaryWeight,
+    atomic_output_dir,
+    check_finite,
+    copy_tokenizer_files,
+    make_marker,
+    split_marker,
+    write_config,
+    write_safetensors,
+)
+
+FORMAT = "packed"
+SCALE_CONVENTIONS = {"divide": "bitlinear", "multiply": "autobitlinear"}
+"""bittern's name of a scale convention → transformers' ``linear_class``."""
+
+
+def quantization_config(convention: str, modules_to_not_convert: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` block transformers' ``BitNetQuantConfig`` expects."""
+    if convention not in SCALE_CONVENTIONS:
+        raise ConfigError(f"scale convention must be one of {sorted(SCALE_CONVENTIONS)}, got {convention!r}")
+    return {
+        "quant_method": "bitnet",
+        "linear_class": SCALE_CONVENTIONS[convention],
+        "quantization_mode": "offline",
+        "modules_to_not_convert": sorted(modules_to_not_convert),
+        "use_rms_norm": False,
+        "rms_norm_eps": 1e-6,
+    }
+
+
+def packed_tensors(
+    ternary: dict[str, TernaryWeight], convention: str = "divide", allow_padded_rows: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The packed ``weight`` / ``weight_scale`` tensors of ternary layers.
+
+    Returns:
+        ``(tensors, padded)``: tensors by state-dict key, and ``{layer: N}`` for layers whose ``N % 4 != 0``.
+
+    Raises:
+        ConfigError: per-channel scales (not representable in this layout), or ``N % 4 != 0`` without
+            ``allow_padded_rows``.
+    """
+    if convention not in SCALE_CONVENTIONS:
+        raise ConfigError(f"scale convention must be one of {sorted(SCALE_CONVENTIONS)}, got {convention!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    padded: dict[str, int] = {}
+    for name, weight in ternary.items():
+        n = weight.codes.shape[0]
+        if weight.per_channel:
+            raise ConfigError(
+                f"layer '{name}' has per-channel scales, which the Hugging Face bitnet layout cannot hold "
+                "(its weight_scale is one number per layer); export the bf16 or prequantized variant instead"
+            )
+        if n % packing.CODES_PER_BYTE:
+            if not allow_padded_rows:
+                raise ConfigError(
+                    f"layer '{name}' has out_features={n}, not a multiple of 4: transformers' BitLinear keeps "
+                    f"out_features // 4 = {n // 4} byte rows and cannot load it. Pass allow_padded_rows=True "
+                    "(--allow-padded-rows) to store ceil(N/4) rows, which bittern loads and stock transformers "
+                    "does not, or export the bf16 or prequantized variant"
+                )
+            padded[name] = n
+        scale = weight.scale.to(torch.float32).reshape(1)
+        tensors[f"{name}.weight"] = packing.pack_ternary_rows(weight.codes)
+        tensors[f"{name}.weight_scale"] = 1.0 / scale if convention == "divide" else scale.clone()
+    return tensors, padded
+
+
+def write_packed(
+    checkpoint: Checkpoint,
+    destination: str | Path,
+    convention: str = "divide",
+    allow_padded_rows: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``checkpoint`` in the packed layout to ``destination`` (atomically).
+
+    ``checkpoint.dense_linear_layers`` must list the linear layers that stay full precision; they become
+    ``modules_to_not_convert``, so transformers converts exactly the layers that are ternary here.
+    """
+    if not checkpoint.ternary:
+        raise ConfigError("the model has no ternary layers to pack; convert it first (bittern convert)")
+    if checkpoint.dense_linear_layers is None:
+        raise ConfigError("the packed layout needs the list of linear layers that stay full precision")
+    tensors, padded = packed_tensors(checkpoint.ternary, convention, allow_padded_rows)
+    overlap = set(tensors) & set(checkpoint.tensors)
+    if overlap:
+        raise ConfigError(f"tensors stored both dense and packed: {sorted(overlap)[:5]}")
+    config = dict(checkpoint.config)
+    config["quantization_config"] = quantization_config(convention, checkpoint.dense_linear_layers)
+    config["bittern"] = make_marker(
+        FORMAT,
+        scale_convention=convention,
+        ternary_layers=sorted(checkpoint.ternary),
+        padded_out_features=padded,
+    )
+    with atomic_output_dir(destination, overwrite) as staging:
+        write_safetensors(staging / WEIGHTS_FILE, {**checkpoint.tensors, **tensors}, {"bittern_format": FORMAT})
+        write_config(staging, config)
+        copy_tokenizer_files(checkpoint.source, staging)
+    return Path(destination)
+
+
+def is_packed(config: dict[str, Any]) -> bool:
+    """Whether a config describes a packed ``bitnet`` checkpoint (offline quantization)."""
+    quantization = config.get("quantization_config") or {}
+    return (
+        quantization.get("quant_method") == "bitnet" and quantization.get("quantization_mode", "offline") == "offline"
+    )
+
+
+def read_packed(
+    directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], files: dict[str, Path]
+) -> Checkpoint:
+    """Read a packed checkpoint (bittern's own, Falcon-E style or 2B4T style) from already loaded tensors.
+
+    Raises:
+        UnknownFormatError: a ``linear_class`` or option bittern does not support.
+        CorruptCheckpointError: a missing ``weight_scale``, code 3 in the packed bytes, a zero scale.
+        ShapeMismatchError: byte rows that do not fit the layer, a scale that is not one number.
+        NonFiniteWeightError: NaN/Inf in a scale or dense tensor.
+    """
+    plain, quantization, marker = split_marker(config)
+    config_path = directory / CONFIG_FILE
+    quantization = quantization or {}
+    linear_class = quantization.get("linear_class", "bitlinear")
+    if linear_class not in SCALE_CONVENTIONS.values():
+        raise UnknownFormatError(f"quantization_config.linear_class {linear_class!r} is not supported", config_path)
+    if quantization.get("use_rms_norm"):
+        raise UnknownFormatError(
+            "quantization_config.use_rms_norm=true (an RMSNorm inside each BitLinear) is not supported", config_path
+        )
+    divide = linear_class == "bitlinear"
+    padded = dict((marker or {}).get("padded_out_features") or {})
+
+    dense = dict(tensors)
+    ternary: dict[str, TernaryWeight] = {}
+    for key in [k for k, t in tensors.items() if k.endswith(".weight") and t.dtype == torch.uint8]:
+        name = key[: -len(".weight")]
+        packed = dense.pop(key)
+        path = files.get(key)
+        scale_key = f"{name}.weight_scale"
+        if scale_key not in dense:
+            raise CorruptCheckpointError("packed weight has no weight_scale tensor beside it", path, key)
+        stored_scale = dense.pop(scale_key)
+        scale_path = files.get(scale_key)
+        if stored_scale.numel() != 1:
+            raise ShapeMismatchError(
+                f"weight_scale must hold one number, found shape {tuple(stored_scale.shape)}", scale_path, scale_key
+            )
+        check_finite(stored_scale, scale_path, scale_key)
+        stored = stored_scale.to(torch.float32).reshape(1)
+        if not bool((stored > 0).all()):
+            raise CorruptCheckpointError(f"weight_scale must be > 0, found {float(stored[0])}", scale_path, scale_key)
+        if packed.dim() != 2:
+            raise ShapeMismatchError(f"packed weight must be 2-D, found shape {tuple(packed.shape)}", path, key)
+        out_features = int(padded.get(name, packed.shape[0] * packing.CODES_PER_BYTE))
+        if packing.packed_rows(out_features) != packed.shape[0]:
+            raise ShapeMismatchError(f"{packed.shape[0]} byte rows cannot hold out_features={out_features}", path, key)
+        invalid = int(packing.count_invalid(packed, out_features))
+        if invalid:
+            raise CorruptCheckpointError(
+                f"{invalid} packed 2-bit slots hold the value 3, which is no ternary code", path, key
+            )
+        scale = 1.0 / stored if divide else stored
+        ternary[name] = TernaryWeight(packing.unpack_ternary_rows(packed, out_features), scale)
+    if not ternary:
+        raise CorruptCheckpointError(
+            "config.json declares a bitnet quantization but no tensor holds packed uint8 weights",
+            directory / WEIGHTS_FILE,
+        )
+    for key, tensor in dense.items():
+        check_finite(tensor, files.get(key), key)
+
+    if marker is not None:
+        layout = "bittern-packed"
+    elif linear_class == "autobitlinear":
+        layout = "bitnet-2b4t"
+    else:
+        layout = "falcon-e"
+    not_converted = quantization.get("modules_to_not_convert")
+    return Checkpoint(
+        config=plain,
+        tensors=dense,
+        ternary=ternary,
+        latent_layers=[],
+        dense_linear_layers=list(not_converted) if isinstance(not_converted, list) else None,
+        layout=layout,
+        source=directory,
+        files=files,
+    )

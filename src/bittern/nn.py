@@ -1,0 +1,216 @@
+"""Ternary layers: :class:`BitLinear` for training and :class:`TernaryLinear` for packed inference.
+
+Both compute through :mod:`bittern.quant`; neither holds any math of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bittern import packing, quant
+
+
+class BitLinear(nn.Linear):
+    """A linear layer trained with ternary weights and int8 activations (BitNet b1.58).
+
+    It keeps full-precision latent weights (``weight``, ``[N, K]``) and, in the forward pass, uses their
+    fake-quantized value ``Wt * s`` on fake-quantized activations ``xq * a / 127``; gradients pass both
+    quantizers unchanged (straight-through estimator). Being an ``nn.Linear`` subclass, PEFT and
+    transformers see ``in_features``, ``out_features``, ``weight`` and ``bias`` as usual.
+
+    Attributes:
+        lam: quantization strength λ in [0, 1] (0 = full precision, 1 = fully ternary); a warmup schedule
+            moves it from 0 to 1 when converting a full-precision model.
+        per_channel: one weight scale per output row instead of one per tensor.
+        quantize_activations: switch activation quantization off (weights stay ternary); used to compare
+            with the bf16 variant, which has no activation quantization.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        lam: float = 1.0,
+        per_channel: bool = False,
+        quantize_activations: bool = True,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.lam = quant._check_lam(lam)
+        self.per_channel = per_channel
+        self.quantize_activations = quantize_activations
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, lam: float = 1.0, per_channel: bool = False) -> BitLinear:
+        """A BitLinear that shares ``linear``'s parameters (no copy; works on meta, cpu and cuda)."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+            lam=lam,
+            per_channel=per_channel,
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing the latent weights (the full-precision view of this layer)."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=self.weight.dtype
+        )
+        linear.weight = self.weight
+        linear.bias = self.bias
+        linear.train(self.training)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., K]`` → ``[..., N]`` in ``x``'s dtype."""
+        if self.quantize_activations:
+            x = quant.ste_activations(x, self.lam)
+        weight = quant.ste_weight(self.weight, self.lam, self.per_channel)
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lam={self.lam}, per_channel={self.per_channel}"
+
+
+class TernaryLinear(nn.Module):
+    """A packed ternary linear layer for inference.
+
+    Buffers:
+        packed_weight: uint8 ``[ceil(N/4), K]`` in the Hugging Face 2-bit layout (:mod:`bittern.packing`).
+        weight_scale: float32 ``[1]`` (per tensor) or ``[N]`` (per channel): ``s``, the multiplier of the codes.
+            It stays float32 when the module is cast to another dtype.
+        bias: ``[N]`` full precision or None (never quantized).
+
+    Forward: per-token int8 activation quantization, exact integer matmul, rescale by ``s * a / 127``,
+    bias: :func:`bittern.quant.integer_linear`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        per_channel: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.per_channel = per_channel
+        rows = packing.packed_rows(out_features)
+        # byte value 0b01010101 = code 0 in every slot
+        self.register_buffer("packed_weight", torch.full((rows, in_features), 0x55, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "weight_scale", torch.ones(out_features if per_channel else 1, dtype=torch.float32, device=device)
+        )
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=dtype or torch.get_default_dtype(), device=device),
+                requires_grad=False,
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    # --- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        per_channel: bool | None = None,
+    ) -> TernaryLinear:
+        """Build from int8 codes ``[N, K]``, a float32 scale ``[1]`` or ``[N]`` (multiplier) and a bias."""
+        n, k = codes.shape
+        if per_channel is None:
+            per_channel = scale.numel() != 1
+        layer = cls(k, n, bias=bias is not None, per_channel=per_channel, device="meta")
+        layer.packed_weight = packing.pack_ternary_rows(codes)
+        layer.weight_scale = scale.detach().to(torch.float32).reshape(-1).clone()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_bitlinear(cls, layer: nn.Linear, per_channel: bool | None = None) -> TernaryLinear:
+        """Quantize a trained :class:`BitLinear` (or any ``nn.Linear``) into a packed layer.
+
+        Codes and scale come from the latent weights as stored, upcast to float32 (never from a bf16-rounded
+        copy), so the packed layer computes exactly what ``BitLinear.eval()`` computes.
+        """
+        if per_channel is None:
+            per_channel = getattr(layer, "per_channel", False)
+        codes, scale = quant.ternarize(layer.weight, per_channel=per_channel)
+        return cls.from_codes(codes, scale, layer.bias, per_channel=per_channel)
+
+    def to_bitlinear(self, dtype: torch.dtype = torch.float32, lam: float = 1.0) -> BitLinear:
+        """A :class:`BitLinear` whose fake-quantized weight equals this layer's ``Wt * s``.
+
+        The latent weight is ``Wt * s / d`` with ``d`` the fraction of non-zero codes (per tensor or per
+        row): its mean ``|W|`` is ``s`` again, so re-ternarizing yields the same codes and scale. (Taking
+        ``Wt * s`` itself as the latent weight would shrink the scale to ``s * d``.)
+        """
+        codes = self.codes()
+        density = codes.ne(0).to(torch.float32)
+        density = density.mean(dim=1, keepdim=True) if self.per_channel else density.mean().reshape(1, 1)
+        latent = codes.to(torch.float32) * self.weight_scale.reshape(-1, 1) / density.clamp(min=1e-12)
+        layer = BitLinear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.packed_weight.device,
+            dtype=dtype,
+            lam=lam,
+            per_channel=self.per_channel,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(latent.to(dtype))
+            if self.bias is not None:
+                layer.bias.copy_(self.bias.to(dtype))
+        return layer
+
+    # --- views ----------------------------------------------------------------------------------------
+
+    def codes(self) -> torch.Tensor:
+        """The ternary codes, int8 ``[N, K]``."""
+        return packing.unpack_ternary_rows(self.packed_weight, self.out_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``Wt * s`` as a dense ``[N, K]`` tensor of ``dtype``."""
+        return quant.dequantize_weight(self.codes(), self.weight_scale, dtype)
+
+    # --- module protocol ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., K]`` floating → ``[..., N]`` in ``x``'s dtype."""
+        return quant.integer_linear(x, self.codes(), self.weight_scale, self.bias, out_dtype=x.dtype)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # Keep the scale in float32 when the module is cast (model.to(torch.bfloat16)): move it, never round it.
+        scale = self._buffers.pop("weight_scale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = fn(scale) if scale is not None else None
+            self._buffers["weight_scale"] = (
+                None if scale is None else scale.to(device=moved.device, dtype=torch.float32)
+            )
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, per_channel={self.per_channel}"
+        )

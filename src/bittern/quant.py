@@ -1,0 +1,231 @@
+"""The reference ternary math (DESIGN §2), in plain PyTorch.
+
+This module is the single source of truth for every number bittern computes: kernels, layers, formats and
+exporters call it or are tested bit-for-bit against it. The rules:
+
+* all quantization arithmetic runs in float32, whatever the input dtype;
+* ``torch.round`` rounds half to even, everywhere;
+* scales are clamped below by :data:`EPS` = 1e-5;
+* nothing here synchronises with the host (no ``.item()``, no Python branching on tensor values), so every
+  function is safe inside CUDA graphs and ``torch.compile``.
+
+Shapes use ``N`` for output features, ``K`` for input features and ``...`` for any leading token dims.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-5
+"""Lower bound of every scale (weights and activations)."""
+
+ACT_MAX = 127.0
+"""Activations are quantized to ``round(x * 127 / a)`` clamped to the int8 range [-128, 127]."""
+
+
+def weight_scale(weight: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """The ternary scale ``s = max(mean(|W|), EPS)`` of a weight matrix, computed in float32.
+
+    Args:
+        weight: ``[N, K]`` of any floating dtype.
+        per_channel: one scale per output row instead of one per tensor.
+
+    Returns:
+        float32 ``[1]`` (per tensor) or ``[N]`` (per channel).
+    """
+    w32 = weight.detach().to(torch.float32)
+    mean_abs = w32.abs().mean(dim=-1) if per_channel else w32.abs().mean().reshape(1)
+    return mean_abs.clamp(min=EPS)
+
+
+def _scale_for_rows(scale: torch.Tensor) -> torch.Tensor:
+    """Reshape a ``[1]`` or ``[N]`` scale so it broadcasts against ``[N, K]``."""
+    return scale.reshape(-1, 1)
+
+
+def ternary_codes(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Ternary codes ``clamp(round(W / s), -1, 1)`` of ``weight`` for a given float32 ``scale``.
+
+    Args:
+        weight: ``[N, K]`` floating.
+        scale: float32 ``[1]`` or ``[N]`` from :func:`weight_scale`.
+
+    Returns:
+        int8 ``[N, K]`` with values in {-1, 0, 1}.
+    """
+    w32 = weight.detach().to(torch.float32)
+    return torch.round(w32 / _scale_for_rows(scale)).clamp_(-1, 1).to(torch.int8)
+
+
+def ternarize(weight: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternarize a weight matrix: ``(codes, s)`` with ``W ≈ codes * s``.
+
+    Args:
+        weight: ``[N, K]`` of any floating dtype (upcast to float32 before any arithmetic).
+        per_channel: one scale per output row instead of one per tensor.
+
+    Returns:
+        ``codes``: int8 ``[N, K]`` in {-1, 0, 1}; ``s``: float32 ``[1]`` or ``[N]``, always > 0.
+    """
+    scale = weight_scale(weight, per_channel)
+    return ternary_codes(weight, scale), scale
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``codes * s`` in float32, then cast to ``dtype``. ``codes``: ``[N, K]``; ``scale``: ``[1]`` or ``[N]``."""
+    return (codes.to(torch.float32) * _scale_for_rows(scale).to(torch.float32)).to(dtype)
+
+
+def fake_quant_weight(weight: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """The fake-quantized weight ``Wt * s`` with the dtype and shape of ``weight`` (no gradient)."""
+    codes, scale = ternarize(weight, per_channel)
+    return dequantize_weight(codes, scale, weight.dtype)
+
+
+def activation_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax ``a = max(max(|x|), EPS)`` over the last dim, float32 ``[..., 1]``."""
+    return x.detach().to(torch.float32).abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization ``xq = clamp(round(x * 127 / a), -128, 127)``.
+
+    The arithmetic order is fixed (kernels reproduce it bit for bit): ``(x_f32 * 127) / a``, then round
+    half to even.
+
+    Args:
+        x: ``[..., K]`` of any floating dtype.
+
+    Returns:
+        ``xq``: int8 ``[..., K]``; ``a``: float32 ``[..., 1]``.
+    """
+    x32 = x.detach().to(torch.float32)
+    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    xq = torch.round(x32 * ACT_MAX / scale).clamp_(-128, 127).to(torch.int8)
+    return xq, scale
+
+
+def dequantize_activations(xq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``xq * a / 127`` in float32, cast to ``dtype``. ``xq``: ``[..., K]``; ``scale``: ``[..., 1]``."""
+    return (xq.to(torch.float32) * scale / ACT_MAX).to(dtype)
+
+
+def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
+    """The fake-quantized activation ``xq * a / 127`` with the dtype and shape of ``x`` (no gradient)."""
+    xq, scale = quantize_activations(x)
+    return dequantize_activations(xq, scale, x.dtype)
+
+
+def integer_matmul(xq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Exact ``xq @ codes^T`` with int32 accumulation.
+
+    Args:
+        xq: int8 ``[..., K]``.
+        codes: int8 ``[N, K]`` in {-1, 0, 1}.
+
+    Returns:
+        int32 ``[..., N]`` (exact: |sum| <= 128 * K, far below 2**31 for any real K).
+    """
+    lead = xq.shape[:-1]
+    acc = xq.reshape(-1, xq.shape[-1]).to(torch.int32) @ codes.to(torch.int32).t()
+    return acc.reshape(*lead, codes.shape[0])
+
+
+def rescale(acc: torch.Tensor, weight_scale_: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+    """``acc * s * a / 127`` in float32, in exactly that order.
+
+    Args:
+        acc: int32 ``[..., N]`` from :func:`integer_matmul`.
+        weight_scale_: float32 ``[1]`` or ``[N]``.
+        act_scale: float32 ``[..., 1]``.
+
+    Returns:
+        float32 ``[..., N]``.
+    """
+    return acc.to(torch.float32) * weight_scale_.to(torch.float32) * act_scale / ACT_MAX
+
+
+def integer_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The ternary linear computed from integers: ``y = (xq @ Wt^T) * s * a / 127 + bias``.
+
+    Args:
+        x: ``[..., K]`` floating activations (quantized per token here).
+        codes: int8 ``[N, K]``.
+        scale: float32 ``[1]`` or ``[N]``.
+        bias: ``[N]`` or None; added in float32, never quantized.
+        out_dtype: dtype of the result; defaults to ``x.dtype``.
+
+    Returns:
+        ``[..., N]`` in ``out_dtype``.
+    """
+    xq, act_scale = quantize_activations(x)
+    y = rescale(integer_matmul(xq, codes), scale, act_scale)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype or x.dtype)
+
+
+def _check_lam(lam: float) -> float:
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"the quantization warmup factor lam must lie in [0, 1], got {lam}")
+    return lam
+
+
+def _blend(value: torch.Tensor, quantized_f32: torch.Tensor, lam: float) -> torch.Tensor:
+    """``v + lam * (Q(v) - v)`` in float32, exactly ``Q(v)`` when lam == 1; result in ``value.dtype``."""
+    if lam == 1.0:
+        return quantized_f32.to(value.dtype)
+    v32 = value.to(torch.float32)
+    return (v32 + lam * (quantized_f32 - v32)).to(value.dtype)
+
+
+class _WeightSTE(torch.autograd.Function):
+    """Fake-quantized weight forward, identity backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, lam: float, per_channel: bool) -> torch.Tensor:  # type: ignore[override]
+        codes, scale = ternarize(weight, per_channel)
+        return _blend(weight, dequantize_weight(codes, scale), lam)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        return grad_output, None, None
+
+
+class _ActivationSTE(torch.autograd.Function):
+    """Fake-quantized activation forward, identity backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:  # type: ignore[override]
+        xq, scale = quantize_activations(x)
+        return _blend(x, dequantize_activations(xq, scale), lam)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        return grad_output, None
+
+
+def ste_weight(weight: torch.Tensor, lam: float = 1.0, per_channel: bool = False) -> torch.Tensor:
+    """``W + lam * (Wt*s - W).detach()``: the training-time weight, gradient passed straight through.
+
+    ``lam`` = 0 returns ``weight`` itself (full precision); ``lam`` = 1 returns exactly ``Wt * s``.
+    """
+    lam = _check_lam(lam)
+    if lam == 0.0:
+        return weight
+    return _WeightSTE.apply(weight, lam, per_channel)
+
+
+def ste_activations(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """``x + lam * (xq*a/127 - x).detach()``: the training-time activation, gradient passed straight through."""
+    lam = _check_lam(lam)
+    if lam == 0.0:
+        return x
+    return _ActivationSTE.apply(x, lam)
