@@ -98,21 +98,33 @@ def write_packed(
     convention: str = "divide",
     allow_padded_rows: bool = False,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``checkpoint`` in the packed layout to ``destination`` (atomically).
 
     ``checkpoint.dense_linear_layers`` must list the linear layers that stay full precision; they become
     ``modules_to_not_convert``, so transformers converts exactly the layers that are ternary here.
+    ``dtype`` casts the dense floating tensors (embeddings, norms, head, biases; None keeps theirs).
+    Scales are always stored in float32.
+
+    Note (transformers 5.x): with the ``multiply`` convention (``autobitlinear``), stock transformers keeps
+    every ``*.weight`` tensor in its on-disk dtype whatever ``dtype`` is passed to ``from_pretrained``, so
+    write the dtype your users will load (bfloat16, like the published 2B4T checkpoint).
     """
     if not checkpoint.ternary:
         raise ConfigError("the model has no ternary layers to pack; convert it first (bittern convert)")
     if checkpoint.dense_linear_layers is None:
         raise ConfigError("the packed layout needs the list of linear layers that stay full precision")
     tensors, padded = packed_tensors(checkpoint.ternary, convention, allow_padded_rows)
-    overlap = set(tensors) & set(checkpoint.tensors)
+    overlap = set(tensors) & set(checkpoint.tensors)  # a ternary layer's weight must not also be dense
     if overlap:
         raise ConfigError(f"tensors stored both dense and packed: {sorted(overlap)[:5]}")
+    dense = dict(checkpoint.tensors)
+    if dtype is not None:
+        dense = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in dense.items()}
     config = dict(checkpoint.config)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = quantization_config(convention, checkpoint.dense_linear_layers)
     config["bittern"] = make_marker(
         FORMAT,
@@ -121,7 +133,7 @@ def write_packed(
         padded_out_features=padded,
     )
     with atomic_output_dir(destination, overwrite) as staging:
-        write_safetensors(staging / WEIGHTS_FILE, {**checkpoint.tensors, **tensors}, {"bittern_format": FORMAT})
+        write_safetensors(staging / WEIGHTS_FILE, {**dense, **tensors}, {"bittern_format": FORMAT})
         write_config(staging, config)
         copy_tokenizer_files(checkpoint.source, staging)
     return Path(destination)

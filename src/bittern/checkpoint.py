@@ -1,0 +1,284 @@
+"""Models ⇄ checkpoints: build a Hugging Face model from any supported checkpoint, and save a model in any
+bittern variant.
+
+This is where the layouts of :mod:`bittern.formats` meet the layers of :mod:`bittern.nn`; the layouts
+themselves know nothing about models.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from bittern import formats, quant
+from bittern.convert import ConversionPolicy, to_bitlinear, to_linear, to_ternary
+from bittern.errors import CheckpointError, ConfigError, ShapeMismatchError, UnknownFormatError
+from bittern.formats import Checkpoint, TernaryWeight
+from bittern.formats.common import CONFIG_FILE, WEIGHTS_FILE
+from bittern.nn import BitLinear, TernaryLinear
+
+Layers = Literal["auto", "ternary", "bitlinear", "linear"]
+SOURCE_ATTRIBUTE = "_bittern_source"
+"""Attribute set on loaded models: the directory they came from (tokenizer files are copied from it)."""
+
+
+def _ternary_weight(module: nn.Module) -> TernaryWeight:
+    if isinstance(module, TernaryLinear):
+        return TernaryWeight(module.codes(), module.weight_scale.detach().clone())
+    codes, scale = quant.ternarize(module.weight, per_channel=module.per_channel)
+    return TernaryWeight(codes, scale)
+
+
+def _latent_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, TernaryLinear):
+        dtype = module.bias.dtype if module.bias is not None else torch.float32
+        return module.to_bitlinear(dtype=dtype).weight.detach()
+    return module.weight.detach()
+
+
+def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one key of tensors that share storage (tied embeddings); the loader re-ties them."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    kept = {}
+    for key, tensor in state.items():
+        ident = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape)) if tensor.device.type != "meta" else None
+        if ident is not None and ident in seen:
+            continue
+        if ident is not None:
+            seen.add(ident)
+        kept[key] = tensor
+    return kept
+
+
+def checkpoint_from_model(model: nn.Module, target: Literal["ternary", "latent"] = "ternary") -> Checkpoint:
+    """Describe a live model as a :class:`Checkpoint`.
+
+    Args:
+        model: a Hugging Face causal LM with :class:`BitLinear` and/or :class:`TernaryLinear` layers.
+        target: ``ternary``: every ternary layer as codes + scale (BitLinear layers are ternarized in float32
+            from their latent weights); ``latent``: every ternary layer as a latent weight (packed layers get
+            the latent that reproduces their codes and scale).
+    """
+    ternary_modules = {n: m for n, m in model.named_modules() if isinstance(m, (BitLinear, TernaryLinear))}
+    dense_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, BitLinear)]
+    state = dict(model.state_dict())
+    ternary: dict[str, TernaryWeight] = {}
+    latent: list[str] = []
+    for name, module in ternary_modules.items():
+        state.pop(f"{name}.packed_weight", None)
+        state.pop(f"{name}.weight_scale", None)
+        if target == "ternary":
+            state.pop(f"{name}.weight", None)
+            ternary[name] = _ternary_weight(module)
+        else:
+            state[f"{name}.weight"] = _latent_weight(module)
+            latent.append(name)
+    config = model.config.to_dict()
+    for key in ("quantization_config", "bittern", "_name_or_path"):
+        config.pop(key, None)
+    per_channel = any(getattr(m, "per_channel", False) for m in ternary_modules.values())
+    source = getattr(model, SOURCE_ATTRIBUTE, None)
+    return Checkpoint(
+        config=config,
+        tensors=_drop_shared(state),
+        ternary=ternary,
+        latent_layers=latent,
+        dense_linear_layers=dense_linears,
+        per_channel=per_channel,
+        layout="model",
+        source=Path(source) if source else None,
+    )
+
+
+def save_model(
+    model: nn.Module,
+    destination: str | Path,
+    variant: str = "packed",
+    *,
+    scale_convention: str = "divide",
+    dtype: torch.dtype | None = None,
+    allow_padded_rows: bool = False,
+    tokenizer_source: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``model`` as one of bittern's variants, atomically.
+
+    Args:
+        variant: ``packed`` (Hugging Face bitnet layout, loadable by stock transformers), ``bf16`` (dense
+            ``Wt * s``), or ``prequantized`` (latent weights, ready for training).
+        scale_convention: ``divide`` (Falcon-E / ``bitlinear``) or ``multiply`` (2B4T / ``autobitlinear``),
+            packed only.
+        dtype: dtype of the dense tensors: for ``bf16``, bfloat16 (default), float16 or float32; for
+            ``packed``, None keeps the model's (ternary scales are float32 in every case).
+        allow_padded_rows: packed only: store layers with ``out_features % 4 != 0`` with ceil(N/4) byte rows
+            (bittern loads them; stock transformers does not).
+        tokenizer_source: directory whose tokenizer files are copied (default: where the model was loaded from).
+        overwrite: replace an existing ``destination``.
+    """
+    if variant not in formats.VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(formats.VARIANTS)}")
+    checkpoint = checkpoint_from_model(model, target="latent" if variant == "prequantized" else "ternary")
+    if tokenizer_source is not None:
+        checkpoint.source = Path(tokenizer_source)
+    if variant == "packed":
+        return formats.write_packed(checkpoint, destination, scale_convention, allow_padded_rows, overwrite, dtype)
+    if variant == "bf16":
+        return formats.write_bf16(checkpoint, destination, dtype or torch.bfloat16, overwrite)
+    return formats.write_prequantized(checkpoint, destination, overwrite)
+
+
+def _build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    """An uninitialised Hugging Face model for ``checkpoint.config`` (weights are loaded right after)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config_path = checkpoint.source / CONFIG_FILE if checkpoint.source else None
+    values = dict(checkpoint.config)
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise UnknownFormatError("config.json has no model_type", config_path)
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except (ValueError, KeyError) as exc:
+        raise UnknownFormatError(f"transformers does not know model_type {model_type!r} ({exc})", config_path) from exc
+    with no_init_weights():
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as exc:
+            raise UnknownFormatError(f"{model_type!r} is not a causal language model ({exc})", config_path) from exc
+
+
+def _install_ternary(model: nn.Module, checkpoint: Checkpoint) -> None:
+    for name, weight in checkpoint.ternary.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ShapeMismatchError(
+                f"ternary layer '{name}' does not exist in the model config.json describes",
+                checkpoint.files.get(f"{name}.weight"),
+                f"{name}.weight",
+            ) from exc
+        if not isinstance(old, nn.Linear):
+            raise ShapeMismatchError(f"'{name}' is a {type(old).__name__}, not a linear layer", None, f"{name}.weight")
+        expected = (old.out_features, old.in_features)
+        if tuple(weight.codes.shape) != expected:
+            raise ShapeMismatchError(
+                f"holds a [{weight.codes.shape[0]}, {weight.codes.shape[1]}] ternary matrix but the model's layer "
+                f"is [{expected[0]}, {expected[1]}]",
+                checkpoint.files.get(f"{name}.weight"),
+                f"{name}.weight",
+            )
+        if weight.scale.numel() not in (1, old.out_features):
+            raise ShapeMismatchError(
+                f"scale has {weight.scale.numel()} values; expected 1 or {old.out_features}",
+                checkpoint.files.get(f"{name}.weight_scale"),
+                f"{name}.weight_scale",
+            )
+        layer = TernaryLinear.from_codes(weight.codes, weight.scale, bias=None)
+        if old.bias is not None:
+            layer.bias = nn.Parameter(torch.zeros_like(old.bias), requires_grad=False)
+        model.set_submodule(name, layer)
+
+
+def _load_dense(model: nn.Module, checkpoint: Checkpoint) -> None:
+    own = model.state_dict()
+    ternary_buffers = {f"{n}.{b}" for n in checkpoint.ternary for b in ("packed_weight", "weight_scale")}
+    for key, tensor in checkpoint.tensors.items():
+        if key not in own:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            raise CheckpointError(
+                "tensor is not part of the model config.json describes", checkpoint.files.get(key), key
+            )
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise ShapeMismatchError(
+                f"shape {list(tensor.shape)} does not match the model's {list(own[key].shape)}",
+                checkpoint.files.get(key),
+                key,
+            )
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_keys = {f"{n}.weight" for n, m in model.named_modules() if head is not None and m is head}
+    missing = [
+        k
+        for k in own
+        if k not in checkpoint.tensors
+        and k not in ternary_buffers
+        and not (tied and k in head_keys)
+        and not _is_non_persistent(model, k)
+    ]
+    if missing:
+        source = checkpoint.source / WEIGHTS_FILE if checkpoint.source else None
+        raise CheckpointError(f"{len(missing)} tensors are missing, e.g. {missing[:3]}", source)
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in checkpoint.tensors.items() if k in own}, strict=False)
+    if tied:
+        model.tie_weights()
+
+
+def _is_non_persistent(model: nn.Module, key: str) -> bool:
+    module_name, _, buffer = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return buffer in getattr(module, "_non_persistent_buffers_set", set())
+
+
+def model_from_checkpoint(
+    checkpoint: Checkpoint,
+    layers: Layers = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    policy: ConversionPolicy | None = None,
+) -> nn.Module:
+    """Build the Hugging Face model a :class:`Checkpoint` describes, with its ternary layers.
+
+    Args:
+        layers: ``auto`` (packed and bf16 checkpoints give :class:`TernaryLinear`, prequantized ones
+            :class:`BitLinear`, plain ones stay plain), ``ternary``, ``bitlinear`` or ``linear`` (every
+            ternary layer as a dense ``nn.Linear``; for packed checkpoints that is ``Wt * s``).
+        dtype: dtype of the dense parameters (ternary scales stay float32).
+        policy: which layers of a plain checkpoint become ternary (default policy if None).
+    """
+    if layers not in ("auto", "ternary", "bitlinear", "linear"):
+        raise ConfigError(f"layers must be auto, ternary, bitlinear or linear, not {layers!r}")
+    model = _build_skeleton(checkpoint, dtype)
+    _install_ternary(model, checkpoint)
+    _load_dense(model, checkpoint)
+    if checkpoint.latent_layers is None:
+        to_bitlinear(model, policy)
+    elif checkpoint.latent_layers:
+        names = tuple(f"^{re.escape(n)}$" for n in checkpoint.latent_layers)
+        to_bitlinear(model, ConversionPolicy(include=names, per_channel=checkpoint.per_channel))
+    plain = checkpoint.layout == "hf-full"
+    if layers == "ternary":
+        to_ternary(model, policy if plain else None)
+    elif layers == "bitlinear":
+        to_bitlinear(model, policy if plain else ConversionPolicy(include=_ternary_patterns(model)))
+    elif layers == "linear":
+        to_linear(model)
+    if checkpoint.source is not None:
+        setattr(model, SOURCE_ATTRIBUTE, str(checkpoint.source))
+    return model.to(device).eval()
+
+
+def _ternary_patterns(model: nn.Module) -> tuple[str, ...]:
+    names = [n for n, m in model.named_modules() if isinstance(m, (BitLinear, TernaryLinear))]
+    return tuple(f"^{re.escape(n)}$" for n in names) or ("(?!)",)
+
+
+def load_model(
+    path: str | Path,
+    layers: Layers = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    policy: ConversionPolicy | None = None,
+) -> nn.Module:
+    """Load any supported checkpoint directory as a Hugging Face model with bittern layers.
+
+    See :func:`bittern.formats.read_checkpoint` for the supported layouts and :func:`model_from_checkpoint`
+    for ``layers``.
+    """
+    return model_from_checkpoint(formats.read_checkpoint(path), layers, dtype, device, policy)
