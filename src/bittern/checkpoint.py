@@ -16,7 +16,7 @@ from torch import nn
 
 from bittern import formats, quant
 from bittern.convert import ConversionPolicy, to_bitlinear, to_linear, to_ternary
-from bittern.errors import CheckpointError, ConfigError, ShapeMismatchError, UnknownFormatError
+from bittern.errors import CheckpointError, ConfigError, OutputExistsError, ShapeMismatchError, UnknownFormatError
 from bittern.formats import Checkpoint, TernaryWeight
 from bittern.formats.common import CONFIG_FILE, WEIGHTS_FILE
 from bittern.nn import BitLinear, TernaryLinear
@@ -282,3 +282,40 @@ def load_model(
     for ``layers``.
     """
     return model_from_checkpoint(formats.read_checkpoint(path), layers, dtype, device, policy)
+
+
+def convert_checkpoint(
+    source: str | Path,
+    destination: str | Path,
+    variant: str,
+    *,
+    scale_convention: str = "divide",
+    dtype: torch.dtype | None = None,
+    allow_padded_rows: bool = False,
+    policy: ConversionPolicy | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``bittern convert``: read any supported checkpoint and write it as ``variant``.
+
+    A full-precision source is ternarized (layers chosen by ``policy``); codes and scales are computed in
+    float32 from the weights as stored. Tokenizer files are copied from ``source``.
+    """
+    if variant not in formats.VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(formats.VARIANTS)}")
+    source, destination = Path(source), Path(destination)
+    if destination.exists() and not overwrite:
+        raise OutputExistsError(f"output '{destination}' already exists; pass --overwrite to replace it")
+    if destination.resolve() == source.resolve():
+        raise ConfigError("the destination must differ from the source")
+    layers: Layers = "bitlinear" if variant == "prequantized" else "ternary"
+    model = load_model(source, layers=layers, dtype=torch.float32, policy=policy)
+    return save_model(
+        model,
+        destination,
+        variant,
+        scale_convention=scale_convention,
+        dtype=dtype,
+        allow_padded_rows=allow_padded_rows,
+        tokenizer_source=source,
+        overwrite=overwrite,
+    )

@@ -1,0 +1,166 @@
+"""The ``bittern`` command line. Every verb is also a Python function:
+
+* ``bittern convert`` → :func:`bittern.checkpoint.convert_checkpoint`
+* ``bittern inspect`` → :func:`bittern.inspection.inspect_checkpoint`
+* ``bittern demo``    → :func:`bittern.demo.run_demo`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from bittern import __version__
+from bittern.errors import BitternError
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "convert",
+        help="convert a checkpoint into a bittern variant (packed, bf16, prequantized)",
+        description=(
+            "Read SRC (any supported checkpoint directory: bittern's variants, Falcon-E style or 2B4T style "
+            "packed bitnet checkpoints, or a plain full-precision Hugging Face model, which is ternarized) and "
+            "write DST as one variant. The output is written to a temporary directory and renamed into place; "
+            "an existing DST is never touched without --overwrite."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "variants:\n"
+            "  packed        Hugging Face 'bitnet' layout: 2-bit codes + one scale per layer. Stock transformers\n"
+            "                loads it with AutoModelForCausalLM.from_pretrained (needs accelerate).\n"
+            "  bf16          dense Wt*s weights, a plain checkpoint any tool loads (no activation quantization).\n"
+            "  prequantized  latent weights + a marker; bittern reloads it as BitLinear layers for training.\n"
+            "\nexamples:\n"
+            "  bittern convert ./my-llama ./my-llama-ternary --to packed\n"
+            "  bittern convert ./falcon-e ./falcon-e-2b4t-style --to packed --scale-convention multiply\n"
+            "  bittern convert ./model-packed ./model-bf16 --to bf16\n"
+        ),
+    )
+    parser.add_argument("src", help="source checkpoint directory")
+    parser.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    parser.add_argument("--to", required=True, choices=("packed", "bf16", "prequantized"), help="variant to write")
+    parser.add_argument(
+        "--scale-convention",
+        choices=("divide", "multiply"),
+        default="divide",
+        help="packed only: 'divide' stores 1/s (linear_class bitlinear; Falcon-E, the default), "
+        "'multiply' stores s (linear_class autobitlinear; microsoft 2B4T)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        default=None,
+        help="dtype of the dense tensors (embeddings, norms, head): bf16 variant default bfloat16; "
+        "packed default: as in SRC",
+    )
+    parser.add_argument(
+        "--allow-padded-rows",
+        action="store_true",
+        help="packed only: store layers whose out_features is not a multiple of 4 with ceil(N/4) byte rows "
+        "(bittern loads them; stock transformers cannot, its buffer holds N//4 rows)",
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="plain SRC only: convert only linear layers whose name matches (repeatable; default: every "
+        "nn.Linear inside the decoder blocks)",
+    )
+    parser.add_argument(
+        "--exclude", action="append", default=[], metavar="REGEX", help="plain SRC only: never convert these"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "inspect",
+        help="describe and validate a checkpoint",
+        description=(
+            "Print the format, architecture, parameter counts, bits per linear weight and file size of a "
+            "checkpoint directory, after validating it: packed codes in {-1,0,1}, scales finite and > 0, "
+            "no NaN/Inf, shapes consistent. Exits with status 2 and one message on an invalid checkpoint."
+        ),
+    )
+    parser.add_argument("path", help="checkpoint directory")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on an embedded default (no downloads)",
+        description=(
+            "Build a small random Llama, convert it to ternary, export every variant (packed with both scale "
+            "conventions, bf16, prequantized), reload each with bittern and with stock transformers, and print "
+            "variant / size / bits per linear weight / max logit difference."
+        ),
+    )
+    parser.add_argument("--out", default="bittern-demo", help="output directory (default: ./bittern-demo)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the model and tokens")
+    parser.add_argument("--no-stock", action="store_true", help="skip reloading with stock transformers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bittern",
+        description="bittern: ternary (BitNet b1.58) language models — convert, export, inspect.",
+    )
+    parser.add_argument("--version", action="version", version=f"bittern {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_convert(sub)
+    _add_inspect(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "convert":
+        import torch
+
+        from bittern.checkpoint import convert_checkpoint
+        from bittern.convert import ConversionPolicy
+
+        out = convert_checkpoint(
+            args.src,
+            args.dst,
+            args.to,
+            scale_convention=args.scale_convention,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            allow_padded_rows=args.allow_padded_rows,
+            policy=ConversionPolicy(include=tuple(args.include), exclude=tuple(args.exclude)),
+            overwrite=args.overwrite,
+        )
+        print(f"wrote {args.to} checkpoint to {out}")
+        return 0
+    if args.command == "inspect":
+        from bittern.inspection import inspect_checkpoint
+
+        report = inspect_checkpoint(args.path)
+        print(json.dumps(report.as_dict(), indent=2) if args.json else "\n".join(report.lines()))
+        return 0
+    if args.command == "demo":
+        from bittern.demo import main as demo_main
+
+        return demo_main(args.out, args.seed, stock=not args.no_stock)
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; bittern's own errors print one line (``bittern: error: ...``) and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BitternError as exc:
+        print(f"bittern: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
