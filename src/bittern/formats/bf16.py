@@ -20,13 +20,10 @@ from bittern.formats.common import (
     WEIGHTS_FILE,
     Checkpoint,
     TernaryWeight,
-    atomic_output_dir,
     check_finite,
-    copy_tokenizer_files,
     make_marker,
     split_marker,
-    write_config,
-    write_safetensors,
+    write_checkpoint_dir,
 )
 
 FORMAT = "bf16"
@@ -49,11 +46,7 @@ def write_bf16(
     config["bittern"] = make_marker(
         FORMAT, ternary_layers=sorted(checkpoint.ternary), per_channel=checkpoint.per_channel
     )
-    with atomic_output_dir(destination, overwrite) as staging:
-        write_safetensors(staging / WEIGHTS_FILE, tensors, {"bittern_format": FORMAT})
-        write_config(staging, config)
-        copy_tokenizer_files(checkpoint.source, staging)
-    return Path(destination)
+    return write_checkpoint_dir(destination, tensors, config, FORMAT, checkpoint.source, overwrite)
 
 
 def recover_ternary(weight: torch.Tensor, per_channel: bool, path: Path | None, key: str) -> TernaryWeight:

@@ -250,6 +250,22 @@ def atomic_output_dir(destination: str | Path, overwrite: bool = False) -> Itera
         raise
 
 
+def write_checkpoint_dir(
+    destination: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    fmt: str,
+    tokenizer_source: Path | None,
+    overwrite: bool,
+) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and the tokenizer files into ``destination``, atomically."""
+    with atomic_output_dir(destination, overwrite) as staging:
+        write_safetensors(staging / WEIGHTS_FILE, tensors, {"bittern_format": fmt})
+        write_config(staging, config)
+        copy_tokenizer_files(tokenizer_source, staging)
+    return Path(destination)
+
+
 def split_marker(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
     """Split a config into ``(plain_config, quantization_config, bittern_marker)`` (copies)."""
     plain = dict(config)

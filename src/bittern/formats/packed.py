@@ -26,13 +26,10 @@ from bittern.formats.common import (
     WEIGHTS_FILE,
     Checkpoint,
     TernaryWeight,
-    atomic_output_dir,
     check_finite,
-    copy_tokenizer_files,
     make_marker,
     split_marker,
-    write_config,
-    write_safetensors,
+    write_checkpoint_dir,
 )
 
 FORMAT = "packed"
@@ -132,11 +129,7 @@ def write_packed(
         ternary_layers=sorted(checkpoint.ternary),
         padded_out_features=padded,
     )
-    with atomic_output_dir(destination, overwrite) as staging:
-        write_safetensors(staging / WEIGHTS_FILE, {**dense, **tensors}, {"bittern_format": FORMAT})
-        write_config(staging, config)
-        copy_tokenizer_files(checkpoint.source, staging)
-    return Path(destination)
+    return write_checkpoint_dir(destination, {**dense, **tensors}, config, FORMAT, checkpoint.source, overwrite)
 
 
 def is_packed(config: dict[str, Any]) -> bool:

@@ -16,13 +16,10 @@ from bittern.errors import ConfigError, MissingFileError
 from bittern.formats.common import (
     WEIGHTS_FILE,
     Checkpoint,
-    atomic_output_dir,
     check_finite,
-    copy_tokenizer_files,
     make_marker,
     split_marker,
-    write_config,
-    write_safetensors,
+    write_checkpoint_dir,
 )
 
 FORMAT = "prequantized"
@@ -41,11 +38,7 @@ def write_prequantized(checkpoint: Checkpoint, destination: str | Path, overwrit
     config["bittern"] = make_marker(
         FORMAT, ternary_layers=sorted(checkpoint.latent_layers), per_channel=checkpoint.per_channel
     )
-    with atomic_output_dir(destination, overwrite) as staging:
-        write_safetensors(staging / WEIGHTS_FILE, checkpoint.tensors, {"bittern_format": FORMAT})
-        write_config(staging, config)
-        copy_tokenizer_files(checkpoint.source, staging)
-    return Path(destination)
+    return write_checkpoint_dir(destination, checkpoint.tensors, config, FORMAT, checkpoint.source, overwrite)
 
 
 def read_prequantized(
