@@ -178,24 +178,18 @@ def test_count_invalid_on_meta() -> None:
     assert (result.device.type, result.dtype, result.shape) == ("meta", torch.int64, ())
 
 
-@pytest.mark.parametrize("bad", [2, -2, -3])
-def test_out_of_range_code_is_detected_after_packing(bad: int) -> None:
+@pytest.mark.parametrize("bad", [2, 3, -2, -3, 127])
+def test_out_of_range_code_is_refused(bad: int) -> None:
+    """An out-of-range code never reaches the bytes (code 3 would pack as 0b100 and corrupt the next row)."""
     codes = torch.zeros(4, 2, dtype=torch.int8)
     codes[0, 0] = bad
-    assert int(packing.count_invalid(packing.pack_ternary_rows(codes))) > 0
+    with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
+        packing.pack_ternary_rows(codes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: pack_ternary_rows does not mask code+1 to 2 bits; code 3 packs as 0b100, so its slot reads 00 "
-    "(a valid -1), bit 2 is OR-ed into the next row's slot, and count_invalid finds nothing, contrary to the "
-    "pack_ternary_rows docstring",
-)
-def test_out_of_range_code_three_is_detected_after_packing() -> None:
-    codes = torch.zeros(4, 2, dtype=torch.int8)
-    codes[0, 0] = 3
-    packed = packing.pack_ternary_rows(codes)
-    assert int(packing.count_invalid(packed)) > 0
+def test_float_codes_are_refused() -> None:
+    with pytest.raises(ValueError, match="integer"):
+        packing.pack_ternary_rows(torch.tensor([[0.6], [-0.7]]))
 
 
 # --- argument checks ------------------------------------------------------------------------------------

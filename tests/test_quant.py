@@ -88,7 +88,9 @@ def test_requantizing_fake_quant_weight_with_same_scale_is_identity(weight: torc
     fake = quant.dequantize_weight(codes, scale)
     assert fake.dtype == torch.float32
     assert torch.equal(quant.ternary_codes(fake, scale), codes)
-    assert torch.equal(quant.fake_quant_weight(weight, per_channel), quant.dequantize_weight(codes, scale, weight.dtype))
+    assert torch.equal(
+        quant.fake_quant_weight(weight, per_channel), quant.dequantize_weight(codes, scale, weight.dtype)
+    )
 
 
 def test_weight_scale_is_clamped_for_an_all_zero_weight() -> None:

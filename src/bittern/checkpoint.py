@@ -35,8 +35,7 @@ def _ternary_weight(module: nn.Module) -> TernaryWeight:
 
 def _latent_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, TernaryLinear):
-        dtype = module.bias.dtype if module.bias is not None else torch.float32
-        return module.to_bitlinear(dtype=dtype).weight.detach()
+        return module.to_bitlinear(dtype=torch.float32).weight.detach()
     return module.weight.detach()
 
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from bittern.errors import ConfigError, UnsupportedModuleError
@@ -123,8 +124,20 @@ def _replace(model: nn.Module, names: Iterable[str], make) -> nn.Module:
         old = model.get_submodule(name)
         new = make(old)
         if new is not old:
+            new.train(old.training)
             model.set_submodule(name, new)
     return model
+
+
+def _dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's dense floating parameters (embeddings, norms), float32 if it has none."""
+    for module in model.modules():
+        if isinstance(module, TernaryLinear):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.is_floating_point():
+                return parameter.dtype
+    return torch.float32
 
 
 def to_bitlinear(model: nn.Module, policy: ConversionPolicy | None = None) -> nn.Module:
@@ -135,12 +148,12 @@ def to_bitlinear(model: nn.Module, policy: ConversionPolicy | None = None) -> nn
     scale exactly; existing BitLinear layers are left as they are.
     """
     policy = policy or DEFAULT_POLICY
+    dtype = _dense_dtype(model)
 
     def make(module: nn.Module) -> nn.Module:
         if isinstance(module, BitLinear):
             return module
         if isinstance(module, TernaryLinear):
-            dtype = module.bias.dtype if module.bias is not None else module.weight_scale.dtype
             return module.to_bitlinear(dtype=dtype, lam=policy.lam)
         return BitLinear.from_linear(module, lam=policy.lam, per_channel=policy.per_channel)
 
@@ -155,11 +168,11 @@ def ternary_layer_names(model: nn.Module) -> list[str]:
 def to_ternary(model: nn.Module, policy: ConversionPolicy | None = None) -> nn.Module:
     """Turn layers into packed :class:`TernaryLinear` (in place; returns ``model``).
 
-    Without ``policy``: every :class:`BitLinear` of the model, or, if it has none, the layers the default
-    policy selects. With ``policy``: the layers it selects. Codes and scales come from float32 arithmetic on
-    the weights as stored.
+    Without ``policy``: every :class:`BitLinear` of the model, or, if it has no ternary layer at all, the
+    layers the default policy selects. With ``policy``: the layers it selects. Codes and scales come from
+    float32 arithmetic on the weights as stored.
     """
-    if policy is None and any(isinstance(m, BitLinear) for m in model.modules()):
+    if policy is None and any(isinstance(m, (BitLinear, TernaryLinear)) for m in model.modules()):
         names = [name for name, m in model.named_modules() if isinstance(m, BitLinear)]
         per_channel = None
     else:
@@ -178,17 +191,17 @@ def to_linear(model: nn.Module) -> nn.Module:
     """Turn every ternary layer back into a plain ``nn.Linear`` (in place; returns ``model``).
 
     :class:`BitLinear` gives back its latent weights (shared); :class:`TernaryLinear` gives ``Wt * s`` in
-    the dtype of its bias (float32 without bias): the dense view that the bf16 variant stores.
+    the dtype of the model's dense parameters: the dense view that the bf16 variant stores.
     """
+    dtype = _dense_dtype(model)
 
     def make(module: nn.Module) -> nn.Module:
         if isinstance(module, BitLinear):
             return module.to_linear()
-        dtype = module.bias.dtype if module.bias is not None else module.weight_scale.dtype
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         linear.weight = nn.Parameter(module.dequantized_weight(dtype), requires_grad=True)
         if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().clone())
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype).clone())
         return linear
 
     return _replace(model, ternary_layer_names(model), make)

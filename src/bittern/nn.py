@@ -72,7 +72,14 @@ class BitLinear(nn.Linear):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[..., K]`` → ``[..., N]`` in ``x``'s dtype."""
+        """``x``: ``[..., K]`` → ``[..., N]`` in ``x``'s dtype.
+
+        Fully quantized (λ = 1, activations quantized) the output is computed from integers exactly as
+        :class:`TernaryLinear` computes it (bit-identical); otherwise from the blended fake-quantized tensors.
+        Gradients follow the straight-through estimator in both cases.
+        """
+        if self.lam == 1.0 and self.quantize_activations:
+            return quant.ternary_linear_ste(x, self.weight, self.bias, self.per_channel)
         if self.quantize_activations:
             x = quant.ste_activations(x, self.lam)
         weight = quant.ste_weight(self.weight, self.lam, self.per_channel)

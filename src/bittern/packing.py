@@ -22,8 +22,7 @@ def pack_ternary_rows(codes: torch.Tensor) -> torch.Tensor:
     """Pack ternary codes into the Hugging Face 2-bit row layout.
 
     Args:
-        codes: integer ``[N, K]`` with values in {-1, 0, 1} (not checked here; :func:`count_invalid` after
-            packing detects out-of-range codes, which wrap to other 2-bit values).
+        codes: integer ``[N, K]`` with values in {-1, 0, 1} (checked, except on the meta device).
 
     Returns:
         uint8 ``[ceil(N/4), K]``; the slots past the last real row (when N % 4 != 0) hold code 0 (bits 01),
@@ -31,6 +30,10 @@ def pack_ternary_rows(codes: torch.Tensor) -> torch.Tensor:
     """
     if codes.dim() != 2:
         raise ValueError(f"pack_ternary_rows expects a 2-D [N, K] tensor, got shape {tuple(codes.shape)}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"pack_ternary_rows expects integer codes, got {codes.dtype}")
+    if codes.device.type != "meta" and bool(((codes < -1) | (codes > 1)).any()):
+        raise ValueError("pack_ternary_rows: codes must lie in {-1, 0, 1}")
     n, k = codes.shape
     rows = packed_rows(n)
     shifted = (codes.to(torch.int16) + 1).to(torch.uint8)

@@ -116,19 +116,29 @@ def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
     return dequantize_activations(xq, scale, x.dtype)
 
 
+EXACT_FLOAT32_K = 2**24 // 128
+"""Up to this inner dimension a float32 product of int8 x ternary values is exact: every partial sum is an
+integer of magnitude <= 128 * K < 2**24, which float32 (and TF32, whose inputs here need 8 bits) represents
+exactly, in any summation order."""
+
+
 def integer_matmul(xq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Exact ``xq @ codes^T`` with int32 accumulation.
+    """Exact ``xq @ codes^T``, returned as int32.
+
+    The product runs through the device's float32 matmul when ``K <= EXACT_FLOAT32_K`` (131072: exact, see
+    there; torch has no int32 matmul on CUDA) and in float64 beyond; either way the result is the exact
+    integer sum, identical to an int32-accumulating kernel.
 
     Args:
         xq: int8 ``[..., K]``.
         codes: int8 ``[N, K]`` in {-1, 0, 1}.
 
     Returns:
-        int32 ``[..., N]`` (exact: |sum| <= 128 * K, far below 2**31 for any real K).
+        int32 ``[..., N]``.
     """
-    lead = xq.shape[:-1]
-    acc = xq.reshape(-1, xq.shape[-1]).to(torch.int32) @ codes.to(torch.int32).t()
-    return acc.reshape(*lead, codes.shape[0])
+    compute = torch.float32 if xq.shape[-1] <= EXACT_FLOAT32_K else torch.float64
+    acc = torch.nn.functional.linear(xq.to(compute), codes.to(compute))
+    return acc.to(torch.int32)
 
 
 def rescale(acc: torch.Tensor, weight_scale_: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
@@ -169,6 +179,50 @@ def integer_linear(
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(out_dtype or x.dtype)
+
+
+class _TernaryLinearSTE(torch.autograd.Function):
+    """The fully quantized linear (λ = 1): forward from integers, backward by the straight-through estimator.
+
+    Forward is :func:`integer_linear` (bit-identical to the packed inference layer); backward treats both
+    quantizers as the identity: ``grad_x = grad_y @ (Wt * s)``, ``grad_W = grad_y^T @ (xq * a / 127)``,
+    ``grad_b = sum(grad_y)``. Only int8 codes and float32 scales are kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, per_channel):  # type: ignore[override]
+        codes, scale = ternarize(weight, per_channel)
+        xq, act_scale = quantize_activations(x)
+        y = rescale(integer_matmul(xq, codes), scale, act_scale)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        ctx.save_for_backward(xq, act_scale, codes, scale)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        xq, act_scale, codes, scale = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_y @ dequantize_weight(codes, scale, grad_y.dtype)).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            x_hat = dequantize_activations(xq, act_scale, grad_y.dtype)
+            grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat.reshape(-1, x_hat.shape[-1])).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def ternary_linear_ste(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, per_channel: bool = False
+) -> torch.Tensor:
+    """The training-time ternary linear at λ = 1: the exact integer forward of :func:`integer_linear`
+    computed from latent ``weight`` ``[N, K]`` (ternarized on the fly), straight-through gradients to ``x``,
+    ``weight`` and ``bias``. Output ``[..., N]`` in ``x.dtype``.
+    """
+    return _TernaryLinearSTE.apply(x, weight, bias, per_channel)
 
 
 def _check_lam(lam: float) -> float:
