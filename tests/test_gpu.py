@@ -23,14 +23,15 @@ pytestmark = [
 ]
 
 
-def test_quantizers_on_cuda_match_cpu_bit_for_bit() -> None:
+def test_quantizers_on_cuda_match_cpu() -> None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(384, 256, generator=generator)
     x = torch.randn(8, 32, 256, generator=generator) * 3
     codes_cpu, scale_cpu = quant.ternarize(weight)
     codes_gpu, scale_gpu = quant.ternarize(weight.cuda())
     assert torch.equal(codes_gpu.cpu(), codes_cpu)
-    assert torch.equal(scale_gpu.cpu(), scale_cpu)
+    # the mean's summation order differs between devices: the scale may differ in the last bit
+    torch.testing.assert_close(scale_gpu.cpu(), scale_cpu, rtol=1e-6, atol=0)
     xq_cpu, a_cpu = quant.quantize_activations(x)
     xq_gpu, a_gpu = quant.quantize_activations(x.cuda())
     assert torch.equal(xq_gpu.cpu(), xq_cpu)

@@ -40,16 +40,25 @@ def _latent_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep one key of tensors that share storage (tied embeddings); the loader re-ties them."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
+    """Keep one key of tensors that are the very same view (tied embeddings); the loader re-ties them.
+
+    Views are the same when storage, offset, shape and strides all match; other tensors that merely share
+    a buffer are copied, so safetensors can store them.
+    """
+    seen: set[tuple] = set()
+    storages: set[int] = set()
     kept = {}
     for key, tensor in state.items():
-        ident = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape)) if tensor.device.type != "meta" else None
-        if ident is not None and ident in seen:
+        if tensor.device.type == "meta":
+            kept[key] = tensor
             continue
-        if ident is not None:
-            seen.add(ident)
-        kept[key] = tensor
+        pointer = tensor.untyped_storage().data_ptr()
+        ident = (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        kept[key] = tensor.clone() if pointer in storages else tensor
+        storages.add(pointer)
     return kept
 
 

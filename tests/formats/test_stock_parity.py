@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -108,8 +107,30 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def argmax_agreement(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Fraction of positions whose top token agrees."""
+    """Fraction of positions whose top token agrees exactly."""
     return float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+
+
+TIE_TOLERANCE = 0.05
+"""Near-tie width, in standard deviations of a position's reference logits (the median top-1/top-2 margin of
+these random models is about 0.23 std)."""
+
+
+def tie_aware_agreement(out: torch.Tensor, ref: torch.Tensor, tolerance: float = TIE_TOLERANCE) -> float:
+    """Fraction of positions where the token ``out`` picks is the reference's top token or ties with it
+    within ``tolerance`` reference standard deviations.
+
+    Random tiny models have a few near-tied top tokens per batch; bf16 rounding flips those without anything
+    being wrong, so a flip counts as a disagreement only when the reference clearly preferred another token.
+    """
+    ref = ref.float()
+    picked = ref.gather(-1, out.argmax(-1, keepdim=True)).squeeze(-1)
+    margin = ref.amax(-1) - picked
+    return float((margin <= tolerance * ref.std(-1)).float().mean())
+
+
+ARGMAX_SLACK = 0.02
+"""How far exact argmax agreement may fall below a variant's figure (5 of 256 positions), near-ties only."""
 
 
 @dataclass
@@ -198,10 +219,13 @@ def test_stock_logits_match(parity_run: ParityRun, arch: str, variant: Variant) 
     assert out.shape == ref.shape
     assert bool(torch.isfinite(out).all()), f"{key}: non-finite logits"
     rel = relative_error(out, ref)
-    agree = argmax_agreement(out, ref)
-    print(f"\n{arch:8s} {variant.name:22s} {str(variant.load_dtype):15s} rel_err={rel:.2e} argmax={agree:.4f}")
+    exact = argmax_agreement(out, ref)
+    agree = tie_aware_agreement(out, ref)
+    print(f"\n{key}: rel_err={rel:.2e} argmax={exact:.4f} argmax(tie-aware)={agree:.4f}")
     assert rel <= variant.max_rel_err, f"{key}: relative error {rel:.3e} > {variant.max_rel_err}"
-    assert agree >= variant.min_argmax, f"{key}: argmax agreement {agree:.4f} < {variant.min_argmax}"
+    assert agree >= variant.min_argmax, f"{key}: tie-aware argmax agreement {agree:.4f} < {variant.min_argmax}"
+    # Exact agreement may lose only near-ties: allow at most ARGMAX_SLACK below the stated figure.
+    assert exact >= variant.min_argmax - ARGMAX_SLACK, f"{key}: argmax agreement {exact:.4f}"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v.name}@{str(v.load_dtype).removeprefix('torch.')}")
@@ -217,24 +241,24 @@ def test_stock_layer_classes(parity_run: ParityRun, arch: str, variant: Variant)
     assert ternary, "the converted model has no ternary layers"
     wrong = {name: classes.get(name) for name in ternary if classes.get(name) != expected}
     assert not wrong, f"layers not loaded as {expected}: {wrong}"
-    assert classes.get("lm_head") == "torch.nn.modules.linear.Linear", f"lm_head was converted: {classes.get('lm_head')}"
+    assert classes.get("lm_head") == "torch.nn.modules.linear.Linear", (
+        f"lm_head was converted: {classes.get('lm_head')}"
+    )
     converted = {name for name, cls in classes.items() if cls.endswith(("bitnet.BitLinear", "bitnet.AutoBitLinear"))}
     assert converted == (set(ternary) if variant.stock_class != "Linear" else set())
 
 
 def test_parity_table(parity_run: ParityRun) -> None:
     """Print every measured figure as one table (visible with ``pytest -s``)."""
-    lines = [f"{'arch':8s} {'variant':22s} {'dtype':9s} {'rel err':>9s} {'argmax':>7s}"]
+    lines = [f"{'arch':8s} {'variant':22s} {'dtype':9s} {'rel err':>9s} {'argmax':>7s} {'tie-aware':>9s}"]
     for arch in ARCHITECTURES:
         for variant in VARIANTS:
             key = job_key(arch, variant)
             ref = parity_run.references[arch][variant.reference]
             out = parity_run.logits[key]
             dtype = str(variant.load_dtype).removeprefix("torch.")
-            lines.append(
-                f"{arch:8s} {variant.name:22s} {dtype:9s} "
-                f"{relative_error(out, ref):9.2e} {argmax_agreement(out, ref):7.4f}"
-            )
+            rel, exact, agree = relative_error(out, ref), argmax_agreement(out, ref), tie_aware_agreement(out, ref)
+            lines.append(f"{arch:8s} {variant.name:22s} {dtype:9s} {rel:9.2e} {exact:7.4f} {agree:9.4f}")
     print("\n" + "\n".join(lines))
     assert len(lines) == 1 + len(ARCHITECTURES) * len(VARIANTS)
 

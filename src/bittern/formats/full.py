@@ -16,7 +16,8 @@ from bittern.formats.common import Checkpoint, check_finite, split_marker
 def read_full(
     directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], files: dict[str, Path]
 ) -> Checkpoint:
-    """Read a dense checkpoint; ``latent_layers=None`` lets the default conversion policy choose."""
+    """Read a dense checkpoint. A plain one has no ternary layers (``latent_layers=[]``); an online bitnet
+    (QAT) one gets ``latent_layers=None``: the default conversion policy picks its latent layers."""
     plain, quantization, _ = split_marker(config)
     for key, tensor in tensors.items():
         check_finite(tensor, files.get(key), key)
