@@ -82,11 +82,6 @@ def fake_quant_weight(weight: torch.Tensor, per_channel: bool = False) -> torch.
     return dequantize_weight(codes, scale, weight.dtype)
 
 
-def activation_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per-token absmax ``a = max(max(|x|), EPS)`` over the last dim, float32 ``[..., 1]``."""
-    return x.detach().to(torch.float32).abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-
-
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 quantization ``xq = clamp(round(x * 127 / a), -128, 127)``.
 
@@ -175,10 +170,15 @@ def integer_linear(
         ``[..., N]`` in ``out_dtype``.
     """
     xq, act_scale = quantize_activations(x)
+    return _linear_from_integers(xq, act_scale, codes, scale, bias).to(out_dtype or x.dtype)
+
+
+def _linear_from_integers(
+    xq: torch.Tensor, act_scale: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """float32 ``(xq @ codes^T) * s * a / 127 + bias``: the one place the integer output is formed."""
     y = rescale(integer_matmul(xq, codes), scale, act_scale)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(out_dtype or x.dtype)
+    return y if bias is None else y + bias.to(torch.float32)
 
 
 class _TernaryLinearSTE(torch.autograd.Function):
@@ -193,9 +193,7 @@ class _TernaryLinearSTE(torch.autograd.Function):
     def forward(ctx, x, weight, bias, per_channel):  # type: ignore[override]
         codes, scale = ternarize(weight, per_channel)
         xq, act_scale = quantize_activations(x)
-        y = rescale(integer_matmul(xq, codes), scale, act_scale)
-        if bias is not None:
-            y = y + bias.to(torch.float32)
+        y = _linear_from_integers(xq, act_scale, codes, scale, bias)
         ctx.save_for_backward(xq, act_scale, codes, scale)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y.to(x.dtype)
