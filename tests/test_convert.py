@@ -24,6 +24,7 @@ from bittern import packing, quant
 from bittern.convert import (
     ConversionPolicy,
     select_layers,
+    set_activation_quantization,
     ternary_layer_names,
     to_bitlinear,
     to_linear,
@@ -332,10 +333,8 @@ def test_to_linear_from_bitlinear_gives_back_the_latent_parameters(arch: str) ->
 def test_to_linear_from_ternary_gives_dense_wt_times_s(arch: str) -> None:
     model = randomize_biases(tiny_model(arch))
     to_bitlinear(model)
-    no_act_quant = copy.deepcopy(model)
-    for layer in no_act_quant.modules():
-        if isinstance(layer, BitLinear):
-            layer.quantize_activations = False
+    no_act_quant = set_activation_quantization(copy.deepcopy(model), False)
+    assert all(not m.quantize_activations for m in no_act_quant.modules() if isinstance(m, BitLinear))
     latent = {n: model.get_submodule(n).weight.detach().clone() for n in block_layer_names()}
     biases = {n: model.get_submodule(n).bias for n in block_layer_names()}
     biases = {n: None if b is None else b.detach().clone() for n, b in biases.items()}
@@ -759,3 +758,13 @@ def test_ternary_layer_names_follow_the_conversions(arch: str) -> None:
     assert ternary_layer_names(model) == block_layer_names()
     to_linear(model)
     assert ternary_layer_names(model) == []
+
+
+def test_policy_for_layers_selects_exactly_the_named_layers() -> None:
+    """Names are matched literally and whole: 'layers.1' never selects 'layers.11', dots are not wildcards."""
+    model = tiny_model("llama", num_hidden_layers=12)
+    names = ["model.layers.1.mlp.up_proj", "model.layers.0.self_attn.q_proj"]
+    assert select_layers(model, ConversionPolicy.for_layers(names)) == names[::-1]  # module order
+    assert select_layers(model, ConversionPolicy.for_layers(["model.layers.1.mlp"])) == []
+    with pytest.raises(ConfigError, match="at least one"):
+        ConversionPolicy.for_layers([])

@@ -7,7 +7,6 @@ themselves know nothing about models.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from bittern import formats, quant
-from bittern.convert import ConversionPolicy, to_bitlinear, to_linear, to_ternary
+from bittern.convert import ConversionPolicy, ternary_layer_names, to_bitlinear, to_linear, to_ternary
 from bittern.errors import CheckpointError, ConfigError, OutputExistsError, ShapeMismatchError, UnknownFormatError
 from bittern.formats import Checkpoint, TernaryWeight
 from bittern.formats.common import CONFIG_FILE, WEIGHTS_FILE
@@ -258,23 +257,20 @@ def model_from_checkpoint(
     if checkpoint.latent_layers is None:
         to_bitlinear(model, policy)
     elif checkpoint.latent_layers:
-        names = tuple(f"^{re.escape(n)}$" for n in checkpoint.latent_layers)
-        to_bitlinear(model, ConversionPolicy(include=names, per_channel=checkpoint.per_channel))
+        to_bitlinear(model, ConversionPolicy.for_layers(checkpoint.latent_layers, checkpoint.per_channel))
     plain = checkpoint.layout == "hf-full"
     if layers == "ternary":
         to_ternary(model, policy if plain else None)
     elif layers == "bitlinear":
-        to_bitlinear(model, policy if plain else ConversionPolicy(include=_ternary_patterns(model)))
+        if plain:
+            to_bitlinear(model, policy)
+        elif names := ternary_layer_names(model):
+            to_bitlinear(model, ConversionPolicy.for_layers(names))
     elif layers == "linear":
         to_linear(model)
     if checkpoint.source is not None:
         setattr(model, SOURCE_ATTRIBUTE, str(checkpoint.source))
     return model.to(device).eval()
-
-
-def _ternary_patterns(model: nn.Module) -> tuple[str, ...]:
-    names = [n for n, m in model.named_modules() if isinstance(m, (BitLinear, TernaryLinear))]
-    return tuple(f"^{re.escape(n)}$" for n in names) or ("(?!)",)
 
 
 def load_model(

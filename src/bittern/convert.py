@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,29 +35,31 @@ class ConversionPolicy:
     exclude: tuple[str, ...] = ()
     per_channel: bool = False
     lam: float = 1.0
-    _compiled: tuple[list[re.Pattern[str]], list[re.Pattern[str]]] = field(
-        init=False, repr=False, compare=False, default=([], [])
-    )
 
     def __post_init__(self) -> None:
-        compiled: tuple[list[re.Pattern[str]], list[re.Pattern[str]]] = ([], [])
-        for kind, patterns, out in (("include", self.include, compiled[0]), ("exclude", self.exclude, compiled[1])):
+        for kind, patterns in (("include", self.include), ("exclude", self.exclude)):
             if isinstance(patterns, str):
                 raise ConfigError(f"ConversionPolicy.{kind} must be a tuple of patterns, not the string {patterns!r}")
             for pattern in patterns:
                 try:
-                    out.append(re.compile(pattern))
+                    re.compile(pattern)
                 except re.error as exc:
                     raise ConfigError(f"ConversionPolicy.{kind}: invalid pattern {pattern!r}: {exc}") from exc
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"ConversionPolicy.lam must lie in [0, 1], got {self.lam}")
-        object.__setattr__(self, "_compiled", compiled)
+
+    @classmethod
+    def for_layers(cls, names: Iterable[str], per_channel: bool = False, lam: float = 1.0) -> ConversionPolicy:
+        """A policy that selects exactly the modules called ``names`` (at least one)."""
+        patterns = tuple(f"^{re.escape(name)}$" for name in names)
+        if not patterns:
+            raise ConfigError("ConversionPolicy.for_layers needs at least one layer name")
+        return cls(include=patterns, per_channel=per_channel, lam=lam)
 
     def wants(self, name: str, in_block: bool) -> bool:
         """Whether the layer called ``name`` is converted (``in_block``: it lies inside a decoder block)."""
-        include, exclude = self._compiled
-        chosen = any(p.search(name) for p in include) if include else in_block
-        return chosen and not any(p.search(name) for p in exclude)
+        chosen = any(re.search(p, name) for p in self.include) if self.include else in_block
+        return chosen and not any(re.search(p, name) for p in self.exclude)
 
 
 DEFAULT_POLICY = ConversionPolicy()
@@ -205,3 +207,14 @@ def to_linear(model: nn.Module) -> nn.Module:
         return linear
 
     return _replace(model, ternary_layer_names(model), make)
+
+
+def set_activation_quantization(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch activation quantization of every :class:`BitLinear` on or off (returns ``model``).
+
+    Off, the model computes what the bf16 variant computes: ternary weights on full-precision activations.
+    """
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.quantize_activations = enabled
+    return model

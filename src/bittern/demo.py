@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from bittern.checkpoint import load_model, save_model
-from bittern.convert import to_bitlinear, to_ternary
+from bittern.convert import set_activation_quantization, to_bitlinear, to_ternary
 from bittern.inspection import inspect_checkpoint
-from bittern.nn import BitLinear
 
 
 @dataclass
@@ -75,13 +74,8 @@ def run_demo(out_dir: str | Path = "bittern-demo", seed: int = 0, stock: bool = 
     ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(seed + 1))
     to_bitlinear(model)
     with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, BitLinear):
-                layer.quantize_activations = False
-        ref_no_act = model(ids).logits
-        for layer in model.modules():
-            if isinstance(layer, BitLinear):
-                layer.quantize_activations = True
+        ref_no_act = set_activation_quantization(model, False)(ids).logits
+        set_activation_quantization(model, True)
         prequantized_dir = save_model(model, out / "prequantized", "prequantized", overwrite=True)
         to_ternary(model)
         ref = model(ids).logits

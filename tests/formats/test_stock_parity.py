@@ -26,8 +26,8 @@ from conftest import ARCHITECTURES, tiny_model, token_batch
 from safetensors.torch import load_file, save_file
 
 from bittern.checkpoint import save_model
-from bittern.convert import to_bitlinear, to_ternary
-from bittern.nn import BitLinear, TernaryLinear
+from bittern.convert import set_activation_quantization, to_bitlinear, to_ternary
+from bittern.nn import TernaryLinear
 
 
 @dataclass(frozen=True)
@@ -156,10 +156,7 @@ def parity_run(tmp_path_factory: pytest.TempPathFactory) -> ParityRun:
         bit = to_bitlinear(tiny_model(arch))
         ternary = to_ternary(copy.deepcopy(bit))
         ternary_layers[arch] = [n for n, m in ternary.named_modules() if isinstance(m, TernaryLinear)]
-        for module in bit.modules():
-            if isinstance(module, BitLinear):
-                module.quantize_activations = False
-        bit.eval()
+        set_activation_quantization(bit, False).eval()
         with torch.no_grad():
             references[arch] = {"ternary": ternary(ids).logits, "no_act_quant": bit(ids).logits}
         for variant in VARIANTS:
