@@ -247,6 +247,20 @@ def test_integer_matmul_extreme_values() -> None:
     assert acc.tolist() == [[128 * k, -128 * k], [-127 * k, 127 * k]]
 
 
+def test_integer_matmul_is_exact_inside_autocast() -> None:
+    """Mixed-precision training wraps the model in autocast; the integer sums must not be rounded to bf16."""
+    gen = torch.Generator().manual_seed(3)
+    xq = torch.randint(-128, 128, (4, 2048), generator=gen, dtype=torch.int8)
+    codes = torch.randint(-1, 2, (8, 2048), generator=gen, dtype=torch.int8)
+    expected = quant.integer_matmul(xq, codes)
+    assert expected.abs().max() > 256  # beyond bf16's exact integers, so rounding would show
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        acc = quant.integer_matmul(xq, codes)
+        y = quant.ternary_linear_ste(torch.randn(4, 2048, generator=gen), torch.randn(8, 2048, generator=gen))
+    assert torch.equal(acc, expected)
+    assert y.dtype == torch.float32
+
+
 @st.composite
 def linear_problems(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
     """``(x [*lead, K], W [N, K], bias [N] or None, per_channel)``, float32, K up to 300."""

@@ -132,7 +132,9 @@ def integer_matmul(xq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         int32 ``[..., N]``.
     """
     compute = torch.float32 if xq.shape[-1] <= EXACT_FLOAT32_K else torch.float64
-    acc = torch.nn.functional.linear(xq.to(compute), codes.to(compute))
+    # autocast would run this product in bf16/fp16 and round the integer sums: keep it in `compute`.
+    with torch.autocast(device_type=xq.device.type, enabled=False):
+        acc = torch.nn.functional.linear(xq.to(compute), codes.to(compute))
     return acc.to(torch.int32)
 
 
