@@ -3,6 +3,7 @@
 * ``bittern convert`` → :func:`bittern.checkpoint.convert_checkpoint`
 * ``bittern inspect`` → :func:`bittern.inspection.inspect_checkpoint`
 * ``bittern eval``    → :func:`bittern.eval.evaluate_file`
+* ``bittern train``   → :func:`bittern.train.train`
 * ``bittern demo``    → :func:`bittern.demo.run_demo`
 """
 
@@ -134,6 +135,88 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from bittern.train.presets import PRESETS
+    from bittern.train.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
+
+    presets = "\n".join(f"  {name:<12} {preset.description}" for name, preset in PRESETS.items())
+    parser = sub.add_parser(
+        "train",
+        help="train a ternary model: from scratch, by converting a full-precision model, or continued",
+        description=(
+            "Train a ternary (BitNet b1.58) model on Hugging Face Trainer and export it as packed, bf16 and\n"
+            "prequantized variants, each evaluated on held-out text in OUT/report.md.\n"
+            "\n"
+            "  --preset NAME         train from scratch (a tokenizer is trained on the data unless --tokenizer)\n"
+            "  --model DIR           a full-precision checkpoint is CONVERTED: λ warms up from 0 to 1 (linear by\n"
+            "                        default, over half the steps) and --distill-weight adds KL distillation from\n"
+            "                        the frozen original; a bittern variant or Falcon-E / 2B4T checkpoint is\n"
+            "                        CONTINUED (fine-tuned) as ternary from the start\n"
+            "  --data                text files, directories, .jsonl ('text' or chat 'messages', the latter through\n"
+            "                        TRL's SFTTrainer and the tokenizer's chat template), or a saved `datasets`\n"
+            "                        directory; none = the embedded corpus (Python's pydoc topics + docstrings)\n"
+            "\n"
+            "OUT is a run directory: checkpoints are renamed into place whole, so after any interruption (even\n"
+            "kill -9) the same command resumes from the last one and continues exactly as an uninterrupted run.\n"
+            "Under torchrun / accelerate launch the same command trains with DDP (or FSDP2 with --fsdp)."
+        ),
+        epilog=(
+            f"presets:\n{presets}\n\n"
+            "examples:\n"
+            "  bittern train --out runs/tiny --preset tiny --steps 500\n"
+            "  bittern train --out runs/conv --model ./llama-fp --data ./text --lambda-schedule sigmoid \\\n"
+            "      --distill-weight 1.0 --steps 2000 --lr 2e-4\n"
+            "  torchrun --nproc-per-node 2 -m bittern.cli train --out runs/ddp --preset small\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_argument_group("what to train")
+    source.add_argument("--out", required=True, help="run directory (created, or resumed if it holds this run)")
+    source.add_argument("--preset", choices=tuple(PRESETS), help="model shape to train from scratch")
+    source.add_argument("--model", help="checkpoint directory to convert (full precision) or continue (ternary)")
+    source.add_argument("--gguf-file", help="with --model DIR: load DIR/GGUF_FILE through transformers' GGUF reader")
+    source.add_argument("--num-layers", type=int, help="override the preset's number of layers")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", action="append", default=[], metavar="PATH", help="training text (repeatable)")
+    data.add_argument("--tokenizer", help="tokenizer directory (default: the model's, or trained locally)")
+    data.add_argument("--vocab-size", type=int, default=4096, help="size of a locally trained BPE tokenizer")
+    data.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
+    data.add_argument("--eval-fraction", type=float, default=0.05, help="share of the data held out (default 0.05)")
+    data.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens evaluated (default 65536)")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    opt.add_argument("--batch-size", type=int, default=8, help="sequences per device per micro-batch")
+    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default 1.5e-3)")
+    opt.add_argument(
+        "--schedule",
+        choices=LR_SCHEDULES,
+        default="wsd",
+        help="wsd = warmup-stable-decay (default); cosine; two-stage = BitNet 2B4T (lr drop + no weight "
+        "decay in the second half); constant",
+    )
+    opt.add_argument("--warmup-steps", type=int, help="learning-rate warmup (default 5%% of --steps)")
+    opt.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of steps in the final decay")
+    opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    opt.add_argument("--seed", type=int, default=0, help="seed of the model, data order and tokenizer")
+    conv = parser.add_argument_group("conversion of a full-precision model")
+    conv.add_argument(
+        "--lambda-schedule",
+        choices=LAMBDA_SCHEDULES,
+        help="quantization warmup λ 0→1 (default: linear when converting, none otherwise)",
+    )
+    conv.add_argument("--lambda-warmup-steps", type=int, help="steps of the λ warmup (default: half of --steps)")
+    conv.add_argument("--distill-weight", type=float, default=0.0, help="weight of the KL distillation term")
+    conv.add_argument("--distill-temperature", type=float, default=1.0, help="distillation softmax temperature")
+    run = parser.add_argument_group("run")
+    run.add_argument("--log-every", type=int, default=10, help="steps between logs (default 10)")
+    run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: --steps / 5)")
+    run.add_argument("--save-every", type=int, help="steps between checkpoints (default: --steps / 10)")
+    run.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (default: DDP)")
+    run.add_argument("--no-export", action="store_true", help="skip exporting and evaluating the variants")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
@@ -159,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_inspect(sub)
     _add_eval(sub)
+    _add_train(sub)
     _add_demo(sub)
     return parser
 
@@ -218,6 +302,44 @@ def _run(args: argparse.Namespace) -> int:
             print(f"mean NLL:    {result.mean_nll:.4f} nats/token")
             print(f"perplexity:  {result.perplexity:.4f}")
             print(f"window:      {result.window} tokens, stride {result.stride}")
+        return 0
+    if args.command == "train":
+        from bittern.train import TrainConfig, train
+
+        config = TrainConfig(
+            out=args.out,
+            preset=args.preset,
+            model=args.model,
+            gguf_file=args.gguf_file,
+            data=list(args.data),
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            num_layers=args.num_layers,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            steps=args.steps,
+            lr=args.lr,
+            schedule=args.schedule,
+            warmup_steps=args.warmup_steps,
+            decay_fraction=args.decay_fraction,
+            weight_decay=args.weight_decay,
+            lambda_schedule=args.lambda_schedule,
+            lambda_warmup_steps=args.lambda_warmup_steps,
+            distill_weight=args.distill_weight,
+            distill_temperature=args.distill_temperature,
+            eval_fraction=args.eval_fraction,
+            eval_every=args.eval_every,
+            eval_tokens=args.eval_tokens,
+            save_every=args.save_every,
+            log_every=args.log_every,
+            seed=args.seed,
+            fsdp=args.fsdp,
+            export=not args.no_export,
+            progress=not args.quiet,
+        )
+        result = train(config)
+        print(f"run finished: {result.run_dir}/report.md")
         return 0
     if args.command == "demo":
         from bittern.demo import main as demo_main

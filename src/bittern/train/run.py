@@ -1,0 +1,416 @@
+"""``bittern train``: one run from data to the three exported variants and a report.
+
+Run directory layout (``config.out``)::
+
+    run_config.json     the settings; re-running with the same settings resumes from the last checkpoint
+    tokenizer/          the tokenizer (trained locally for a preset without --tokenizer)
+    checkpoints/        Trainer checkpoints (model, optimizer, scheduler, RNG), each renamed into place whole
+    metrics.jsonl       one JSON record per log: step, tokens, loss, learning rate, λ, held-out loss, tokens/s
+    curves.png          loss and learning rate against the step
+    variants/packed     Hugging Face packed ternary model (stock transformers loads it)
+    variants/bf16       dense Wt·s weights, any tool loads it
+    variants/prequantized   latent weights, for further training (``--model variants/prequantized``)
+    report.md           held-out perplexity of each variant, the unigram baseline, sizes, the settings
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bittern.checkpoint import load_model, save_model
+from bittern.convert import ConversionPolicy, select_layers, ternary_layer_names, to_bitlinear
+from bittern.errors import ConfigError
+from bittern.formats import detect_format
+from bittern.formats.common import read_config
+from bittern.train.config import TrainConfig
+from bittern.train.data import (
+    Corpus,
+    PackedBlocks,
+    read_corpus,
+    split_documents,
+    token_split,
+    tokenize_documents,
+    unigram_perplexity,
+)
+from bittern.train.presets import get_preset
+
+RUN_CONFIG = "run_config.json"
+VARIANTS = ("packed", "bf16", "prequantized")
+
+
+@dataclass
+class VariantResult:
+    """One exported variant, reloaded from disk and evaluated on the held-out text."""
+
+    variant: str
+    path: str
+    size_bytes: int
+    bits_per_linear_weight: float
+    perplexity: float
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    mode: str
+    steps: int
+    train_tokens: int
+    held_out_tokens: int
+    unigram_perplexity: float
+    final_loss: float | None
+    variants: list[VariantResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Prepared:
+    model: nn.Module
+    teacher: nn.Module | None
+    tokenizer: object
+    mode: str
+    lambda_schedule: str
+    lambda_warmup: int
+    notes: list[str]
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_run_directory(config: TrainConfig, run_dir: Path) -> bool:
+    """Create the run directory or check that it belongs to the same settings. True when resuming."""
+    stored_path = run_dir / RUN_CONFIG
+    if stored_path.exists():
+        stored = json.loads(stored_path.read_text(encoding="utf-8"))
+        if differences := config.differences(stored):
+            raise ConfigError(
+                f"{run_dir} holds a run with different settings ({'; '.join(differences)}); "
+                "use another --out, or delete the directory to start over"
+            )
+        return True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"--out {run_dir} exists and is not a bittern run directory; choose an empty or new one")
+    if _is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / (RUN_CONFIG + ".tmp")
+        tmp.write_text(json.dumps(config.as_dict(), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(stored_path)
+    return False
+
+
+def _prepare_tokenizer(config: TrainConfig, corpus: Corpus, run_dir: Path):
+    """The run's tokenizer, saved once under ``run_dir/tokenizer`` and reloaded from there on resume."""
+    from bittern.train.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    saved = run_dir / "tokenizer"
+    if saved.exists():
+        return load_tokenizer(saved)
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer(config.tokenizer)
+    elif config.model is not None:
+        tokenizer = load_tokenizer(config.model, config.gguf_file)
+    else:
+        documents = corpus.documents or [json.dumps(c) for c in corpus.conversations]
+        split = split_documents(len(documents), config.eval_fraction)
+        train_docs = [documents[i] for i in split[0]] if split else documents
+        tokenizer = train_bpe_tokenizer(train_docs, config.vocab_size)
+    if _is_main_process():
+        tmp = run_dir / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(saved)
+    return tokenizer
+
+
+def _source_is_full_precision(config: TrainConfig) -> bool:
+    if config.gguf_file:
+        return True
+    source = Path(config.model)
+    if not source.is_dir():
+        raise ConfigError(f"--model {source}: not a checkpoint directory")
+    raw = read_config(source)
+    return detect_format(raw, source) == "full" and "quantization_config" not in raw
+
+
+def _prepare_model(config: TrainConfig, tokenizer) -> _Prepared:
+    notes: list[str] = []
+    torch.manual_seed(config.seed)
+    if config.preset is not None:
+        from transformers import AutoModelForCausalLM
+
+        preset = get_preset(config.preset)
+        if preset.vocab_size is not None and len(tokenizer) > preset.vocab_size:
+            raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than preset {config.preset}'s vocab")
+        model_config = preset.config(
+            len(tokenizer),
+            config.num_layers,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        to_bitlinear(model)
+        mode, schedule, teacher = "scratch", config.lambda_schedule or "none", None
+    elif _source_is_full_precision(config):
+        model = _load_full_precision(config)
+        teacher = copy.deepcopy(model) if config.distill_weight > 0 else None
+        schedule = config.lambda_schedule or "linear"
+        to_bitlinear(model, ConversionPolicy(lam=0.0 if schedule != "none" else 1.0))
+        mode = "convert"
+        if teacher is not None:
+            notes.append(f"distillation from the frozen original, KL weight {config.distill_weight}")
+    else:
+        model = load_model(config.model, layers="bitlinear")
+        if not ternary_layer_names(model) and not select_layers(model):
+            raise ConfigError(f"--model {config.model}: no linear layers to train as ternary")
+        mode, schedule, teacher = "continue", config.lambda_schedule or "none", None
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and config.seq_len > max_positions:
+        raise ConfigError(f"--seq-len {config.seq_len} exceeds the model's maximum of {max_positions} positions")
+    warmup = config.lambda_warmup_steps if config.lambda_warmup_steps is not None else config.steps // 2
+    if schedule != "none":
+        notes.append(f"λ warmup: {schedule} over {warmup} steps")
+    model.train()
+    return _Prepared(model, teacher, tokenizer, mode, schedule, warmup, notes)
+
+
+def _load_full_precision(config: TrainConfig) -> nn.Module:
+    if config.gguf_file:
+        from transformers import AutoModelForCausalLM
+
+        path = Path(config.model) / config.gguf_file
+        if not path.is_file():
+            raise ConfigError(f"--gguf-file {path}: no such file")
+        return AutoModelForCausalLM.from_pretrained(config.model, gguf_file=config.gguf_file, dtype=torch.float32)
+    return load_model(config.model, layers="auto", dtype=torch.float32)
+
+
+@dataclass
+class _Data:
+    train_set: object
+    eval_set: object | None
+    train_ids: torch.Tensor  # int64 [T]: the training token stream (for the unigram baseline)
+    eval_ids: torch.Tensor  # int64 [E]: the held-out token stream (for the variants' perplexity)
+    train_tokens: int
+    how: str
+
+
+def _text_data(config: TrainConfig, corpus: Corpus, tokenizer) -> _Data:
+    """Language modelling: the documents as one token stream, packed into blocks of ``seq_len``."""
+    train_ids, held_ids, how = token_split(tokenizer, corpus.documents, config.eval_fraction)
+    train_set = PackedBlocks(train_ids, config.seq_len)
+    eval_ids = held_ids[: config.eval_tokens + 1]
+    eval_set = PackedBlocks(eval_ids, config.seq_len) if eval_ids.numel() > config.seq_len else None
+    return _Data(train_set, eval_set, train_ids, eval_ids, train_set.tokens, how)
+
+
+def _chat_data(config: TrainConfig, corpus: Corpus, tokenizer) -> _Data:
+    """Supervised fine-tuning: conversations rendered by TRL through the tokenizer's chat template."""
+    import datasets
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("chat data ('messages') needs a tokenizer with a chat template; this one has none")
+    conversations = corpus.conversations
+    split = split_documents(len(conversations), config.eval_fraction)
+    if split is None:
+        raise ConfigError(
+            f"chat data needs at least {round(1 / config.eval_fraction)} conversations to hold some out "
+            f"(found {len(conversations)}); raise --eval-fraction or add conversations"
+        )
+    train_idx, held_idx = split
+    rendered = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    train_ids = torch.tensor(tokenize_documents(tokenizer, [rendered[i] for i in train_idx]), dtype=torch.long)
+    eval_ids = torch.tensor(tokenize_documents(tokenizer, [rendered[i] for i in held_idx]), dtype=torch.long)
+    train_set = datasets.Dataset.from_list([{"messages": conversations[i]} for i in train_idx])
+    eval_set = datasets.Dataset.from_list([{"messages": conversations[i]} for i in held_idx])
+    how = f"every {round(1 / config.eval_fraction)}th conversation held out ({len(held_idx)} of {len(conversations)})"
+    return _Data(train_set, eval_set, train_ids, eval_ids[: config.eval_tokens + 1], int(train_ids.numel()), how)
+
+
+def _training_arguments(config: TrainConfig, run_dir: Path, has_eval: bool, chat: bool = False):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    save_every = config.save_every or max(config.steps // 10, 1)
+    eval_every = config.eval_every or max(config.steps // 5, 1)
+    kwargs = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=config.log_every,
+        save_strategy="steps",
+        save_steps=save_every,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_every,
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        ddp_find_unused_parameters=False,
+    )
+    if config.fsdp:
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        kwargs["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": True}
+    if chat:
+        from trl import SFTConfig
+
+        return SFTConfig(max_length=config.seq_len, packing=False, **kwargs)
+    return TrainingArguments(**kwargs)
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The complete checkpoint with the highest step (staging leftovers of a killed save are never chosen)."""
+    if not checkpoints.is_dir():
+        return None
+    found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (from scratch, by conversion, or continued) as ``config`` says; see the module docstring.
+
+    Re-running with the same ``config`` after an interruption (even SIGKILL) resumes from the last complete
+    checkpoint; the resumed losses match an uninterrupted run's. A finished run is not trained again: its
+    export and report are redone if missing.
+    """
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from bittern.train.callbacks import MetricsWriter, ProgressBar, QuantizationWarmup, WeightDecaySchedule
+    from bittern.train.trainer import TernaryTrainer, sft_trainer_class
+
+    config.validate()
+    run_dir = Path(config.out)
+    resuming = _check_run_directory(config, run_dir)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    corpus = read_corpus(config.data)
+    set_seed(config.seed)
+    tokenizer = _prepare_tokenizer(config, corpus, run_dir)
+    prepared = _prepare_model(config, tokenizer)
+    data = _chat_data(config, corpus, tokenizer) if corpus.is_chat else _text_data(config, corpus, tokenizer)
+
+    args = _training_arguments(config, run_dir, data.eval_set is not None, chat=corpus.is_chat)
+    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * args.world_size
+    callbacks = [
+        QuantizationWarmup(prepared.model, prepared.lambda_schedule, prepared.lambda_warmup),
+        WeightDecaySchedule(config.schedule, config.weight_decay, config.warmup),
+        MetricsWriter(run_dir / "metrics.jsonl", tokens_per_step),
+        ProgressBar(tokens_per_step, enabled=config.progress),
+    ]
+    teacher = prepared.teacher.to(args.device) if prepared.teacher is not None else None
+    trainer_class = sft_trainer_class() if corpus.is_chat else TernaryTrainer
+    extra = {"processing_class": tokenizer} if corpus.is_chat else {}
+    trainer = trainer_class(
+        model=prepared.model,
+        args=args,
+        train_dataset=data.train_set,
+        eval_dataset=data.eval_set,
+        callbacks=callbacks,
+        schedule=config.schedule,
+        decay_fraction=config.decay_fraction,
+        warmup_steps=config.warmup,
+        teacher=teacher,
+        distill_weight=config.distill_weight,
+        distill_temperature=config.distill_temperature,
+        **extra,
+    )
+    checkpoints = run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / ".staging", ignore_errors=True)
+    last = latest_checkpoint(checkpoints) if resuming else None
+    if last is not None and config.progress and _is_main_process():
+        print(f"resuming from {last}")
+    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+
+    from bittern.train.report import plot_curves, write_report
+
+    result = TrainResult(
+        run_dir=run_dir,
+        mode=prepared.mode,
+        steps=config.steps,
+        train_tokens=data.train_tokens,
+        held_out_tokens=int(data.eval_ids.numel()),
+        unigram_perplexity=unigram_perplexity(data.train_ids, data.eval_ids, len(tokenizer)),
+        final_loss=getattr(output, "training_loss", None),
+        notes=[f"mode: {prepared.mode}", f"data: {corpus.description}; {data.how}", *prepared.notes],
+    )
+    if config.export:
+        model = _gather_for_export(trainer, prepared.model, config)
+        if _is_main_process():
+            result.variants = export_and_evaluate(model, run_dir, data.eval_ids, config.seq_len, config.progress)
+    if _is_main_process():
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        write_report(result, config, run_dir / "report.md")
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def _gather_for_export(trainer, model: nn.Module, config: TrainConfig) -> nn.Module:
+    """A float32 CPU copy of the trained model with λ = 1 (rank 0; every rank takes part under FSDP)."""
+    if config.fsdp:
+        from transformers import AutoModelForCausalLM
+
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        names = ternary_layer_names(model) or [n for n, m in model.named_modules() if hasattr(m, "lam")]
+        copy_model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        to_bitlinear(copy_model, ConversionPolicy.for_layers(names))
+        if _is_main_process():
+            copy_model.load_state_dict(state, strict=False)
+    else:
+        copy_model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
+    for module in copy_model.modules():
+        if hasattr(module, "lam"):
+            module.lam = 1.0
+    return copy_model.eval()
+
+
+def export_and_evaluate(
+    model: nn.Module, run_dir: Path, held_out_ids: torch.Tensor, seq_len: int, progress: bool = True
+) -> list[VariantResult]:
+    """Write the three variants under ``run_dir/variants`` and evaluate each one as reloaded from disk."""
+    from bittern.eval.perplexity import sliding_window_nll
+    from bittern.inspection import inspect_checkpoint
+
+    tokenizer_dir = run_dir / "tokenizer"
+    padded = any(m.out_features % 4 for m in model.modules() if hasattr(m, "lam"))
+    results = []
+    for variant in VARIANTS:
+        destination = run_dir / "variants" / variant
+        save_model(
+            model,
+            destination,
+            variant,
+            allow_padded_rows=padded,
+            tokenizer_source=tokenizer_dir,
+            overwrite=True,
+        )
+        report = inspect_checkpoint(destination)
+        reloaded = load_model(destination)
+        ppl = sliding_window_nll(reloaded, held_out_ids, window=seq_len, stride=seq_len).perplexity
+        results.append(VariantResult(variant, str(destination), report.file_bytes, report.bits_per_linear_weight, ppl))
+        if progress:
+            print(f"exported {variant:<13} {report.file_bytes / 2**20:8.2f} MiB  held-out perplexity {ppl:.2f}")
+    return results

@@ -1,0 +1,59 @@
+"""Tokenizers: load one, or train a byte-level BPE tokenizer locally with Hugging Face ``tokenizers``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from bittern.errors import ConfigError
+
+#: The one special token of a locally trained tokenizer: document separator, BOS, EOS and padding at once.
+END_OF_TEXT = "<|endoftext|>"
+
+
+def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``documents`` (deterministic for the same input).
+
+    Returns:
+        a :class:`transformers.PreTrainedTokenizerFast` with ``<|endoftext|>`` as bos/eos/pad token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise ConfigError(f"--vocab-size must be at least 300 (256 bytes + merges), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        model_max_length=1_000_000,
+    )
+
+
+def load_tokenizer(path: str | Path, gguf_file: str | None = None):
+    """Load a Hugging Face tokenizer from a directory (or from a GGUF file in it), with a clear error if absent."""
+    from transformers import AutoTokenizer
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"--tokenizer {directory}: not a directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(f"{directory}: no usable tokenizer files ({str(error).splitlines()[0]})") from None
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"{directory}: the tokenizer has no eos_token; documents need a separator token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,119 @@
+"""A run killed with SIGKILL and started again with the same command resumes, and its losses match an
+uninterrupted run's step for step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bittern.train.corpus import pydoc_topics
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("text")
+    for index, topic in enumerate(pydoc_topics()[:24]):
+        (directory / f"{index:02d}.txt").write_text(topic, encoding="utf-8")
+    return directory
+
+
+def _command(out: Path, data: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bittern.cli",
+        "train",
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--data",
+        str(data),
+        "--vocab-size",
+        "320",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps",
+        str(STEPS),
+        "--save-every",
+        "3",
+        "--eval-every",
+        "6",
+        "--log-every",
+        "1",
+        "--lr",
+        "3e-3",
+        "--no-export",
+        "--quiet",
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_sigkill_then_same_command_resumes_with_identical_losses(text_dir: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_command(reference, text_dir), check=True, env=_env(), capture_output=True)
+    expected = _losses(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _command(killed, text_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if (killed / "checkpoints").is_dir() and any(s >= 6 for s in _checkpoint_steps(killed)):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = max(_checkpoint_steps(killed))
+    assert stopped_at < STEPS
+
+    resumed = subprocess.run(_command(killed, text_dir), check=True, env=_env(), capture_output=True, text=True)
+    losses = _losses(killed)
+    assert sorted(losses) == list(range(1, STEPS + 1)), "metrics.jsonl must describe one run, without repeats"
+    for step in range(1, STEPS + 1):
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
+    events = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    events = [(r["event"], r["step"]) for r in events if "event" in r]
+    assert events == [("start", 0), ("resume", stopped_at)], "the second process must continue, not restart"
+    assert not (killed / "checkpoints" / ".staging").exists()
+    assert (killed / "report.md").exists() and (killed / "curves.png").exists()
+    assert "resuming" not in resumed.stdout  # --quiet
+
+
+def test_a_different_command_on_the_same_run_directory_is_refused(text_dir: Path, tmp_path: Path) -> None:
+    from bittern.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"out": str(run), "preset": "small", "steps": 5}))
+    code = main(_command(run, text_dir)[3:])
+    assert code == 2
