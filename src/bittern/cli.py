@@ -220,16 +220,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
-        help="run the end-to-end demo on an embedded default (no downloads)",
+        help="train a small ternary model on Python's own docs, export and evaluate it (no downloads)",
         description=(
-            "Build a small random Llama, convert it to ternary, export every variant (packed with both scale "
-            "conventions, bf16, prequantized), reload each with bittern and with stock transformers, and print "
-            "variant / size / bits per linear weight / max logit difference."
+            "Train a byte-level BPE tokenizer and the 'tiny' ternary Llama from scratch on English text that ships "
+            "with Python (the help() topics and the standard library's docstrings; every 20th document held "
+            "out), export the packed, bf16 and prequantized variants, reload each and measure its held-out "
+            "perplexity, generate a sample from the packed model, and print a table next to a unigram "
+            "baseline. About 3-4 minutes on 2 CPU cores; re-running on the same --out resumes."
         ),
     )
     parser.add_argument("--out", default="bittern-demo", help="output directory (default: ./bittern-demo)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the model and tokens")
-    parser.add_argument("--no-stock", action="store_true", help="skip reloading with stock transformers")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the model, data order and sample")
+    parser.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,7 +347,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from bittern.demo import main as demo_main
 
-        return demo_main(args.out, args.seed, stock=not args.no_stock)
+        return demo_main(args.out, args.seed, args.steps, progress=not args.quiet)
     raise AssertionError(args.command)
 
 
