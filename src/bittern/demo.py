@@ -39,7 +39,7 @@ class DemoResult:
 
 
 def demo_config(out_dir: str | Path, seed: int = 0, steps: int = 400, progress: bool = True) -> TrainConfig:
-    """The demo's training settings: the ``tiny`` preset on the embedded corpus, sized for about 3 minutes on 2 cores."""
+    """The demo's training settings: the ``tiny`` preset on the embedded corpus, about 3 minutes on 2 cores."""
     return TrainConfig(
         out=str(Path(out_dir) / "run"),
         preset="tiny",
