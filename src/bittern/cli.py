@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -342,7 +343,8 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         result = train(config)
-        print(f"run finished: {result.run_dir}/report.md")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"run finished: {result.run_dir / 'report.md'}")
         return 0
     if args.command == "demo":
         from bittern.demo import main as demo_main

@@ -296,7 +296,7 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint; the resumed losses match an uninterrupted run's. A finished run is not trained again: its
     export and report are redone if missing.
     """
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from transformers.utils import logging as hf_logging
 
     from bittern.train.callbacks import MetricsWriter, ProgressBar, QuantizationWarmup, WeightDecaySchedule
@@ -338,6 +338,7 @@ def train(config: TrainConfig) -> TrainResult:
         distill_temperature=config.distill_temperature,
         **extra,
     )
+    trainer.remove_callback(PrinterCallback)  # our MetricsWriter and ProgressBar report instead
     checkpoints = run_dir / "checkpoints"
     shutil.rmtree(checkpoints / ".staging", ignore_errors=True)
     last = latest_checkpoint(checkpoints) if resuming else None
