@@ -191,7 +191,14 @@ def _load_full_precision(config: TrainConfig) -> nn.Module:
         path = Path(config.model) / config.gguf_file
         if not path.is_file():
             raise ConfigError(f"--gguf-file {path}: no such file")
-        return AutoModelForCausalLM.from_pretrained(config.model, gguf_file=config.gguf_file, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(config.model, gguf_file=config.gguf_file, dtype=torch.float32)
+        # transformers dequantizes GGUF tensors on load but keeps a GGUF "quantizer" attached, which makes
+        # Trainer refuse to train the (float32) weights; nothing quantized remains, so drop the markers.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model
     return load_model(config.model, layers="auto", dtype=torch.float32)
 
 
@@ -268,6 +275,7 @@ def _training_arguments(config: TrainConfig, run_dir: Path, has_eval: bool, chat
         disable_tqdm=True,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
+        tf32=cuda or None,  # exact for the integer matmuls (int8 and ternary values fit TF32's mantissa)
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         ddp_find_unused_parameters=False,
     )
@@ -405,6 +413,8 @@ def export_and_evaluate(
             destination,
             variant,
             allow_padded_rows=padded,
+            # embeddings, norms and head in bf16, as published packed models ship them; latent weights stay fp32
+            dtype=torch.bfloat16 if variant != "prequantized" else None,
             tokenizer_source=tokenizer_dir,
             overwrite=True,
         )
