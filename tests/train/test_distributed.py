@@ -1,5 +1,6 @@
-"""Distributed training on torch's own engine: two gloo processes under torchrun (DDP) train exactly like one
-process with the same global batch."""
+"""Distributed training on torch's own engine: two gloo processes under torchrun, with DDP or FSDP2, train
+exactly like one process with the same global batch (that the scale of a sharded weight is the whole
+tensor's is proven layer by layer in test_sharded_scale.py)."""
 
 from __future__ import annotations
 
@@ -67,15 +68,15 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_ddp_on_two_gloo_processes_matches_one_process_with_the_same_global_batch(
-    text_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
+    engine: str, text_dir: Path, tmp_path: Path
 ) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "bittern.cli"]
-    ddp = subprocess.run(
-        [*torchrun, *_train_args(tmp_path / "ddp", text_dir, batch_size=2)], env=env, capture_output=True, text=True
-    )
+    args = _train_args(tmp_path / "ddp", text_dir, batch_size=2) + (["--fsdp"] if engine == "fsdp2" else [])
+    ddp = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = [sys.executable, "-m", "bittern.cli", *_train_args(tmp_path / "single", text_dir, batch_size=4)]
     subprocess.run(single, env=env, check=True, capture_output=True)

@@ -419,8 +419,8 @@ def export_and_evaluate(
             overwrite=True,
         )
         report = inspect_checkpoint(destination)
-        reloaded = load_model(destination)
-        ppl = sliding_window_nll(reloaded, held_out_ids, window=seq_len, stride=seq_len).perplexity
+        reloaded = load_model(destination, device="cuda" if torch.cuda.is_available() else "cpu")
+        ppl = sliding_window_nll(reloaded, held_out_ids, window=seq_len, stride=seq_len, progress=progress).perplexity
         results.append(VariantResult(variant, str(destination), report.file_bytes, report.bits_per_linear_weight, ppl))
         if progress:
             print(f"exported {variant:<13} {report.file_bytes / 2**20:8.2f} MiB  held-out perplexity {ppl:.2f}")
