@@ -81,7 +81,11 @@ class MetricsWriter(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         elapsed = time.perf_counter() - self._start_time
-        record = {"step": state.global_step, "tokens": state.global_step * self.tokens_per_step}
+        record = {
+            "step": state.global_step,
+            "tokens": state.global_step * self.tokens_per_step,
+            "elapsed_s": round(elapsed, 3),
+        }
         record.update({k: v for k, v in logs.items() if isinstance(v, int | float | str)})
         done = state.global_step - self._start_step
         if "loss" in logs and elapsed > 0 and done > 0:
