@@ -14,6 +14,8 @@ Shapes use ``N`` for output features, ``K`` for input features and ``...`` for a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 EPS = 1e-5
@@ -133,7 +135,9 @@ def integer_matmul(xq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """
     compute = torch.float32 if xq.shape[-1] <= EXACT_FLOAT32_K else torch.float64
     # autocast would run this product in bf16/fp16 and round the integer sums: keep it in `compute`.
-    with torch.autocast(device_type=xq.device.type, enabled=False):
+    device_type = xq.device.type
+    guard = torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext()
+    with guard:
         acc = torch.nn.functional.linear(xq.to(compute), codes.to(compute))
     return acc.to(torch.int32)
 
