@@ -65,8 +65,18 @@ def _add_record(record: Any, where: str, documents: list[str], conversations: li
         raise ConfigError(f"{where}: expected an object with a 'text' string or a 'messages' list")
 
 
+def require(module: str, purpose: str):
+    """Import an optional dependency of the ``train`` extra, or raise a :class:`ConfigError` saying how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{purpose} needs the '{module}' package: pip install 'bittern[train]'") from None
+
+
 def _read_saved_dataset(path: Path, documents: list[str], conversations: list[list[dict[str, str]]]) -> None:
-    import datasets
+    datasets = require("datasets", f"--data {path} (a saved datasets directory)")
 
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):

@@ -67,7 +67,10 @@ def write_report(result: TrainResult, config: TrainConfig, destination: Path) ->
         *[f"- {note}" for note in result.notes],
         f"- steps: {result.steps}; training tokens available: {result.train_tokens:,}; "
         f"held-out tokens: {result.held_out_tokens:,}",
-        f"- final training loss (mean over the run): {result.final_loss:.4f}" if result.final_loss else "",
+        f"- mean training objective over the run (cross-entropy, plus the KL term when distilling): "
+        f"{result.final_loss:.4f}"
+        if result.final_loss
+        else "",
         "",
         "## Held-out perplexity (window = stride = sequence length)",
         "",

@@ -35,6 +35,7 @@ from bittern.train.data import (
     Corpus,
     PackedBlocks,
     read_corpus,
+    require,
     split_documents,
     token_split,
     tokenize_documents,
@@ -223,8 +224,8 @@ def _text_data(config: TrainConfig, corpus: Corpus, tokenizer) -> _Data:
 
 def _chat_data(config: TrainConfig, corpus: Corpus, tokenizer) -> _Data:
     """Supervised fine-tuning: conversations rendered by TRL through the tokenizer's chat template."""
-    import datasets
-
+    datasets = require("datasets", "chat data")
+    require("trl", "chat data (TRL's SFTTrainer)")
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("chat data ('messages') needs a tokenizer with a chat template; this one has none")
     conversations = corpus.conversations
