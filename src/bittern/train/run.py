@@ -27,7 +27,7 @@ from torch import nn
 
 from bittern.checkpoint import load_model, save_model
 from bittern.convert import ConversionPolicy, select_layers, ternary_layer_names, to_bitlinear
-from bittern.errors import ConfigError
+from bittern.errors import BitternError, ConfigError
 from bittern.formats import detect_format
 from bittern.formats.common import read_config
 from bittern.train.config import TrainConfig
@@ -316,11 +316,18 @@ def train(config: TrainConfig) -> TrainResult:
     resuming = _check_run_directory(config, run_dir)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    corpus = read_corpus(config.data)
-    set_seed(config.seed)
-    tokenizer = _prepare_tokenizer(config, corpus, run_dir)
-    prepared = _prepare_model(config, tokenizer)
-    data = _chat_data(config, corpus, tokenizer) if corpus.is_chat else _text_data(config, corpus, tokenizer)
+    try:
+        corpus = read_corpus(config.data)
+        set_seed(config.seed)
+        tokenizer = _prepare_tokenizer(config, corpus, run_dir)
+        prepared = _prepare_model(config, tokenizer)
+        data = _chat_data(config, corpus, tokenizer) if corpus.is_chat else _text_data(config, corpus, tokenizer)
+    except BitternError:
+        if not resuming and _is_main_process():
+            # refused before training: leave no run behind that would refuse the corrected command
+            (run_dir / RUN_CONFIG).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
+        raise
 
     args = _training_arguments(config, run_dir, data.eval_set is not None, chat=corpus.is_chat)
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * args.world_size
