@@ -70,3 +70,14 @@ def token_batch(vocab_size: int = 256, batch: int = 4, length: int = 64, seed: i
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory: pytest.TempPathFactory):
+    """24 ``help()`` topics as ``00.txt`` … ``23.txt``: enough documents for the training tests' 1-in-20 hold-out."""
+    from bittern.train.corpus import pydoc_topics
+
+    directory = tmp_path_factory.mktemp("text")
+    for index, topic in enumerate(pydoc_topics()[:24]):
+        (directory / f"{index:02d}.txt").write_text(topic, encoding="utf-8")
+    return directory

@@ -13,17 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bittern.train.corpus import pydoc_topics
-
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("text")
-    for index, topic in enumerate(pydoc_topics()[:24]):
-        (directory / f"{index:02d}.txt").write_text(topic, encoding="utf-8")
-    return directory
 
 
 def _free_port() -> int:

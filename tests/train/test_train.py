@@ -39,14 +39,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("text")
-    for index, topic in enumerate(pydoc_topics()[:24]):
-        (directory / f"{index:02d}.txt").write_text(topic, encoding="utf-8")
-    return directory
-
-
-@pytest.fixture(scope="module")
 def scratch(tmp_path_factory: pytest.TempPathFactory, text_dir: Path):
     """A finished from-scratch run with export: ``(config, result)``."""
     out = tmp_path_factory.mktemp("scratch") / "run"
@@ -309,6 +301,10 @@ def test_convert_mode_warms_lambda_up_to_exactly_one_and_distills(
     assert "mode: convert" in plain.notes and not any("distillation" in note for note in plain.notes)
     distilled_loss, plain_loss = _losses(run)[1], _losses(tmp_path / "plain")[1]
     assert 0.005 < distilled_loss - plain_loss < 1.0, "a small, positive KL to the original at λ = 0.25"
+    # the two terms are logged apart: loss = ce + weight * kl
+    first = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
+    assert first["ce"] + first["kl"] == pytest.approx(first["loss"], rel=1e-5)
+    assert first["ce"] == pytest.approx(plain_loss, rel=1e-5)
 
 
 def _conversations(count: int) -> list[dict]:

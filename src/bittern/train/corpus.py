@@ -12,6 +12,7 @@ The text differs slightly between Python versions; within one interpreter it is 
 from __future__ import annotations
 
 import ast
+import os
 import sysconfig
 from pathlib import Path
 
@@ -46,11 +47,15 @@ def stdlib_docstrings(limit_modules: int | None = None) -> list[str]:
         limit_modules: read at most this many files (for quick tests); None reads all (~560 files, ~7 s).
     """
     root = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for directory, subdirectories, files in os.walk(root):
+        # prune skipped trees (site-packages can be large) instead of walking and discarding them
+        subdirectories[:] = [
+            d for d in subdirectories if d not in _SKIPPED_PARTS and not d.startswith("test") and d != "__pycache__"
+        ]
+        paths += [Path(directory) / f for f in files if f.endswith(".py") and not f.startswith("test")]
     documents = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if any(part in _SKIPPED_PARTS or part.startswith("test") or part == "__pycache__" for part in parts):
-            continue
+    for path in sorted(paths):
         text = _module_docstrings(path)
         if text:
             documents.append(text)

@@ -66,6 +66,7 @@ class TernaryTrainingMixin:
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
         self._write_staging = False
+        self._distill_sums = [0.0, 0.0, 0]  # cross-entropy sum, KL sum, micro-batches since the last log
         if teacher is not None and distill_weight > 0:
             teacher.eval().requires_grad_(False)
             # the distillation term is a mean per micro-batch: let Trainer divide by the accumulation steps
@@ -92,8 +93,19 @@ class TernaryTrainingMixin:
         labels = inputs["labels"]
         kl = distillation_kl(outputs.logits, teacher_logits, labels, self.distill_temperature)
         loss = outputs.loss + self.distill_weight * kl
-        self._distill_log = {"ce": float(outputs.loss.detach()), "kl": float(kl.detach())}
+        if model.training:
+            self._distill_sums[0] += float(outputs.loss.detach())
+            self._distill_sums[1] += float(kl.detach())
+            self._distill_sums[2] += 1
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean cross-entropy and KL term since the last log to training logs when distilling."""
+        ce, kl, count = self._distill_sums
+        if count and "loss" in logs:
+            logs = {**logs, "ce": ce / count, "kl": kl / count}
+            self._distill_sums = [0.0, 0.0, 0]
+        super().log(logs, start_time)
 
     # -- atomic checkpoints -----------------------------------------------------------------------------
     def _get_output_dir(self, trial):
