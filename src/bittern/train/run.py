@@ -99,13 +99,14 @@ def _check_run_directory(config: TrainConfig, run_dir: Path) -> bool:
                 "use another --out, or delete the directory to start over"
             )
         return True
+    if not _is_main_process():
+        return False  # rank 0 alone checks and creates the directory (the others may look mid-creation)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"--out {run_dir} exists and is not a bittern run directory; choose an empty or new one")
-    if _is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / (RUN_CONFIG + ".tmp")
-        tmp.write_text(json.dumps(config.as_dict(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(stored_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config.as_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(stored_path)
     return False
 
 
@@ -395,7 +396,10 @@ def _gather_for_export(trainer, model: nn.Module, config: TrainConfig) -> nn.Mod
         copy_model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
         to_bitlinear(copy_model, ConversionPolicy.for_layers(names))
         if _is_main_process():
-            copy_model.load_state_dict(state, strict=False)
+            missing, unexpected = copy_model.load_state_dict(state, strict=False)
+            tied = {"lm_head.weight"} if copy_model.config.tie_word_embeddings else set()
+            if unexpected or set(missing) - tied:
+                raise RuntimeError(f"gathered FSDP state does not fit the model: {missing=} {unexpected=}")
     else:
         copy_model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     for module in copy_model.modules():
