@@ -81,3 +81,23 @@ def text_dir(tmp_path_factory: pytest.TempPathFactory):
     for index, topic in enumerate(pydoc_topics()[:24]):
         (directory / f"{index:02d}.txt").write_text(topic, encoding="utf-8")
     return directory
+
+
+def tiny_train_args(out, data, *, batch_size: int, steps: int, save_every: int, eval_every: int = 100) -> list[str]:
+    """``bittern train`` arguments for a seconds-long CPU run: 2-layer tiny preset, 320-token BPE, 32 tokens,
+    every step logged, no export, no progress bar."""
+    options = {
+        "--out": out,
+        "--preset": "tiny",
+        "--num-layers": 2,
+        "--data": data,
+        "--vocab-size": 320,
+        "--seq-len": 32,
+        "--batch-size": batch_size,
+        "--steps": steps,
+        "--save-every": save_every,
+        "--eval-every": eval_every,
+        "--log-every": 1,
+        "--lr": 3e-3,
+    }
+    return ["train", *(str(item) for pair in options.items() for item in pair), "--no-export", "--quiet"]

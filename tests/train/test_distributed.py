@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_args
 
 STEPS = 8
 
@@ -23,33 +24,7 @@ def _free_port() -> int:
 
 
 def _train_args(out: Path, data: Path, batch_size: int) -> list[str]:
-    return [
-        "train",
-        "--out",
-        str(out),
-        "--preset",
-        "tiny",
-        "--num-layers",
-        "2",
-        "--data",
-        str(data),
-        "--vocab-size",
-        "320",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        str(batch_size),
-        "--steps",
-        str(STEPS),
-        "--log-every",
-        "1",
-        "--lr",
-        "3e-3",
-        "--save-every",
-        "100",
-        "--no-export",
-        "--quiet",
-    ]
+    return tiny_train_args(out, data, batch_size=batch_size, steps=STEPS, save_every=100)
 
 
 def _losses(run: Path) -> list[float]:

@@ -12,43 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_args
 
 STEPS = 24
 
 
 def _command(out: Path, data: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bittern.cli",
-        "train",
-        "--out",
-        str(out),
-        "--preset",
-        "tiny",
-        "--num-layers",
-        "2",
-        "--data",
-        str(data),
-        "--vocab-size",
-        "320",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "4",
-        "--steps",
-        str(STEPS),
-        "--save-every",
-        "3",
-        "--eval-every",
-        "6",
-        "--log-every",
-        "1",
-        "--lr",
-        "3e-3",
-        "--no-export",
-        "--quiet",
-    ]
+    args = tiny_train_args(out, data, batch_size=4, steps=STEPS, save_every=3, eval_every=6)
+    return [sys.executable, "-m", "bittern.cli", *args]
 
 
 def _env() -> dict[str, str]:
