@@ -70,7 +70,9 @@ def test_sigkill_then_same_command_resumes_with_identical_losses(text_dir: Path,
     assert "resuming" not in resumed.stdout  # --quiet
 
 
-def test_a_different_command_on_the_same_run_directory_is_refused(text_dir: Path, tmp_path: Path) -> None:
+def test_a_different_command_on_the_same_run_directory_is_refused(
+    text_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from bittern.cli import main
 
     run = tmp_path / "run"
@@ -78,3 +80,6 @@ def test_a_different_command_on_the_same_run_directory_is_refused(text_dir: Path
     (run / "run_config.json").write_text(json.dumps({"out": str(run), "preset": "small", "steps": 5}))
     code = main(_command(run, text_dir)[3:])
     assert code == 2
+    error = capsys.readouterr().err
+    assert "different settings" in error and "preset: 'small' → 'tiny'" in error and f"steps: 5 → {STEPS}" in error
+    assert sorted(p.name for p in run.iterdir()) == ["run_config.json"]  # nothing written

@@ -139,3 +139,5 @@ def test_unknown_learning_rate_schedule_raises() -> None:
         lr_lambda("linear", 100, 10, 0.2)
     with pytest.raises(ConfigError, match="'linear'"):
         lr_multiplier("linear", 50, 100, 10)
+    with pytest.raises(ConfigError, match="'linear'"):
+        lr_multiplier("linear", 2, 100, 10)  # during the warmup too

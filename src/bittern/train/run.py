@@ -30,6 +30,7 @@ from bittern.convert import ConversionPolicy, select_layers, ternary_layer_names
 from bittern.errors import BitternError, ConfigError
 from bittern.formats import detect_format
 from bittern.formats.common import read_config
+from bittern.nn import BitLinear
 from bittern.train.config import TrainConfig
 from bittern.train.data import (
     Corpus,
@@ -291,14 +292,6 @@ def _training_arguments(config: TrainConfig, run_dir: Path, has_eval: bool, chat
     return TrainingArguments(**kwargs)
 
 
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The complete checkpoint with the highest step (staging leftovers of a killed save are never chosen)."""
-    if not checkpoints.is_dir():
-        return None
-    found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Train (from scratch, by conversion, or continued) as ``config`` says; see the module docstring.
 
@@ -307,6 +300,7 @@ def train(config: TrainConfig) -> TrainResult:
     export and report are redone if missing.
     """
     from transformers import PrinterCallback, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging as hf_logging
 
     from bittern.train.callbacks import MetricsWriter, ProgressBar, QuantizationWarmup, WeightDecaySchedule
@@ -358,7 +352,8 @@ def train(config: TrainConfig) -> TrainResult:
     trainer.remove_callback(PrinterCallback)  # our MetricsWriter and ProgressBar report instead
     checkpoints = run_dir / "checkpoints"
     shutil.rmtree(checkpoints / ".staging", ignore_errors=True)
-    last = latest_checkpoint(checkpoints) if resuming else None
+    # checkpoint-N directories appear only whole (renamed from .staging), so the newest one is complete
+    last = get_last_checkpoint(str(checkpoints)) if resuming and checkpoints.is_dir() else None
     if last is not None and config.progress and _is_main_process():
         print(f"resuming from {last}")
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -376,8 +371,8 @@ def train(config: TrainConfig) -> TrainResult:
         notes=[f"mode: {prepared.mode}", f"data: {corpus.description}; {data.how}", *prepared.notes],
     )
     if config.export:
-        model = _gather_for_export(trainer, prepared.model, config)
-        if _is_main_process():
+        model = _model_for_export(trainer, prepared.model, config)
+        if model is not None:
             result.variants = export_and_evaluate(model, run_dir, data.eval_ids, config.seq_len, config.progress)
     if _is_main_process():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
@@ -386,26 +381,32 @@ def train(config: TrainConfig) -> TrainResult:
     return result
 
 
-def _gather_for_export(trainer, model: nn.Module, config: TrainConfig) -> nn.Module:
-    """A float32 CPU copy of the trained model with λ = 1 (rank 0; every rank takes part under FSDP)."""
+def _model_for_export(trainer, model: nn.Module, config: TrainConfig) -> nn.Module | None:
+    """The trained model in float32 on the CPU with λ = 1, on rank 0 (None on the other ranks).
+
+    Training is over, so the model itself is moved rather than copied (a copy would double its memory on the
+    GPU). Under FSDP every rank takes part in gathering the full state, which rank 0 loads into a fresh model.
+    """
     if config.fsdp:
         from transformers import AutoModelForCausalLM
 
-        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        names = ternary_layer_names(model) or [n for n, m in model.named_modules() if hasattr(m, "lam")]
-        copy_model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-        to_bitlinear(copy_model, ConversionPolicy.for_layers(names))
-        if _is_main_process():
-            missing, unexpected = copy_model.load_state_dict(state, strict=False)
-            tied = {"lm_head.weight"} if copy_model.config.tie_word_embeddings else set()
-            if unexpected or set(missing) - tied:
-                raise RuntimeError(f"gathered FSDP state does not fit the model: {missing=} {unexpected=}")
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective: every rank calls it
+        if not _is_main_process():
+            return None
+        exported = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        to_bitlinear(exported, ConversionPolicy.for_layers(ternary_layer_names(model)))
+        missing, unexpected = exported.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if exported.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"gathered FSDP state does not fit the model: {missing=} {unexpected=}")
+    elif _is_main_process():
+        exported = model.to(device="cpu", dtype=torch.float32)
     else:
-        copy_model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
-    for module in copy_model.modules():
-        if hasattr(module, "lam"):
+        return None
+    for module in exported.modules():
+        if isinstance(module, BitLinear):
             module.lam = 1.0
-    return copy_model.eval()
+    return exported.eval()
 
 
 def export_and_evaluate(
@@ -416,7 +417,7 @@ def export_and_evaluate(
     from bittern.inspection import inspect_checkpoint
 
     tokenizer_dir = run_dir / "tokenizer"
-    padded = any(m.out_features % 4 for m in model.modules() if hasattr(m, "lam"))
+    padded = any(m.out_features % 4 for m in model.modules() if isinstance(m, BitLinear))
     results = []
     for variant in VARIANTS:
         destination = run_dir / "variants" / variant

@@ -22,6 +22,11 @@ STAGE1_END = 0.5
 STAGE2_START = 0.25
 
 
+def _check(schedule: str, known: tuple[str, ...], what: str) -> None:
+    if schedule not in known:
+        raise ConfigError(f"unknown {what} {schedule!r}; choose one of {', '.join(known)}")
+
+
 def _warmup(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps if step < warmup_steps else 1.0
 
@@ -37,6 +42,7 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int,
       decays linearly to ``FINAL_LR_FRACTION * STAGE2_START`` (the paper's mid-training drop and cooldown).
     * ``constant``: linear warmup, then 1.
     """
+    _check(schedule, LR_SCHEDULES, "learning-rate schedule")
     if step < warmup_steps:
         return _warmup(step, warmup_steps)
     if schedule == "constant":
@@ -54,7 +60,7 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int,
         if progress < 0.5:
             return 1.0 - (1.0 - STAGE1_END) * (progress / 0.5)
         return STAGE2_START * (1.0 - (1.0 - FINAL_LR_FRACTION) * (progress - 0.5) / 0.5)
-    raise ConfigError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    raise AssertionError(schedule)
 
 
 def weight_decay_value(schedule: str, step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -74,9 +80,8 @@ def quantization_strength(schedule: str, step: int, warmup_steps: int) -> float:
       from exactly 0 at step 0 to exactly 1 at step ``warmup_steps - 1``.
     After the warmup λ is exactly 1.0, so the layers take the exact integer path.
     """
+    _check(schedule, LAMBDA_SCHEDULES, "λ schedule")
     if schedule == "none" or warmup_steps <= 0 or step >= warmup_steps - 1:
-        if schedule not in LAMBDA_SCHEDULES:
-            raise ConfigError(f"unknown λ schedule {schedule!r}; choose one of {', '.join(LAMBDA_SCHEDULES)}")
         return 1.0
     if schedule == "linear":
         return (step + 1) / warmup_steps
@@ -87,13 +92,12 @@ def quantization_strength(schedule: str, step: int, warmup_steps: int) -> float:
 
         low, high = logistic(0), logistic(warmup_steps - 1)
         return (logistic(step) - low) / (high - low)
-    raise ConfigError(f"unknown λ schedule {schedule!r}; choose one of {', '.join(LAMBDA_SCHEDULES)}")
+    raise AssertionError(schedule)
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, decay_fraction: float) -> Callable[[int], float]:
     """:func:`lr_multiplier` bound to one run, in the form :class:`torch.optim.lr_scheduler.LambdaLR` takes."""
-    if schedule not in LR_SCHEDULES:
-        raise ConfigError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    _check(schedule, LR_SCHEDULES, "learning-rate schedule")
 
     def multiplier(step: int) -> float:
         return lr_multiplier(schedule, step, total_steps, warmup_steps, decay_fraction)
