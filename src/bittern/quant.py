@@ -26,7 +26,12 @@ ACT_MAX = 127.0
 
 
 def weight_scale(weight: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    """The ternary scale ``s = max(mean(|W|), EPS)`` of a weight matrix, computed in float32.
+    """The ternary scale ``s = max(mean(|W|), EPS)`` of a weight matrix, as a float32 number.
+
+    The sum of ``|W|`` (float32 values) runs in float64 and the mean is rounded to float32 once: the result
+    does not depend on the summation order, so CPU, CUDA, the Triton kernels (which sum in their own block
+    order) and sharded weights (FSDP, DTensor) all get the same bits. A float32 sum would differ in the
+    last bits between any two of them.
 
     Args:
         weight: ``[N, K]`` of any floating dtype.
@@ -36,8 +41,11 @@ def weight_scale(weight: torch.Tensor, per_channel: bool = False) -> torch.Tenso
         float32 ``[1]`` (per tensor) or ``[N]`` (per channel).
     """
     w32 = weight.detach().to(torch.float32)
-    mean_abs = w32.abs().mean(dim=-1) if per_channel else w32.abs().mean().reshape(1)
-    return mean_abs.clamp(min=EPS)
+    if per_channel:
+        mean_abs = w32.abs().sum(dim=-1, dtype=torch.float64) / w32.shape[-1]
+    else:
+        mean_abs = (w32.abs().sum(dtype=torch.float64) / w32.numel()).reshape(1)
+    return mean_abs.to(torch.float32).clamp(min=EPS)
 
 
 def _scale_for_rows(scale: torch.Tensor) -> torch.Tensor:

@@ -92,9 +92,10 @@ class Outside:
 
 
 def reference_ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, mean|W|)`` as the published exporters compute them (float32, round half to even)."""
+    """``(codes, mean|W|)`` by the contract: float32 values, their float64 mean rounded to float32 once, round half
+    to even. (Published exporters take a float32 mean, which can differ from it in the last bit.)"""
     w32 = weight.detach().float()
-    mean = w32.abs().mean().clamp(min=1e-5).reshape(1)
+    mean = (w32.abs().double().mean().float()).clamp(min=1e-5).reshape(1)
     return (w32 / mean).round().clamp(-1, 1).to(torch.int8), mean
 
 

@@ -49,6 +49,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     ddp_losses, single_losses = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
     assert len(ddp_losses) == len(single_losses) == STEPS
     assert ddp_losses[-1] < ddp_losses[0]  # it trains
-    # the same global batch of 4 sequences: 2 per rank, gradients averaged by DDP's all-reduce
-    assert ddp_losses == pytest.approx(single_losses, rel=1e-4)
+    # the same global batch of 4 sequences: 2 per rank, gradients averaged by DDP's all-reduce. The all-reduce
+    # sums in another order than one backward, so latent weights differ in their last bits after a step, and a
+    # weight lying on a rounding boundary of W/s can flip its ternary code: agreement to 1e-3, not bit-exact.
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-3)
     assert ddp.stdout.count("run finished") == 1  # rank 0 alone reports
