@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bittern import packing, quant
+from bittern import kernels, packing, quant
 
 
 class BitLinear(nn.Linear):
@@ -75,11 +75,13 @@ class BitLinear(nn.Linear):
         """``x``: ``[..., K]`` → ``[..., N]`` in ``x``'s dtype.
 
         Fully quantized (λ = 1, activations quantized) the output is computed from integers exactly as
-        :class:`TernaryLinear` computes it (bit-identical); otherwise from the blended fake-quantized tensors.
-        Gradients follow the straight-through estimator in both cases.
+        :class:`TernaryLinear` computes it (bit-identical), through :mod:`bittern.kernels` (the Triton kernels
+        on a GPU); inside an autocast region it comes out in autocast's dtype, like ``nn.Linear``'s. Otherwise
+        (the λ warmup) it is computed from the blended fake-quantized tensors. Gradients follow the
+        straight-through estimator in both cases.
         """
         if self.lam == 1.0 and self.quantize_activations:
-            return quant.ternary_linear_ste(x, self.weight, self.bias, self.per_channel)
+            return kernels.ternary_linear(x, self.weight, self.bias, self.per_channel)
         if self.quantize_activations:
             x = quant.ste_activations(x, self.lam)
         weight = quant.ste_weight(self.weight, self.lam, self.per_channel)
@@ -99,7 +101,7 @@ class TernaryLinear(nn.Module):
         bias: ``[N]`` full precision or None (never quantized).
 
     Forward: per-token int8 activation quantization, exact integer matmul, rescale by ``s * a / 127``,
-    bias: :func:`bittern.quant.integer_linear`.
+    bias: :func:`bittern.quant.integer_linear`, through :mod:`bittern.kernels` (the Triton kernels on a GPU).
     """
 
     def __init__(
@@ -201,8 +203,8 @@ class TernaryLinear(nn.Module):
     # --- module protocol ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[..., K]`` floating → ``[..., N]`` in ``x``'s dtype."""
-        return quant.integer_linear(x, self.codes(), self.weight_scale, self.bias, out_dtype=x.dtype)
+        """``x``: ``[..., K]`` floating → ``[..., N]`` in ``x``'s dtype (autocast's inside an autocast region)."""
+        return kernels.integer_linear(x, self.codes(), self.weight_scale, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # Keep the scale in float32 when the module is cast (model.to(torch.bfloat16)): move it, never round it.

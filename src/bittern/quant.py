@@ -204,13 +204,13 @@ class _TernaryLinearSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, per_channel):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, per_channel, out_dtype):  # type: ignore[override]
         codes, scale = ternarize(weight, per_channel)
         xq, act_scale = quantize_activations(x)
         y = _linear_from_integers(xq, act_scale, codes, scale, bias)
         ctx.save_for_backward(xq, act_scale, codes, scale)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
@@ -224,17 +224,21 @@ class _TernaryLinearSTE(torch.autograd.Function):
             grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat.reshape(-1, x_hat.shape[-1])).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def ternary_linear_ste(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, per_channel: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    per_channel: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The training-time ternary linear at λ = 1: the exact integer forward of :func:`integer_linear`
     computed from latent ``weight`` ``[N, K]`` (ternarized on the fly), straight-through gradients to ``x``,
-    ``weight`` and ``bias``. Output ``[..., N]`` in ``x.dtype``.
+    ``weight`` and ``bias``. Output ``[..., N]`` in ``out_dtype`` (default ``x.dtype``).
     """
-    return _TernaryLinearSTE.apply(x, weight, bias, per_channel)
+    return _TernaryLinearSTE.apply(x, weight, bias, per_channel, out_dtype or x.dtype)
 
 
 def _check_lam(lam: float) -> float:

@@ -1,0 +1,160 @@
+"""One dispatch between the reference math (:mod:`bittern.quant`) and the Triton kernels.
+
+Layers call the functions here, never a backend directly. Which backend runs:
+
+* ``auto`` (the default): the Triton kernels for CUDA tensors when Triton is installed, the reference
+  otherwise (CPU, or no Triton);
+* ``reference``: always :mod:`bittern.quant` (the baseline every kernel is tested against);
+* ``triton``: always the kernels — an error if Triton is missing, or if a tensor is on the CPU without
+  ``TRITON_INTERPRET=1`` (Triton's interpreter, slow: how CI tests the kernels on CPU).
+
+Choose with the ``BITTERN_KERNELS`` environment variable, :func:`set_backend`, or the :func:`use_backend`
+context manager. Triton is imported only when a kernel first runs, so CPU-only installs never import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+from bittern import quant
+
+BACKENDS = ("auto", "reference", "triton")
+_ENV = "BITTERN_KERNELS"
+_backend: str | None = None  # None: read the environment variable
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def backend() -> str:
+    """The chosen backend: :func:`set_backend`'s, else ``$BITTERN_KERNELS``, else ``auto``."""
+    if _backend is not None:
+        return _backend
+    value = os.environ.get(_ENV, "auto") or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{_ENV}={value!r} names no kernel backend; choose one of {', '.join(BACKENDS)}")
+    return value
+
+
+def set_backend(name: str | None) -> None:
+    """Choose ``auto``, ``reference`` or ``triton`` for this process; None goes back to ``$BITTERN_KERNELS``."""
+    global _backend
+    _backend = None if name is None else _check(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block with another backend, then restore the previous choice."""
+    global _backend
+    previous = _backend
+    _backend = _check(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def triton_available() -> bool:
+    """Whether Triton is importable (nothing is imported to find out)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether an operation on ``t`` runs on the Triton kernels under the current backend."""
+    chosen = backend()
+    if chosen == "reference":
+        return False
+    if chosen == "auto":
+        return t.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError(f"kernel backend 'triton' was chosen but Triton is not installed (pip install triton); "
+                           f"unset {_ENV} or choose 'reference'")  # fmt: skip
+    if not t.is_cuda and not _interpreting():
+        raise RuntimeError(f"kernel backend 'triton' got a tensor on {t.device}: the kernels need a CUDA GPU, or "
+                           f"TRITON_INTERPRET=1 to run (slowly) in Triton's interpreter")  # fmt: skip
+    return True
+
+
+def _ops() -> ModuleType:
+    from bittern.kernels import ops
+
+    return ops
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer returns for input ``x``: autocast's dtype inside an autocast region (as
+    ``nn.Linear`` does), else ``x.dtype``."""
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    per_channel: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The training-time ternary linear at λ = 1 (:func:`bittern.quant.ternary_linear_ste` semantics).
+
+    Args:
+        x: ``[..., K]`` floating activations, quantized per token.
+        weight: latent ``[N, K]`` weight, ternarized per call (per tensor, or per row with ``per_channel``).
+        bias: ``[N]`` or None, never quantized.
+        out_dtype: dtype of the result; defaults to :func:`output_dtype`.
+
+    Returns:
+        ``[..., N]``; gradients to ``x``, ``weight`` and ``bias`` by the straight-through estimator.
+    """
+    out_dtype = out_dtype or output_dtype(x)
+    if uses_triton(x):
+        return _ops().ternary_linear(x, weight, bias, per_channel, out_dtype)
+    return quant.ternary_linear_ste(x, weight, bias, per_channel, out_dtype)
+
+
+def integer_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Inference with fixed int8 ``codes`` ``[N, K]`` and float32 ``scale``: ``[..., K]`` → ``[..., N]``
+    (:func:`bittern.quant.integer_linear`, bit-identical on either backend)."""
+    out_dtype = out_dtype or output_dtype(x)
+    if uses_triton(x):
+        return _ops().integer_linear(x, codes, scale, bias, out_dtype)
+    return quant.integer_linear(x, codes, scale, bias, out_dtype)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization (:func:`bittern.quant.quantize_activations`): ``(xq int8, a float32 [..., 1])``."""
+    if uses_triton(x):
+        from bittern.kernels import quantizers
+
+        return quantizers.quantize_activations(x)
+    return quant.quantize_activations(x)
+
+
+def ternarize(weight: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternarize ``[N, K]`` (:func:`bittern.quant.ternarize`): ``(codes int8, s float32 [1] or [N])``."""
+    if uses_triton(weight):
+        from bittern.kernels import quantizers
+
+        return quantizers.ternarize(weight, per_channel)
+    return quant.ternarize(weight, per_channel)

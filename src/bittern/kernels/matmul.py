@@ -1,0 +1,263 @@
+"""Triton matrix products of the ternary linear layer: the int8 forward and the two backward products.
+
+* :func:`int8_ternary_linear` — ``y = (xq @ Wtᵀ) * s * a / 127 + b``: int8 x int8 operands on the int8 tensor
+  cores with int32 accumulation (exact), the rescale and bias fused into the epilogue in the reference's
+  order of float32 operations, so ``y`` equals :func:`bittern.quant.integer_linear` bit for bit.
+* :func:`grad_input` — ``grad_x = grad_y @ (Wt * s)``: ternary codes widened to the gradient's dtype on chip
+  (exact: they are -1, 0, 1), float32 accumulation, ``s`` applied in the epilogue (per-tensor scale) or to
+  the codes (per-row scale, which varies along the reduction). No dense copy of the weight is made.
+* :func:`grad_weight` — ``grad_W = grad_yᵀ @ (xq * a / 127)``, computed as ``(grad_y * a / 127)ᵀ @ xq``: the
+  per-token scale is folded into the gradient tile as it is loaded, ``xq`` widened on chip (exact: int8
+  values fit bf16's 8-bit significand), float32 accumulation. No dequantized copy of the activations is made.
+
+Tile shapes are autotuned per (N, K, M rounded up to a power of two) on a GPU, tuned for Hopper; under
+``TRITON_INTERPRET=1`` one small tile shape is used. Import through :mod:`bittern.kernels` (lazily).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton 3.9's interpreter computes bf16 x bf16 dots (and int8 -> bf16 casts) wrongly: there the backward kernels
+# widen both operands to float32 after rounding them to the gradient's dtype, which leaves the products unchanged.
+_UPCAST_DOTS = _INTERPRET
+
+
+def _configs(shapes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
+    """Autotuning candidates ``(block0, block1, block_reduce, warps, stages)`` named for a kernel's blocks."""
+    if _INTERPRET:
+        return [triton.Config({names[0]: 32, names[1]: 32, names[2]: 32, "GROUP": 4}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({names[0]: b0, names[1]: b1, names[2]: br, "GROUP": 8}, num_warps=w, num_stages=s)
+        for b0, b1, br, w, s in shapes
+    ]
+
+
+_FORWARD_SHAPES = [
+    (128, 128, 128, 8, 3),
+    (128, 256, 128, 8, 3),
+    (256, 128, 128, 8, 3),
+    (64, 128, 128, 4, 4),
+    (128, 128, 64, 4, 4),
+    (128, 64, 128, 4, 4),
+]
+_BACKWARD_SHAPES = [
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+]
+
+
+@triton.jit
+def _grouped_tile(pid, size0, size1, BLOCK0: tl.constexpr, BLOCK1: tl.constexpr, GROUP: tl.constexpr):
+    """Program id → (tile row, tile column), in groups of GROUP tile rows so that neighbours share L2 data."""
+    tiles0 = tl.cdiv(size0, BLOCK0)
+    tiles1 = tl.cdiv(size1, BLOCK1)
+    per_group = GROUP * tiles1
+    group = pid // per_group
+    first = group * GROUP
+    group_size = min(tiles0 - first, GROUP)
+    tile0 = first + (pid % per_group) % group_size
+    tile1 = (pid % per_group) // group_size
+    return tile0, tile1
+
+
+@triton.autotune(configs=_configs(_FORWARD_SHAPES, ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
+@triton.jit
+def _forward_kernel(
+    xq_ptr, codes_ptr, a_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_cn, stride_ym,
+    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP)
+    rm = tile_m * BM + tl.arange(0, BM)
+    rn = tile_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    # rows past the end read a valid row (their results are masked at the store)
+    a_rows = xq_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
+    b_rows = codes_ptr + (rn % N).to(tl.int64)[:, None] * stride_cn
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, tl.cdiv(K, BK)):
+        cols = k0 * BK + rk
+        if EVEN_K:
+            a = tl.load(a_rows + cols[None, :])
+            b = tl.load(b_rows + cols[None, :])
+        else:
+            a = tl.load(a_rows + cols[None, :], mask=cols[None, :] < K, other=0)
+            b = tl.load(b_rows + cols[None, :], mask=cols[None, :] < K, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    # epilogue in the reference's order: acc * s * a / 127 (+ bias), float32, IEEE division
+    y = acc.to(tl.float32)
+    if PER_CHANNEL:
+        y = y * tl.load(s_ptr + rn % N)[None, :]
+    else:
+        y = y * tl.load(s_ptr)
+    y = y * tl.load(a_ptr + rm % M)[:, None]
+    y = tl.math.div_rn(y, tl.full((BM, BN), 127.0, tl.float32))
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn % N).to(tl.float32)[None, :]
+    out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.autotune(configs=_configs(_BACKWARD_SHAPES, ("BM", "BK", "BN")), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _grad_input_kernel(
+    g_ptr, codes_ptr, s_ptr, gx_ptr, M, N, K, M_BUCKET, stride_gm, stride_cn, stride_xm,
+    PER_CHANNEL: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    tile_m, tile_k = _grouped_tile(tl.program_id(0), M, K, BM, BK, GROUP)
+    rm = tile_m * BM + tl.arange(0, BM)
+    rk = tile_k * BK + tl.arange(0, BK)
+    rn = tl.arange(0, BN)
+    g_rows = g_ptr + (rm % M).to(tl.int64)[:, None] * stride_gm
+    k_cols = (rk % K)[None, :]
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, tl.cdiv(N, BN)):
+        n = n0 * BN + rn
+        n_ok = n < N
+        g = tl.load(g_rows + n[None, :], mask=n_ok[None, :], other=0.0)
+        codes = tl.load(codes_ptr + n.to(tl.int64)[:, None] * stride_cn + k_cols, mask=n_ok[:, None], other=0)
+        if PER_CHANNEL:  # the scale varies along the reduction: apply it to the codes
+            w = (codes.to(tl.float32) * tl.load(s_ptr + n, mask=n_ok, other=0.0)[:, None]).to(g.dtype)
+        else:
+            w = codes.to(tl.float32).to(g.dtype)
+        if UPCAST:
+            g = g.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(g, w, acc)
+    if not PER_CHANNEL:
+        acc = acc * tl.load(s_ptr)
+    out = gx_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
+    tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+@triton.autotune(configs=_configs(_BACKWARD_SHAPES, ("BN", "BK", "BM")), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _grad_weight_kernel(
+    g_ptr, xq_ptr, a_ptr, gw_ptr, M, N, K, M_BUCKET, stride_gm, stride_xm, stride_wn,
+    UPCAST: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    tile_n, tile_k = _grouped_tile(tl.program_id(0), N, K, BN, BK, GROUP)
+    rn = tile_n * BN + tl.arange(0, BN)
+    rk = tile_k * BK + tl.arange(0, BK)
+    rm = tl.arange(0, BM)
+    n_cols = (rn % N)[:, None]
+    k_cols = (rk % K)[None, :]
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(0, tl.cdiv(M, BM)):
+        m = m0 * BM + rm
+        m_ok = m < M
+        m_rows = m.to(tl.int64)
+        g_t = tl.load(g_ptr + m_rows[None, :] * stride_gm + n_cols, mask=m_ok[None, :], other=0.0)  # [BN, BM]
+        a = tl.load(a_ptr + m, mask=m_ok, other=0.0) / 127.0
+        g_t = (g_t.to(tl.float32) * a[None, :]).to(g_ptr.dtype.element_ty)
+        xq = tl.load(xq_ptr + m_rows[:, None] * stride_xm + k_cols, mask=m_ok[:, None], other=0)  # [BM, BK]
+        if UPCAST:
+            acc = tl.dot(g_t.to(tl.float32), xq.to(tl.float32), acc)
+        else:
+            acc = tl.dot(g_t, xq.to(tl.float32).to(g_t.dtype), acc)
+    out = gw_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``[rows, last]`` view whose last dimension is contiguous (copied only if needed)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _bucket(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
+def _grid(size0: int, size1: int, block0: str, block1: str):
+    return lambda meta: (triton.cdiv(size0, meta[block0]) * triton.cdiv(size1, meta[block1]),)
+
+
+def int8_ternary_linear(
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(xq @ codesᵀ) * s * a / 127 + bias`` — bit-identical to the reference's integer linear.
+
+    Args:
+        xq: int8 ``[..., K]``; act_scale: float32 ``[..., 1]``.
+        codes: int8 ``[N, K]``; scale: float32 ``[1]`` or ``[N]``.
+        bias: ``[N]`` or None. out_dtype: dtype of ``y``.
+
+    Returns:
+        ``[..., N]`` in ``out_dtype``.
+    """
+    a2 = _rows(xq)
+    m, k = a2.shape
+    n = codes.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m and n:
+        codes = codes if codes.stride(-1) == 1 else codes.contiguous()
+        _forward_kernel[_grid(m, n, "BM", "BN")](
+            a2, codes, act_scale.reshape(-1).contiguous(), scale, bias if bias is not None else scale, y,
+            m, n, k, _bucket(m), a2.stride(0), codes.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1,
+        )  # fmt: skip
+    return y.reshape(*xq.shape[:-1], n)
+
+
+def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad_x = grad_y @ (codes * s)`` with float32 accumulation.
+
+    Args:
+        grad_y: ``[..., N]`` float32 / bfloat16 / float16 (the product runs in this dtype: bf16 tensor cores).
+        codes: int8 ``[N, K]``; scale: float32 ``[1]`` or ``[N]``. dtype: dtype of ``grad_x``.
+
+    Returns:
+        ``[..., K]`` in ``dtype``.
+    """
+    g2 = _rows(grad_y)
+    m, n = g2.shape
+    k = codes.shape[1]
+    gx = torch.empty((m, k), dtype=dtype, device=grad_y.device)
+    if m and k:
+        _grad_input_kernel[_grid(m, k, "BM", "BK")](
+            g2, codes, scale, gx, m, n, k, _bucket(m), g2.stride(0), codes.stride(0), gx.stride(0),
+            PER_CHANNEL=scale.numel() != 1, UPCAST=_UPCAST_DOTS,
+        )  # fmt: skip
+    return gx.reshape(*grad_y.shape[:-1], k)
+
+
+def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad_W = grad_yᵀ @ (xq * a / 127)`` over all tokens, float32 accumulation.
+
+    Args:
+        grad_y: ``[..., N]``; xq: int8 ``[..., K]``; act_scale: float32 ``[..., 1]``. dtype: of ``grad_W``.
+
+    Returns:
+        ``[N, K]`` in ``dtype``.
+    """
+    g2 = _rows(grad_y)
+    x2 = _rows(xq)
+    m, n = g2.shape
+    k = x2.shape[1]
+    gw = torch.empty((n, k), dtype=dtype, device=grad_y.device)
+    if m == 0:
+        return gw.zero_()
+    if n and k:
+        _grad_weight_kernel[_grid(n, k, "BN", "BK")](
+            g2, x2, act_scale.reshape(-1).contiguous(), gw, m, n, k, _bucket(m),
+            g2.stride(0), x2.stride(0), gw.stride(0), UPCAST=_UPCAST_DOTS,
+        )  # fmt: skip
+    return gw

@@ -1,0 +1,128 @@
+"""The Triton kernels as torch custom operators (``torch.library``), with autograd.
+
+Registered ops (namespace ``bittern``):
+
+* ``ternary_linear`` — the training forward: quantize activations, ternarize the latent weight, int8 product,
+  fused rescale. Returns ``y`` and, for the backward pass, ``xq`` (int8), ``a``, the codes (int8) and ``s``:
+  the layer keeps one byte per activation and per weight for backward, where a bf16 layer keeps two.
+* ``ternary_linear_grad_input`` / ``ternary_linear_grad_weight`` — the straight-through backward products.
+* ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
+
+Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
+breaking the graph, and since none of them synchronises with the host, CUDA graphs capture them (run them once
+before capturing: the first call of a shape autotunes).
+
+Importing this module imports Triton; :mod:`bittern.kernels` does so lazily, on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from bittern.kernels import matmul, quantizers
+
+_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on ``t``'s GPU even when another one is current (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("bittern::ternary_linear", mutates_args=())
+def ternary_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool, out_dtype: torch.dtype
+) -> _Outputs:
+    """``x`` ``[..., K]``, latent ``weight`` ``[N, K]`` → ``(y [..., N] out_dtype, xq int8 [M, K], a f32 [M, 1],
+    codes int8 [N, K], s f32 [1] or [N])`` with ``M`` the number of tokens."""
+    with _device_guard(x):
+        xq, act_scale = quantizers.quantize_activations(x)
+        codes, scale = quantizers.ternarize(weight, per_channel)
+        y = matmul.int8_ternary_linear(xq, act_scale, codes, scale, bias, out_dtype)
+    k = x.shape[-1]
+    return y, xq.reshape(-1, k), act_scale.reshape(-1, 1), codes, scale
+
+
+@ternary_linear_forward.register_fake
+def _(x, weight, bias, per_channel, out_dtype):  # type: ignore[no-untyped-def]
+    n, k = weight.shape
+    m = x.numel() // k if k else 0
+    return (
+        x.new_empty((*x.shape[:-1], n), dtype=out_dtype),
+        x.new_empty((m, k), dtype=torch.int8),
+        x.new_empty((m, 1), dtype=torch.float32),
+        weight.new_empty((n, k), dtype=torch.int8),
+        weight.new_empty((n if per_channel else 1,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("bittern::ternary_linear_grad_input", mutates_args=())
+def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad_y [..., N] @ (codes * s)`` → ``[..., K]`` in ``dtype``."""
+    with _device_guard(grad_y):
+        return matmul.grad_input(grad_y, codes, scale, dtype)
+
+
+@grad_input.register_fake
+def _(grad_y, codes, scale, dtype):  # type: ignore[no-untyped-def]
+    return grad_y.new_empty((*grad_y.shape[:-1], codes.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("bittern::ternary_linear_grad_weight", mutates_args=())
+def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad_yᵀ @ (xq * a / 127)`` over all tokens → ``[N, K]`` in ``dtype``."""
+    with _device_guard(grad_y):
+        return matmul.grad_weight(grad_y, xq, act_scale, dtype)
+
+
+@grad_weight.register_fake
+def _(grad_y, xq, act_scale, dtype):  # type: ignore[no-untyped-def]
+    return grad_y.new_empty((grad_y.shape[-1], xq.shape[-1]), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, weight, bias, _per_channel, _out_dtype = inputs
+    _y, xq, act_scale, codes, scale = output
+    ctx.mark_non_differentiable(xq, act_scale, codes, scale)
+    ctx.save_for_backward(xq, act_scale, codes, scale)
+    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, grad_y, *_unused):  # type: ignore[no-untyped-def]
+    xq, act_scale, codes, scale = ctx.saved_tensors
+    x_dtype, w_dtype, b_dtype = ctx.dtypes
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_input(grad_y, codes, scale, x_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = grad_weight(grad_y, xq, act_scale, w_dtype)
+    if b_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32).to(b_dtype)
+    return grad_x, grad_w, grad_b, None, None
+
+
+ternary_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("bittern::integer_linear", mutates_args=())
+def integer_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Inference: ``x [..., K]`` quantized per token, times fixed ``codes [N, K]`` → ``[..., N]`` (no autograd)."""
+    with _device_guard(x):
+        xq, act_scale = quantizers.quantize_activations(x)
+        return matmul.int8_ternary_linear(xq, act_scale, codes, scale, bias, out_dtype)
+
+
+@integer_linear.register_fake
+def _(x, codes, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=out_dtype)
+
+
+def ternary_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The training-time ternary linear on the kernels: ``[..., K]`` → ``[..., N]`` in ``out_dtype``."""
+    return ternary_linear_forward(x, weight, bias, per_channel, out_dtype)[0]
