@@ -7,6 +7,13 @@ import os
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run in Triton's interpreter (slow: small shapes). It is read when Triton is
+# imported, which bittern does lazily: setting it here, before any kernel runs, is early enough.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check what the kernels compute, not which tile shape is fastest: skip autotuning every test shape.
+os.environ.setdefault("BITTERN_AUTOTUNE", "0")
+
 # Keep CPU test runs deterministic and quiet.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

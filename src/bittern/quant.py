@@ -110,9 +110,15 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, scale
 
 
+def _divide_by_act_max(t: torch.Tensor) -> torch.Tensor:
+    """``t / 127``, an IEEE division on every device. (CUDA turns a division by a Python number into a
+    multiplication by its rounded reciprocal, which differs from the division in the last bit.)"""
+    return t / torch.full((), ACT_MAX, dtype=t.dtype, device=t.device)
+
+
 def dequantize_activations(xq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``xq * a / 127`` in float32, cast to ``dtype``. ``xq``: ``[..., K]``; ``scale``: ``[..., 1]``."""
-    return (xq.to(torch.float32) * scale / ACT_MAX).to(dtype)
+    return _divide_by_act_max(xq.to(torch.float32) * scale).to(dtype)
 
 
 def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +167,7 @@ def rescale(acc: torch.Tensor, weight_scale_: torch.Tensor, act_scale: torch.Ten
     Returns:
         float32 ``[..., N]``.
     """
-    return acc.to(torch.float32) * weight_scale_.to(torch.float32) * act_scale / ACT_MAX
+    return _divide_by_act_max(acc.to(torch.float32) * weight_scale_.to(torch.float32) * act_scale)
 
 
 def integer_linear(

@@ -27,6 +27,8 @@ from bittern import quant
 BACKENDS = ("auto", "reference", "triton")
 _ENV = "BITTERN_KERNELS"
 _backend: str | None = None  # None: read the environment variable
+# Looked up once (find_spec imports nothing): torch.compile cannot trace importlib, but reads a module global.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
 def _check(name: str) -> str:
@@ -65,7 +67,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def triton_available() -> bool:
     """Whether Triton is importable (nothing is imported to find out)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def _interpreting() -> bool:

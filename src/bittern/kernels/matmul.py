@@ -28,10 +28,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _UPCAST_DOTS = _INTERPRET
 
 
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes its result in. Triton 3.9's interpreter truncates float32 → bfloat16 (a GPU
+    rounds to nearest even): there the kernel writes float32 and torch rounds it, exactly as the GPU would."""
+    return torch.float32 if _INTERPRET and dtype == torch.bfloat16 else dtype
+
+
 def _configs(shapes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
-    """Autotuning candidates ``(block0, block1, block_reduce, warps, stages)`` named for a kernel's blocks."""
+    """Autotuning candidates ``(block0, block1, block_reduce, warps, stages)`` named for a kernel's blocks.
+
+    ``BITTERN_AUTOTUNE=0`` keeps only the first (for test suites, where tuning every shape costs minutes)."""
     if _INTERPRET:
         return [triton.Config({names[0]: 32, names[1]: 32, names[2]: 32, "GROUP": 4}, num_warps=4, num_stages=1)]
+    if os.environ.get("BITTERN_AUTOTUNE", "1") == "0":
+        shapes = shapes[:1]
     return [
         triton.Config({names[0]: b0, names[1]: b1, names[2]: br, "GROUP": 8}, num_warps=w, num_stages=s)
         for b0, b1, br, w, s in shapes
@@ -41,17 +51,13 @@ def _configs(shapes: list[tuple[int, int, int, int, int]], names: tuple[str, str
 _FORWARD_SHAPES = [
     (128, 128, 128, 8, 3),
     (128, 256, 128, 8, 3),
-    (256, 128, 128, 8, 3),
     (64, 128, 128, 4, 4),
-    (128, 128, 64, 4, 4),
     (128, 64, 128, 4, 4),
 ]
 _BACKWARD_SHAPES = [
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
     (64, 128, 64, 4, 4),
-    (128, 128, 32, 4, 4),
     (128, 64, 64, 4, 4),
 ]
 
@@ -113,7 +119,7 @@ def _forward_kernel(
 @triton.jit
 def _grad_input_kernel(
     g_ptr, codes_ptr, s_ptr, gx_ptr, M, N, K, M_BUCKET, stride_gm, stride_cn, stride_xm,
-    PER_CHANNEL: tl.constexpr, UPCAST: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     tile_m, tile_k = _grouped_tile(tl.program_id(0), M, K, BM, BK, GROUP)
@@ -135,7 +141,7 @@ def _grad_input_kernel(
         if UPCAST:
             g = g.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(g, w, acc)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
     if not PER_CHANNEL:
         acc = acc * tl.load(s_ptr)
     out = gx_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
@@ -146,7 +152,8 @@ def _grad_input_kernel(
 @triton.jit
 def _grad_weight_kernel(
     g_ptr, xq_ptr, a_ptr, gw_ptr, M, N, K, M_BUCKET, stride_gm, stride_xm, stride_wn,
-    UPCAST: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, GROUP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     tile_n, tile_k = _grouped_tile(tl.program_id(0), N, K, BN, BK, GROUP)
     rn = tile_n * BN + tl.arange(0, BN)
@@ -164,11 +171,17 @@ def _grad_weight_kernel(
         g_t = (g_t.to(tl.float32) * a[None, :]).to(g_ptr.dtype.element_ty)
         xq = tl.load(xq_ptr + m_rows[:, None] * stride_xm + k_cols, mask=m_ok[:, None], other=0)  # [BM, BK]
         if UPCAST:
-            acc = tl.dot(g_t.to(tl.float32), xq.to(tl.float32), acc)
+            acc = tl.dot(g_t.to(tl.float32), xq.to(tl.float32), acc, input_precision=PRECISION)
         else:
-            acc = tl.dot(g_t, xq.to(tl.float32).to(g_t.dtype), acc)
+            acc = tl.dot(g_t, xq.to(tl.float32).to(g_t.dtype), acc, input_precision=PRECISION)
     out = gw_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
     tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+def _float32_precision() -> str:
+    """How a float32 gradient is multiplied: on TF32 tensor cores only where torch's own float32 matmuls are
+    (``torch.backends.cuda.matmul.allow_tf32``), else exactly. bf16 gradients always use bf16 tensor cores."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -206,7 +219,7 @@ def int8_ternary_linear(
     a2 = _rows(xq)
     m, k = a2.shape
     n = codes.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    y = torch.empty((m, n), dtype=_store_dtype(out_dtype), device=xq.device)
     if m and n:
         codes = codes if codes.stride(-1) == 1 else codes.contiguous()
         _forward_kernel[_grid(m, n, "BM", "BN")](
@@ -214,7 +227,7 @@ def int8_ternary_linear(
             m, n, k, _bucket(m), a2.stride(0), codes.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1,
         )  # fmt: skip
-    return y.reshape(*xq.shape[:-1], n)
+    return y.to(out_dtype).reshape(*xq.shape[:-1], n)
 
 
 def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -230,13 +243,13 @@ def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, d
     g2 = _rows(grad_y)
     m, n = g2.shape
     k = codes.shape[1]
-    gx = torch.empty((m, k), dtype=dtype, device=grad_y.device)
+    gx = torch.empty((m, k), dtype=_store_dtype(dtype), device=grad_y.device)
     if m and k:
         _grad_input_kernel[_grid(m, k, "BM", "BK")](
             g2, codes, scale, gx, m, n, k, _bucket(m), g2.stride(0), codes.stride(0), gx.stride(0),
-            PER_CHANNEL=scale.numel() != 1, UPCAST=_UPCAST_DOTS,
+            PER_CHANNEL=scale.numel() != 1, UPCAST=_UPCAST_DOTS, PRECISION=_float32_precision(),
         )  # fmt: skip
-    return gx.reshape(*grad_y.shape[:-1], k)
+    return gx.to(dtype).reshape(*grad_y.shape[:-1], k)
 
 
 def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -252,12 +265,12 @@ def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, act_scale: torch.Tensor,
     x2 = _rows(xq)
     m, n = g2.shape
     k = x2.shape[1]
-    gw = torch.empty((n, k), dtype=dtype, device=grad_y.device)
     if m == 0:
-        return gw.zero_()
+        return torch.zeros((n, k), dtype=dtype, device=grad_y.device)
+    gw = torch.empty((n, k), dtype=_store_dtype(dtype), device=grad_y.device)
     if n and k:
         _grad_weight_kernel[_grid(n, k, "BN", "BK")](
             g2, x2, act_scale.reshape(-1).contiguous(), gw, m, n, k, _bucket(m),
-            g2.stride(0), x2.stride(0), gw.stride(0), UPCAST=_UPCAST_DOTS,
+            g2.stride(0), x2.stride(0), gw.stride(0), UPCAST=_UPCAST_DOTS, PRECISION=_float32_precision(),
         )  # fmt: skip
-    return gw
+    return gw.to(dtype)

@@ -18,10 +18,28 @@ Importing this module imports Triton; :mod:`bittern.kernels` does so lazily, on 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
+from bittern import quant
 from bittern.kernels import matmul, quantizers
+
+BACKWARD_GEMMS = ("cublas", "triton")
+
+
+def backward_gemm() -> str:
+    """Which library runs the two backward products: ``$BITTERN_BACKWARD_GEMM``, ``cublas`` by default.
+
+    ``cublas``: the codes and ``xq * a / 127`` are widened to the gradient's dtype (one elementwise pass each)
+    and multiplied by torch (cuBLAS). ``triton``: the fused kernels of :mod:`bittern.kernels.matmul`, which
+    widen on chip and write no copy. Measured on an H100 (BENCHMARKS.md), cuBLAS is faster at the 2B4T shapes.
+    """
+    value = os.environ.get("BITTERN_BACKWARD_GEMM", "cublas") or "cublas"
+    if value not in BACKWARD_GEMMS:
+        raise ValueError(f"BITTERN_BACKWARD_GEMM={value!r}; choose one of {', '.join(BACKWARD_GEMMS)}")
+    return value
+
 
 _Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -86,6 +104,7 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     x, weight, bias, _per_channel, _out_dtype = inputs
     _y, xq, act_scale, codes, scale = output
     ctx.mark_non_differentiable(xq, act_scale, codes, scale)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for those four outputs
     ctx.save_for_backward(xq, act_scale, codes, scale)
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
 
@@ -94,10 +113,20 @@ def _backward(ctx, grad_y, *_unused):  # type: ignore[no-untyped-def]
     xq, act_scale, codes, scale = ctx.saved_tensors
     x_dtype, w_dtype, b_dtype = ctx.dtypes
     grad_x = grad_w = grad_b = None
+    if grad_y is None:
+        return None, None, None, None, None
+    fused = backward_gemm() == "triton"
     if ctx.needs_input_grad[0]:
-        grad_x = grad_input(grad_y, codes, scale, x_dtype)
+        if fused:
+            grad_x = grad_input(grad_y, codes, scale, x_dtype)
+        else:
+            grad_x = (grad_y @ quant.dequantize_weight(codes, scale, grad_y.dtype)).to(x_dtype)
     if ctx.needs_input_grad[1]:
-        grad_w = grad_weight(grad_y, xq, act_scale, w_dtype)
+        if fused:
+            grad_w = grad_weight(grad_y, xq, act_scale, w_dtype)
+        else:
+            x_hat = quant.dequantize_activations(xq, act_scale, grad_y.dtype)
+            grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat).to(w_dtype)
     if b_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32).to(b_dtype)
     return grad_x, grad_w, grad_b, None, None

@@ -39,7 +39,7 @@ def _round_half_even(v):
     return (v + _ROUND_MAGIC) - _ROUND_MAGIC
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _act_quant_kernel(
     x_ptr, xq_ptr, scale_ptr, K, stride_x, EPS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr
 ):
@@ -71,7 +71,8 @@ def _act_quant_kernel(
     tl.store(scale_ptr + row, amax)
 
 
-@triton.jit
+# Triton compiles arguments equal to 1 as constants (and a constant has no .to()): sizes are never specialised.
+@triton.jit(do_not_specialize=["numel"])
 def _abs_sum_partials_kernel(w_ptr, partial_ptr, numel, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
@@ -82,7 +83,7 @@ def _abs_sum_partials_kernel(w_ptr, partial_ptr, numel, BLOCK: tl.constexpr, CHU
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partials", "numel"])
 def _mean_from_partials_kernel(partial_ptr, scale_ptr, num_partials, numel, EPS: tl.constexpr, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, num_partials, BLOCK):
@@ -92,7 +93,7 @@ def _mean_from_partials_kernel(partial_ptr, scale_ptr, num_partials, numel, EPS:
     tl.store(scale_ptr, tl.maximum(mean.to(tl.float32), EPS))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _row_abs_mean_kernel(w_ptr, scale_ptr, K, stride_w, EPS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
@@ -104,7 +105,7 @@ def _row_abs_mean_kernel(w_ptr, scale_ptr, K, stride_w, EPS: tl.constexpr, BLOCK
     tl.store(scale_ptr + row, tl.maximum(mean.to(tl.float32), EPS))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "K"])
 def _ternary_codes_kernel(w_ptr, scale_ptr, codes_ptr, numel, K, PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)

@@ -1,0 +1,75 @@
+"""The dispatch between the reference and the kernels: which backend runs, and the errors of a wrong choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bittern import kernels
+from bittern.nn import BitLinear
+
+
+def test_auto_runs_the_reference_on_cpu() -> None:
+    with kernels.use_backend("auto"):
+        assert not kernels.uses_triton(torch.zeros(2))
+
+
+def test_reference_never_runs_triton() -> None:
+    with kernels.use_backend("reference"):
+        assert not kernels.uses_triton(torch.zeros(2))
+
+
+def test_backend_context_restores_the_previous_choice() -> None:
+    kernels.set_backend("reference")
+    try:
+        with kernels.use_backend("triton"):
+            assert kernels.backend() == "triton"
+        assert kernels.backend() == "reference"
+    finally:
+        kernels.set_backend(None)
+
+
+def test_environment_variable_chooses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BITTERN_KERNELS", "reference")
+    assert kernels.backend() == "reference"
+    monkeypatch.setenv("BITTERN_KERNELS", "fast")
+    with pytest.raises(ValueError, match="BITTERN_KERNELS='fast'"):
+        kernels.backend()
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        kernels.set_backend("cuda")
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        BitLinear(8, 4)(torch.randn(2, 8))
+
+
+def test_triton_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="Triton is not installed"):
+        kernels.uses_triton(torch.zeros(2))
+    with kernels.use_backend("auto"):  # auto falls back quietly
+        assert not kernels.uses_triton(torch.zeros(2))
+
+
+def test_cpu_use_never_imports_triton() -> None:
+    """CPU-only installs: training and inference layers on the CPU leave Triton unimported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from bittern.nn import BitLinear, TernaryLinear\n"
+        "layer = BitLinear(8, 4)\n"
+        "layer(torch.randn(2, 8)).sum().backward()\n"
+        "TernaryLinear.from_bitlinear(layer)(torch.randn(2, 8))\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    import os
+
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "BITTERN_KERNELS": "auto"})

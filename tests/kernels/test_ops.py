@@ -1,0 +1,147 @@
+"""The kernels as torch custom ops: the training linear and its straight-through gradients against the reference,
+torch.library's own consistency checks, torch.compile without graph breaks, and BitLinear training on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+from bittern import kernels, quant
+from bittern.convert import to_bitlinear, to_ternary
+from bittern.nn import BitLinear
+
+pytest.importorskip("triton")
+from bittern.kernels import ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _leaves(m: int, n: int, k: int, seed: int, bias: bool = True, lead: tuple[int, ...] = ()):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*lead, m, k, generator=generator) * 2).to(DEVICE).requires_grad_()
+    w = (torch.randn(n, k, generator=generator) * 0.05).to(DEVICE).requires_grad_()
+    b = torch.randn(n, generator=generator).to(DEVICE).requires_grad_() if bias else None
+    return x, w, b
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("backward_gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_linear_matches_the_reference(
+    per_channel: bool, bias: bool, backward_gemm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BITTERN_BACKWARD_GEMM", backward_gemm)
+    x, w, b = _leaves(9, 45, 70, seed=1, bias=bias, lead=(2,))
+    grad_y = torch.randn(2, 9, 45, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    y = ops.ternary_linear(x, w, b, per_channel, torch.float32)
+    y.backward(grad_y)
+    got = [x.grad, w.grad] + ([b.grad] if bias else [])
+    x.grad = w.grad = None
+    if bias:
+        b.grad = None
+    expected_y = quant.ternary_linear_ste(x, w, b, per_channel)
+    expected_y.backward(grad_y)
+    expected = [x.grad, w.grad] + ([b.grad] if bias else [])
+
+    assert torch.equal(y, expected_y)  # the forward is exact: bit for bit
+    for name, g, e in zip(("x", "weight", "bias"), got, expected, strict=False):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        assert _relative(g, e) <= 1e-6, name
+
+
+def test_unknown_backward_gemm_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BITTERN_BACKWARD_GEMM", "cutlass")
+    x, w, _ = _leaves(5, 16, 32, seed=3, bias=False)
+    with pytest.raises(ValueError, match="BITTERN_BACKWARD_GEMM='cutlass'"):
+        ops.ternary_linear(x, w, None, False, torch.float32).sum().backward()
+
+
+def test_gradients_only_where_asked() -> None:
+    x, w, _ = _leaves(5, 16, 32, seed=3, bias=False)
+    frozen = w.detach()
+    ops.ternary_linear(x, frozen, None, False, torch.float32).sum().backward()
+    assert x.grad is not None
+    x2 = x.detach()
+    ops.ternary_linear(x2, w, None, False, torch.float32).sum().backward()
+    assert w.grad is not None and x2.grad is None
+
+
+def test_inference_op_matches_the_reference() -> None:
+    x, w, b = _leaves(7, 33, 40, seed=4)
+    codes, scale = quant.ternarize(w)
+    got = ops.integer_linear(x.detach(), codes, scale, b.detach(), torch.float32)
+    assert torch.equal(got, quant.integer_linear(x.detach(), codes, scale, b.detach()))
+
+
+def test_torch_library_consistency_checks() -> None:
+    """opcheck: schema, fake (meta) implementations, autograd registration and AOT dispatch agree with the op."""
+    x, w, b = _leaves(6, 16, 32, seed=5)
+    torch.library.opcheck(torch.ops.bittern.ternary_linear.default, (x, w, b, False, torch.float32))
+    codes, scale = quant.ternarize(w)
+    torch.library.opcheck(torch.ops.bittern.integer_linear.default, (x.detach(), codes, scale, None, torch.float32))
+    xq, act_scale = quant.quantize_activations(x)
+    grad_y = torch.randn(6, 16, device=DEVICE)
+    torch.library.opcheck(torch.ops.bittern.ternary_linear_grad_input.default, (grad_y, codes, scale, torch.float32))
+    torch.library.opcheck(torch.ops.bittern.ternary_linear_grad_weight.default, (grad_y, xq, act_scale, torch.float32))
+
+
+def test_compiles_without_graph_breaks() -> None:
+    layer = BitLinear(32, 16).to(DEVICE)
+    x = torch.randn(3, 32, device=DEVICE, requires_grad=True)
+    with kernels.use_backend("triton"):
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)  # fullgraph: a break raises
+        compiled.sum().backward()
+    assert torch.equal(compiled, eager)
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_autocast_output_dtype_follows_nn_linear() -> None:
+    x, w, b = _leaves(4, 16, 32, seed=6)
+    device_type = torch.device(DEVICE).type
+    for backend in ("reference", "triton"):
+        with kernels.use_backend(backend), torch.autocast(device_type, dtype=torch.bfloat16):
+            y = kernels.ternary_linear(x, w, b)
+            expected = torch.nn.functional.linear(x, w, b)
+        assert y.dtype == expected.dtype == torch.bfloat16, backend
+        y.float().sum().backward()
+        assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32, backend
+        x.grad = w.grad = b.grad = None
+
+
+def test_a_model_trains_the_same_on_kernels_and_reference() -> None:
+    """A tiny Llama: four AdamW steps on each path; the forward is exact and the gradients agree to float32
+    rounding, so the losses agree closely (not bitwise: rounding can flip a ternary code after a step)."""
+    ids = token_batch(batch=2, length=16).to(DEVICE)
+    losses = {}
+    for backend in ("reference", "triton"):
+        model = to_bitlinear(tiny_model("llama")).to(DEVICE).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses[backend] = []
+        with kernels.use_backend(backend):
+            for _ in range(4):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses[backend].append(loss.item())
+    assert losses["triton"][0] == losses["reference"][0]  # same weights, exact forward: the same bits
+    assert losses["triton"] == pytest.approx(losses["reference"], rel=1e-4)
+    assert losses["triton"][-1] < losses["triton"][0]
+
+
+def test_packed_inference_layers_use_the_kernels() -> None:
+    model = to_ternary(to_bitlinear(tiny_model("bitnet"))).to(DEVICE)
+    ids = token_batch().to(DEVICE)
+    with torch.no_grad():
+        with kernels.use_backend("reference"):
+            expected = model(ids).logits
+        with kernels.use_backend("triton"):
+            got = model(ids).logits
+    assert torch.equal(got, expected)

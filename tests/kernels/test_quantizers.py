@@ -1,0 +1,109 @@
+"""The Triton quantizers against :mod:`bittern.quant`, bit for bit (on CPU they run in Triton's interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bittern import quant
+
+pytest.importorskip("triton")
+from bittern.kernels import quantizers
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator) * scale).to(dtype).to(DEVICE)
+
+
+# --- activations -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (37, 70), (3, 5, 129), (2, 64)])
+def test_activation_codes_and_scales_are_bit_identical(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = _randn(*shape, seed=sum(shape), dtype=dtype, scale=3.0)
+    xq, scale = quantizers.quantize_activations(x)
+    ref_xq, ref_scale = quant.quantize_activations(x)
+    assert xq.dtype == torch.int8 and scale.dtype == torch.float32
+    assert xq.shape == x.shape and scale.shape == (*x.shape[:-1], 1)
+    assert torch.equal(xq, ref_xq)
+    assert torch.equal(scale, ref_scale)
+
+
+def test_activation_ties_round_half_to_even() -> None:
+    # amax 127 makes x * 127 / a == x: the halves 0.5, 1.5, 2.5, -0.5, -2.5 go to the even neighbour
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -126.5]], device=DEVICE)
+    xq, _ = quantizers.quantize_activations(x)
+    assert xq.tolist() == [[127, 0, 2, 2, 0, -2, 4, -126]]
+    assert torch.equal(xq, quant.quantize_activations(x)[0])
+
+
+def test_activation_zero_rows_and_extremes() -> None:
+    x = torch.zeros(3, 40, device=DEVICE)
+    x[1, 3] = 1e-30  # below EPS: the scale is clamped to 1e-5
+    x[2] = torch.linspace(-3e4, 3e4, 40)
+    xq, scale = quantizers.quantize_activations(x)
+    ref_xq, ref_scale = quant.quantize_activations(x)
+    assert torch.equal(xq, ref_xq) and torch.equal(scale, ref_scale)
+    assert scale[0].item() == pytest.approx(1e-5) and xq[0].abs().sum().item() == 0
+
+
+def test_activation_rows_longer_than_one_pass() -> None:
+    k = quantizers.ACT_SINGLE_PASS_MAX_K + 300  # the two-pass path with a ragged tail
+    x = _randn(2, k, seed=5, dtype=torch.bfloat16, scale=2.0)
+    xq, scale = quantizers.quantize_activations(x)
+    ref_xq, ref_scale = quant.quantize_activations(x)
+    assert torch.equal(xq, ref_xq) and torch.equal(scale, ref_scale)
+
+
+def test_activation_strided_input() -> None:
+    x = _randn(70, 37, seed=6).t()  # [37, 70] with a non-unit last stride
+    xq, scale = quantizers.quantize_activations(x)
+    ref_xq, ref_scale = quant.quantize_activations(x)
+    assert torch.equal(xq, ref_xq) and torch.equal(scale, ref_scale)
+
+
+# --- weights -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (45, 70), (300, 301)])  # 300 x 301 spans two partial sums
+def test_ternary_codes_and_scale_are_bit_identical(
+    shape: tuple[int, int], per_channel: bool, dtype: torch.dtype
+) -> None:
+    weight = _randn(*shape, seed=shape[0], dtype=dtype, scale=0.02)
+    codes, scale = quantizers.ternarize(weight, per_channel)
+    ref_codes, ref_scale = quant.ternarize(weight, per_channel)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float32
+    assert scale.shape == ((shape[0],) if per_channel else (1,))
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(codes, ref_codes)
+    assert set(codes.unique().tolist()) <= {-1, 0, 1}
+
+
+def test_weight_ties_round_half_to_even() -> None:
+    # mean |W| = 1: W / s hits 0.5 (→ 0), 1.5 (→ 2 → clamped 1) and -0.5 (→ 0) exactly
+    weight = torch.tensor([[0.5, 1.5, -0.5, 2.0], [-1.5, 0.25, 0.75, 1.0]], device=DEVICE)
+    assert quant.weight_scale(weight).item() == 1.0
+    codes, scale = quantizers.ternarize(weight)
+    assert scale.item() == 1.0
+    assert codes.tolist() == [[0, 1, 0, 1], [-1, 0, 1, 1]]
+
+
+def test_tiny_weights_take_the_scale_floor() -> None:
+    weight = torch.full((4, 8), 1e-9, device=DEVICE)
+    codes, scale = quantizers.ternarize(weight)
+    assert scale.item() == pytest.approx(quant.EPS)
+    assert torch.equal(codes, quant.ternarize(weight)[0])
+    assert codes.abs().sum().item() == 0
+
+
+def test_scale_is_order_independent() -> None:
+    weight = _randn(257, 300, seed=9, scale=0.05)
+    assert torch.equal(quantizers.weight_scale(weight), quantizers.weight_scale(weight.flip(0).contiguous()))
+    assert torch.equal(quantizers.weight_scale(weight.t()), quant.weight_scale(weight))  # non-contiguous input
