@@ -176,6 +176,7 @@ def make_variant(variant: str, config, seed: int, device: torch.device) -> tuple
     else:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     assert swapped == expected, f"{variant}: {swapped} layers replaced, expected {expected}"
+    model.to(device)  # a replacement layer may have created a buffer on the default device
     backends = {"bittern-reference": "reference", "bittern-kernels": "triton", "bittern-kernels-fused-bwd": "fused"}
     backend = {**backends, "autobitlinear-eager": "eager"}.get(variant)
     return model, backend

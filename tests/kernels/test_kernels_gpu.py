@@ -116,10 +116,17 @@ def test_cuda_graph_capture_replays_forward_and_backward() -> None:
 
 def test_inductor_compiles_the_layer_whole() -> None:
     layer, x = _layer_and_input()
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return layer(inputs)
+
     with kernels.use_backend("triton"):
-        eager = _step(layer, x)
+        eager = forward(x)
+        eager.float().square().mean().backward()
         eager_grad = layer.weight.grad.clone()
         layer.weight.grad = None
-        compiled = torch.compile(_step, fullgraph=True)(layer, x)
+        compiled = torch.compile(forward, fullgraph=True)(x)  # fullgraph: a graph break raises
+        compiled.float().square().mean().backward()
     assert torch.equal(compiled, eager)
     assert torch.allclose(layer.weight.grad, eager_grad, rtol=1e-3, atol=1e-6)

@@ -107,3 +107,23 @@ def test_scale_is_order_independent() -> None:
     weight = _randn(257, 300, seed=9, scale=0.05)
     assert torch.equal(quantizers.weight_scale(weight), quantizers.weight_scale(weight.flip(0).contiguous()))
     assert torch.equal(quantizers.weight_scale(weight.t()), quant.weight_scale(weight))  # non-contiguous input
+
+
+# --- dequantizers (the backward's widening passes) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 70), (3, 5, 129)])
+def test_dequantized_activations_are_bit_identical(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    xq, scale = quant.quantize_activations(_randn(*shape, seed=len(shape), scale=3.0))
+    got = quantizers.dequantize_activations(xq, scale, dtype)
+    assert got.dtype == dtype and got.shape == xq.shape
+    assert torch.equal(got, quant.dequantize_activations(xq, scale, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_dequantized_weights_are_bit_identical(per_channel: bool, dtype: torch.dtype) -> None:
+    codes, scale = quant.ternarize(_randn(45, 70, seed=8, scale=0.02), per_channel)
+    got = quantizers.dequantize_weight(codes, scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, quant.dequantize_weight(codes, scale, dtype))

@@ -5,7 +5,9 @@ Registered ops (namespace ``bittern``):
 * ``ternary_linear`` — the training forward: quantize activations, ternarize the latent weight, int8 product,
   fused rescale. Returns ``y`` and, for the backward pass, ``xq`` (int8), ``a``, the codes (int8) and ``s``:
   the layer keeps one byte per activation and per weight for backward, where a bf16 layer keeps two.
-* ``ternary_linear_grad_input`` / ``ternary_linear_grad_weight`` — the straight-through backward products.
+* ``ternary_linear_grad_input`` / ``ternary_linear_grad_weight`` — the straight-through backward products,
+  fused (``BITTERN_BACKWARD_GEMM=triton``); ``dequantize_activations`` / ``dequantize_weight`` — the one-pass
+  widening that feeds cuBLAS instead (the default).
 * ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
 
 Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
@@ -22,7 +24,6 @@ import os
 
 import torch
 
-from bittern import quant
 from bittern.kernels import matmul, quantizers
 
 BACKWARD_GEMMS = ("cublas", "triton")
@@ -31,9 +32,10 @@ BACKWARD_GEMMS = ("cublas", "triton")
 def backward_gemm() -> str:
     """Which library runs the two backward products: ``$BITTERN_BACKWARD_GEMM``, ``cublas`` by default.
 
-    ``cublas``: the codes and ``xq * a / 127`` are widened to the gradient's dtype (one elementwise pass each)
-    and multiplied by torch (cuBLAS). ``triton``: the fused kernels of :mod:`bittern.kernels.matmul`, which
-    widen on chip and write no copy. Measured on an H100 (BENCHMARKS.md), cuBLAS is faster at the 2B4T shapes.
+    ``cublas``: the codes and ``xq * a / 127`` are widened to the gradient's dtype (one Triton pass each, the
+    values of :mod:`bittern.quant`'s dequantizers) and multiplied by torch (cuBLAS). ``triton``: the fused
+    kernels of :mod:`bittern.kernels.matmul`, which widen on chip and write no copy. Measured on an H100
+    (BENCHMARKS.md), cuBLAS is faster at the 2B4T shapes.
     """
     value = os.environ.get("BITTERN_BACKWARD_GEMM", "cublas") or "cublas"
     if value not in BACKWARD_GEMMS:
@@ -100,6 +102,30 @@ def _(grad_y, xq, act_scale, dtype):  # type: ignore[no-untyped-def]
     return grad_y.new_empty((grad_y.shape[-1], xq.shape[-1]), dtype=dtype)
 
 
+@torch.library.custom_op("bittern::dequantize_activations", mutates_args=())
+def dequantize_activations(xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``xq * a / 127`` in ``dtype``, one pass: int8 ``[M, K]``, float32 ``[M, 1]`` → ``[M, K]``."""
+    with _device_guard(xq):
+        return quantizers.dequantize_activations(xq, act_scale, dtype)
+
+
+@dequantize_activations.register_fake
+def _(xq, act_scale, dtype):  # type: ignore[no-untyped-def]
+    return xq.new_empty(xq.shape, dtype=dtype)
+
+
+@torch.library.custom_op("bittern::dequantize_weight", mutates_args=())
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * s`` in ``dtype``, one pass: int8 ``[N, K]``, float32 ``[1]`` or ``[N]`` → ``[N, K]``."""
+    with _device_guard(codes):
+        return quantizers.dequantize_weight(codes, scale, dtype)
+
+
+@dequantize_weight.register_fake
+def _(codes, scale, dtype):  # type: ignore[no-untyped-def]
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     x, weight, bias, _per_channel, _out_dtype = inputs
     _y, xq, act_scale, codes, scale = output
@@ -120,12 +146,12 @@ def _backward(ctx, grad_y, *_unused):  # type: ignore[no-untyped-def]
         if fused:
             grad_x = grad_input(grad_y, codes, scale, x_dtype)
         else:
-            grad_x = (grad_y @ quant.dequantize_weight(codes, scale, grad_y.dtype)).to(x_dtype)
+            grad_x = (grad_y @ dequantize_weight(codes, scale, grad_y.dtype)).to(x_dtype)
     if ctx.needs_input_grad[1]:
         if fused:
             grad_w = grad_weight(grad_y, xq, act_scale, w_dtype)
         else:
-            x_hat = quant.dequantize_activations(xq, act_scale, grad_y.dtype)
+            x_hat = dequantize_activations(xq, act_scale, grad_y.dtype)
             grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat).to(w_dtype)
     if b_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32).to(b_dtype)

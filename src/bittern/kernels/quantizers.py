@@ -17,6 +17,8 @@ This module imports Triton; import it only through :mod:`bittern.kernels`, which
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,7 @@ ACT_SINGLE_PASS_MAX_K = 16384
 _SUM_BLOCK = 4096
 _SUM_CHUNKS = 16  # each program of the |W| sum covers 64 Ki elements; a 2560 x 6912 weight needs 270 partials
 _CODES_BLOCK = 4096
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -119,6 +122,51 @@ def _ternary_codes_kernel(w_ptr, scale_ptr, codes_ptr, numel, K, PER_CHANNEL: tl
     q = _round_half_even(tl.minimum(tl.maximum(q, -2.0), 2.0))  # the clamp keeps the rounding trick exact
     q = tl.minimum(tl.maximum(q, -1.0), 1.0)
     tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)
+
+
+@triton.jit(do_not_specialize=["numel", "K"])
+def _dequantize_kernel(
+    q_ptr, scale_ptr, out_ptr, numel, K, ROW_SCALE: tl.constexpr, DIVIDE_127: tl.constexpr, BLOCK: tl.constexpr
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
+    if ROW_SCALE:
+        s = tl.load(scale_ptr + offs // K, mask=mask, other=1.0)
+    else:
+        s = tl.load(scale_ptr)
+    value = q * s
+    if DIVIDE_127:
+        value = tl.math.div_rn(value, tl.full((BLOCK,), 127.0, tl.float32))
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _dequantize(
+    q: torch.Tensor, scale: torch.Tensor, row_scale: bool, divide: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    q = q if q.is_contiguous() else q.contiguous()
+    # Triton 3.9's interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even): write float32 there
+    store = torch.float32 if _INTERPRETING and dtype == torch.bfloat16 else dtype
+    out = torch.empty(q.shape, dtype=store, device=q.device)
+    numel = q.numel()
+    if numel:
+        grid = (triton.cdiv(numel, _CODES_BLOCK),)
+        k = q.shape[-1]
+        _dequantize_kernel[grid](
+            q, scale, out, numel, k, ROW_SCALE=row_scale, DIVIDE_127=divide, BLOCK=_CODES_BLOCK, num_warps=8
+        )
+    return out.to(dtype)
+
+
+def dequantize_activations(xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Triton twin of :func:`bittern.quant.dequantize_activations`: ``xq * a / 127`` in one pass, ``[..., K]``."""
+    return _dequantize(xq, act_scale.reshape(-1).contiguous(), True, True, dtype)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Triton twin of :func:`bittern.quant.dequantize_weight`: ``codes * s`` in one pass, ``[N, K]``."""
+    return _dequantize(codes, scale, scale.numel() != 1, False, dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
