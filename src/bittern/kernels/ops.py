@@ -1,4 +1,4 @@
-"""The Triton kernels as torch custom operators (``torch.library``), with autograd.
+"""The Triton kernels as torch custom operators (``torch.library``), and the autograd function built on them.
 
 Registered ops (namespace ``bittern``):
 
@@ -126,39 +126,41 @@ def _(codes, scale, dtype):  # type: ignore[no-untyped-def]
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
-def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, weight, bias, _per_channel, _out_dtype = inputs
-    _y, xq, act_scale, codes, scale = output
-    ctx.mark_non_differentiable(xq, act_scale, codes, scale)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for those four outputs
-    ctx.save_for_backward(xq, act_scale, codes, scale)
-    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+class _TernaryLinear(torch.autograd.Function):
+    """Autograd around the ops: forward by ``bittern::ternary_linear``, backward by the straight-through products.
 
+    A plain ``autograd.Function`` rather than the op's ``register_autograd``: the generated backward of an op
+    with extra outputs copied those outputs (``empty`` + ``set_`` + ``copy_`` per saved tensor, seen in the
+    profiler), and dynamo traces this class as well.
+    """
 
-def _backward(ctx, grad_y, *_unused):  # type: ignore[no-untyped-def]
-    xq, act_scale, codes, scale = ctx.saved_tensors
-    x_dtype, w_dtype, b_dtype = ctx.dtypes
-    grad_x = grad_w = grad_b = None
-    if grad_y is None:
-        return None, None, None, None, None
-    fused = backward_gemm() == "triton"
-    if ctx.needs_input_grad[0]:
-        if fused:
-            grad_x = grad_input(grad_y, codes, scale, x_dtype)
-        else:
-            grad_x = (grad_y @ dequantize_weight(codes, scale, grad_y.dtype)).to(x_dtype)
-    if ctx.needs_input_grad[1]:
-        if fused:
-            grad_w = grad_weight(grad_y, xq, act_scale, w_dtype)
-        else:
-            x_hat = dequantize_activations(xq, act_scale, grad_y.dtype)
-            grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat).to(w_dtype)
-    if b_dtype is not None and ctx.needs_input_grad[2]:
-        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32).to(b_dtype)
-    return grad_x, grad_w, grad_b, None, None
+    @staticmethod
+    def forward(ctx, x, weight, bias, per_channel, out_dtype):  # type: ignore[override]
+        y, xq, act_scale, codes, scale = ternary_linear_forward(x, weight, bias, per_channel, out_dtype)
+        ctx.save_for_backward(xq, act_scale, codes, scale)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
 
-
-ternary_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        xq, act_scale, codes, scale = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_w = grad_b = None
+        fused = backward_gemm() == "triton"
+        if ctx.needs_input_grad[0]:
+            if fused:
+                grad_x = grad_input(grad_y, codes, scale, x_dtype)
+            else:
+                grad_x = (grad_y @ dequantize_weight(codes, scale, grad_y.dtype)).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            if fused:
+                grad_w = grad_weight(grad_y, xq, act_scale, w_dtype)
+            else:
+                x_hat = dequantize_activations(xq, act_scale, grad_y.dtype)
+                grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None
 
 
 @torch.library.custom_op("bittern::integer_linear", mutates_args=())
@@ -180,4 +182,4 @@ def ternary_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """The training-time ternary linear on the kernels: ``[..., K]`` → ``[..., N]`` in ``out_dtype``."""
-    return ternary_linear_forward(x, weight, bias, per_channel, out_dtype)[0]
+    return _TernaryLinear.apply(x, weight, bias, per_channel, out_dtype)
