@@ -124,22 +124,19 @@ def _ternary_codes_kernel(w_ptr, scale_ptr, codes_ptr, numel, K, PER_CHANNEL: tl
     tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)
 
 
-@triton.jit(do_not_specialize=["numel", "K"])
-def _dequantize_kernel(
-    q_ptr, scale_ptr, out_ptr, numel, K, ROW_SCALE: tl.constexpr, DIVIDE_127: tl.constexpr, BLOCK: tl.constexpr
-):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
-    if ROW_SCALE:
-        s = tl.load(scale_ptr + offs // K, mask=mask, other=1.0)
-    else:
-        s = tl.load(scale_ptr)
+@triton.jit(do_not_specialize=["K"])
+def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, K, ROW_SCALE: tl.constexpr, DIVIDE_127: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    # a 2-D grid (row, column block): the row's scale is one load, and no index is divided by K
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < K
+    q = tl.load(q_ptr + row * K + cols, mask=mask, other=0).to(tl.float32)
+    s = tl.load(scale_ptr + row) if ROW_SCALE else tl.load(scale_ptr)
     value = q * s
     if DIVIDE_127:
         value = tl.math.div_rn(value, tl.full((BLOCK,), 127.0, tl.float32))
-    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * K + cols, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _dequantize(
@@ -149,12 +146,12 @@ def _dequantize(
     # Triton 3.9's interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even): write float32 there
     store = torch.float32 if _INTERPRETING and dtype == torch.bfloat16 else dtype
     out = torch.empty(q.shape, dtype=store, device=q.device)
-    numel = q.numel()
-    if numel:
-        grid = (triton.cdiv(numel, _CODES_BLOCK),)
+    if q.numel():
         k = q.shape[-1]
-        _dequantize_kernel[grid](
-            q, scale, out, numel, k, ROW_SCALE=row_scale, DIVIDE_127=divide, BLOCK=_CODES_BLOCK, num_warps=8
+        rows = q.numel() // k
+        block = min(4096, triton.next_power_of_2(k))
+        _dequantize_kernel[(rows, triton.cdiv(k, block))](
+            q, scale, out, k, ROW_SCALE=row_scale, DIVIDE_127=divide, BLOCK=block, num_warps=4
         )
     return out.to(dtype)
 
