@@ -73,3 +73,20 @@ def test_cpu_use_never_imports_triton() -> None:
     import os
 
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "BITTERN_KERNELS": "auto"})
+
+
+def test_public_quantizers_route_to_the_kernels_bit_identically() -> None:
+    pytest.importorskip("triton")
+    from bittern import quant
+
+    x = torch.randn(5, 40) * 3
+    w = torch.randn(24, 40) * 0.02
+    with kernels.use_backend("triton"):
+        xq, scale = kernels.quantize_activations(x)
+        codes, s = kernels.ternarize(w, per_channel=True)
+        y = kernels.integer_linear(x, codes, s)
+    ref_xq, ref_scale = quant.quantize_activations(x)
+    ref_codes, ref_s = quant.ternarize(w, per_channel=True)
+    assert torch.equal(xq, ref_xq) and torch.equal(scale, ref_scale)
+    assert torch.equal(codes, ref_codes) and torch.equal(s, ref_s)
+    assert torch.equal(y, quant.integer_linear(x, ref_codes, ref_s))
