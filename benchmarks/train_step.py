@@ -18,9 +18,14 @@ Each variant builds its model from the same seed, runs ``--warmup`` untimed then
 (CUDA events around forward + backward + optimizer step) and reports the median step time, tokens/s, peak memory,
 both against bf16, and the first and last loss.
 
-Part 2 (``--curve-steps``, 0 to skip): a small bittern model trained twice from the same seed on the same batches
-of a learnable synthetic sequence (next token = (7 * token + 3) mod 1024, a ``--curve-noise`` share of tokens
-random) — once on the reference backend, once on the Triton kernels — and the agreement of the two loss curves.
+Part 2 (``--curve-steps``, 0 to skip): a small bittern model trained three times from the same seed on the same
+batches of a learnable synthetic sequence (next token = (7 * token + 3) mod 1024, a ``--curve-noise`` share of
+tokens random) — on the reference backend, on the kernels, and on the kernels with the fused Triton backward — and
+the agreement of the reference and kernel loss curves. (The task's loss falls sharply once the pattern is found, at
+a step that varies from run to run even for one path: compare several runs, see BENCHMARKS.md.)
+
+onebitllms is not a dependency: install its wheel for the benchmark only
+(``pip install --no-deps onebitllms==0.0.4``); the variant is skipped, with the reason, when it is missing.
 
     python benchmarks/train_step.py [--num-layers 6] [--batch-size 4] [--seq-len 2048] [--steps 20]
         [--variants bf16,onebitllms,autobitlinear,bittern-reference,bittern-kernels] [--curve-steps 200]

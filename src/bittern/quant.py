@@ -220,17 +220,37 @@ class _TernaryLinearSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        xq, act_scale, codes, scale = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ dequantize_weight(codes, scale, grad_y.dtype)).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            x_hat = dequantize_activations(xq, act_scale, grad_y.dtype)
-            grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat.reshape(-1, x_hat.shape[-1])).to(w_dtype)
-        if b_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return (*ste_gradients(grad_y, *ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3]), None, None)
+
+
+def ste_gradients(
+    grad_y: torch.Tensor,
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype | None],
+    needs: tuple[bool, bool, bool],
+    widen_weight=dequantize_weight,
+    widen_activations=dequantize_activations,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The straight-through gradients of the ternary linear from what its forward saved.
+
+    ``grad_x = grad_y @ (Wt * s)``, ``grad_W = grad_yᵀ @ (xq * a / 127)``, ``grad_b = Σ grad_y``, each product
+    in ``grad_y``'s dtype. ``widen_weight`` / ``widen_activations`` compute ``Wt * s`` and ``xq * a / 127`` (the
+    kernels pass their one-pass Triton twins). ``dtypes``: of x, W and b (None: no bias); ``needs``: which of the
+    three gradients to compute. Shapes: ``grad_y`` ``[..., N]``, ``xq`` ``[..., K]``, ``codes`` ``[N, K]``.
+    """
+    x_dtype, w_dtype, b_dtype = dtypes
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
+        grad_x = (grad_y @ widen_weight(codes, scale, grad_y.dtype)).to(x_dtype)
+    if needs[1]:
+        x_hat = widen_activations(xq, act_scale, grad_y.dtype)
+        grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat.reshape(-1, x_hat.shape[-1])).to(w_dtype)
+    if b_dtype is not None and needs[2]:
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
+    return grad_x, grad_w, grad_b
 
 
 def ternary_linear_ste(

@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from bittern import quant
 from bittern.kernels import matmul, quantizers
 
 BACKWARD_GEMMS = ("cublas", "triton")
@@ -144,22 +145,18 @@ class _TernaryLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         xq, act_scale, codes, scale = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if backward_gemm() == "cublas":
+            grads = quant.ste_gradients(
+                grad_y, xq, act_scale, codes, scale, ctx.dtypes, needs, dequantize_weight, dequantize_activations
+            )
+            return (*grads, None, None)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_x = grad_w = grad_b = None
-        fused = backward_gemm() == "triton"
-        if ctx.needs_input_grad[0]:
-            if fused:
-                grad_x = grad_input(grad_y, codes, scale, x_dtype)
-            else:
-                grad_x = (grad_y @ dequantize_weight(codes, scale, grad_y.dtype)).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            if fused:
-                grad_w = grad_weight(grad_y, xq, act_scale, w_dtype)
-            else:
-                x_hat = dequantize_activations(xq, act_scale, grad_y.dtype)
-                grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat).to(w_dtype)
-        if b_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0, dtype=torch.float32).to(b_dtype)
+        grad_x = grad_input(grad_y, codes, scale, x_dtype) if needs[0] else None
+        grad_w = grad_weight(grad_y, xq, act_scale, w_dtype) if needs[1] else None
+        grad_b = None
+        if b_dtype is not None and needs[2]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
