@@ -319,3 +319,22 @@ def test_gradients_flow_through_ste(lam: float, per_channel: bool) -> None:
     torch.testing.assert_close(layer.bias.grad, g.sum(dim=0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, upstream @ w_fq, rtol=1e-5, atol=1e-6)
     assert layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ternary_linear_passes_the_straight_through_gradient_to_its_input(per_channel: bool) -> None:
+    """A frozen packed layer lets something below it train: grad_x is the STE's grad_y @ (Wt*s), exactly what
+    BitLinear computes for the same codes; the codes and scale get no gradient."""
+    torch.manual_seed(0)
+    bit = BitLinear(48, 20, bias=True, per_channel=per_channel)
+    packed = TernaryLinear.from_bitlinear(bit)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    grad_y = torch.randn(3, 7, 20)
+    packed(x).backward(grad_y)
+    from_packed = x.grad.clone()
+    x.grad = None
+    bit(x).backward(grad_y)
+    assert torch.equal(from_packed, x.grad)
+    assert from_packed.abs().sum() > 0
+    with torch.no_grad():  # inference stays a plain forward
+        assert torch.equal(packed(x), bit(x))

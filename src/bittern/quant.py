@@ -193,6 +193,36 @@ def integer_linear(
     return _linear_from_integers(xq, act_scale, codes, scale, bias).to(out_dtype or x.dtype)
 
 
+class _FrozenTernaryLinearSTE(torch.autograd.Function):
+    """Fixed codes (a packed, frozen layer): the forward of :func:`integer_linear`; the gradient reaches ``x``
+    straight through the activation quantizer (``grad_x = grad_y @ (Wt * s)``) and ``bias``, never the codes."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, bias, out_dtype):  # type: ignore[override]
+        ctx.save_for_backward(codes, scale)
+        ctx.dtypes = (x.dtype, None, None if bias is None else bias.dtype)
+        return integer_linear(x, codes, scale, bias, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        codes, scale = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], False, ctx.needs_input_grad[3])
+        grad_x, _, grad_b = ste_gradients(grad_y, None, None, codes, scale, ctx.dtypes, needs)
+        return grad_x, None, None, grad_b, None
+
+
+def frozen_ternary_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`integer_linear` with a straight-through gradient to ``x`` (and ``bias``): what a frozen packed
+    layer needs when something below it trains (adapters, for instance). Output ``[..., N]`` in ``out_dtype``."""
+    return _FrozenTernaryLinearSTE.apply(x, codes, scale, bias, out_dtype or x.dtype)
+
+
 def _linear_from_integers(
     xq: torch.Tensor, act_scale: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -225,11 +255,11 @@ class _TernaryLinearSTE(torch.autograd.Function):
 
 def ste_gradients(
     grad_y: torch.Tensor,
-    xq: torch.Tensor,
-    act_scale: torch.Tensor,
+    xq: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
     codes: torch.Tensor,
     scale: torch.Tensor,
-    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype | None],
+    dtypes: tuple[torch.dtype, torch.dtype | None, torch.dtype | None],
     needs: tuple[bool, bool, bool],
     widen_weight=dequantize_weight,
     widen_activations=dequantize_activations,
@@ -239,7 +269,8 @@ def ste_gradients(
     ``grad_x = grad_y @ (Wt * s)``, ``grad_W = grad_yᵀ @ (xq * a / 127)``, ``grad_b = Σ grad_y``, each product
     in ``grad_y``'s dtype. ``widen_weight`` / ``widen_activations`` compute ``Wt * s`` and ``xq * a / 127`` (the
     kernels pass their one-pass Triton twins). ``dtypes``: of x, W and b (None: no bias); ``needs``: which of the
-    three gradients to compute. Shapes: ``grad_y`` ``[..., N]``, ``xq`` ``[..., K]``, ``codes`` ``[N, K]``.
+    three gradients to compute (``xq`` and ``act_scale`` may be None when ``grad_W`` is not needed).
+    Shapes: ``grad_y`` ``[..., N]``, ``xq`` ``[..., K]``, ``codes`` ``[N, K]``.
     """
     x_dtype, w_dtype, b_dtype = dtypes
     grad_x = grad_w = grad_b = None

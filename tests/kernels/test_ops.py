@@ -146,3 +146,20 @@ def test_packed_inference_layers_use_the_kernels() -> None:
         with kernels.use_backend("triton"):
             got = model(ids).logits
     assert torch.equal(got, expected)
+
+
+def test_frozen_packed_layer_gradient_on_the_kernels() -> None:
+    """The fused grad_input kernel gives a frozen packed layer's input the reference's straight-through gradient."""
+    x, w, b = _leaves(9, 45, 70, seed=8)
+    codes, scale = quant.ternarize(w.detach())
+    bias = b.detach().requires_grad_()
+    grad_y = torch.randn(9, 45, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    with kernels.use_backend("triton"):
+        y = kernels.integer_linear(x, codes, scale, bias)
+    y.backward(grad_y)
+    got_x, got_b = x.grad.clone(), bias.grad.clone()
+    x.grad = bias.grad = None
+    expected = quant.frozen_ternary_linear(x, codes, scale, bias)
+    expected.backward(grad_y)
+    assert torch.equal(y, expected)
+    assert _relative(got_x, x.grad) <= 1e-6 and _relative(got_b, bias.grad) <= 1e-6

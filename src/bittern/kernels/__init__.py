@@ -136,12 +136,16 @@ def integer_linear(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Inference with fixed int8 ``codes`` ``[N, K]`` and float32 ``scale``: ``[..., K]`` → ``[..., N]``
-    (:func:`bittern.quant.integer_linear`, bit-identical on either backend)."""
+    """Fixed int8 ``codes`` ``[N, K]`` and float32 ``scale``: ``[..., K]`` → ``[..., N]``
+    (:func:`bittern.quant.integer_linear`, bit-identical on either backend). When ``x`` (or ``bias``) needs a
+    gradient, it gets the straight-through one (:func:`bittern.quant.frozen_ternary_linear`); the codes never do.
+    """
     out_dtype = out_dtype or output_dtype(x)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if uses_triton(x):
-        return _ops().integer_linear(x, codes, scale, bias, out_dtype)
-    return quant.integer_linear(x, codes, scale, bias, out_dtype)
+        ops = _ops()
+        return (ops.frozen_ternary_linear if needs_grad else ops.integer_linear)(x, codes, scale, bias, out_dtype)
+    return (quant.frozen_ternary_linear if needs_grad else quant.integer_linear)(x, codes, scale, bias, out_dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

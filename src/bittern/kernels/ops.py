@@ -175,6 +175,34 @@ def _(x, codes, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
     return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=out_dtype)
 
 
+class _FrozenTernaryLinear(torch.autograd.Function):
+    """Fixed codes: forward by ``bittern::integer_linear``; ``grad_x = grad_y @ (Wt * s)`` by the fused
+    ``ternary_linear_grad_input`` kernel, which widens the int8 codes on chip (no dense copy of the weight)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, bias, out_dtype):  # type: ignore[override]
+        ctx.save_for_backward(codes, scale)
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+        return integer_linear(x, codes, scale, bias, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        codes, scale = ctx.saved_tensors
+        x_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_input(grad_y, codes, scale, x_dtype) if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if b_dtype is not None and ctx.needs_input_grad[3]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
+        return grad_x, None, None, grad_b, None
+
+
+def frozen_ternary_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Inference forward on the kernels with a straight-through gradient to ``x`` (and ``bias``)."""
+    return _FrozenTernaryLinear.apply(x, codes, scale, bias, out_dtype)
+
+
 def ternary_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool, out_dtype: torch.dtype
 ) -> torch.Tensor:
