@@ -115,7 +115,11 @@ def main(out_dir: str | Path = "bittern-demo", seed: int = 0, steps: int = 400, 
     print()
     print(format_table(demo.training))
     best = min(v.perplexity for v in demo.training.variants)
-    print(f"\nthe ternary model's perplexity is {demo.training.unigram_perplexity / best:.1f}x below the unigram's")
+    unigram = demo.training.unigram_perplexity
+    if best < unigram:
+        print(f"\nthe ternary model's perplexity is {unigram / best:.1f}x below the unigram baseline's")
+    else:  # only after very few --steps
+        print(f"\nthe ternary model's perplexity is still {best / unigram:.1f}x above the unigram baseline's")
     print(f"\nsample from the reloaded packed model (prompt {DEMO_PROMPT!r}):\n  {demo.sample!r}")
     print(f"\nreport: {demo.training.run_dir / 'report.md'}; curves: {demo.training.run_dir / 'curves.png'}")
     print(f"done in {demo.seconds:.0f} s")
