@@ -253,6 +253,23 @@ class _TernaryLinearSTE(torch.autograd.Function):
         return (*ste_gradients(grad_y, *ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3]), None, None)
 
 
+def dense_grad_input(
+    grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, widen=dequantize_weight
+) -> torch.Tensor:
+    """``grad_x = grad_y @ (Wt * s)``: ``Wt * s`` widened to ``grad_y``'s dtype by ``widen`` (the kernels pass
+    their one-pass twin), then one dense product. ``[..., N]`` → ``[..., K]`` in ``dtype``."""
+    return (grad_y @ widen(codes, scale, grad_y.dtype)).to(dtype)
+
+
+def dense_grad_weight(
+    grad_y: torch.Tensor, xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype, widen=dequantize_activations
+) -> torch.Tensor:
+    """``grad_W = grad_yᵀ @ (xq * a / 127)`` over all tokens, ``xq * a / 127`` widened to ``grad_y``'s dtype by
+    ``widen``. ``grad_y`` ``[..., N]``, ``xq`` ``[..., K]`` → ``[N, K]`` in ``dtype``."""
+    x_hat = widen(xq, act_scale, grad_y.dtype)
+    return (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat.reshape(-1, x_hat.shape[-1])).to(dtype)
+
+
 def ste_gradients(
     grad_y: torch.Tensor,
     xq: torch.Tensor | None,
@@ -261,24 +278,22 @@ def ste_gradients(
     scale: torch.Tensor,
     dtypes: tuple[torch.dtype, torch.dtype | None, torch.dtype | None],
     needs: tuple[bool, bool, bool],
-    widen_weight=dequantize_weight,
-    widen_activations=dequantize_activations,
+    input_product=dense_grad_input,
+    weight_product=dense_grad_weight,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The straight-through gradients of the ternary linear from what its forward saved.
+    """The straight-through gradients ``(grad_x, grad_W, grad_b)`` of the ternary linear from what its forward
+    saved; both quantizers pass the gradient unchanged, ``grad_b = Σ grad_y``.
 
-    ``grad_x = grad_y @ (Wt * s)``, ``grad_W = grad_yᵀ @ (xq * a / 127)``, ``grad_b = Σ grad_y``, each product
-    in ``grad_y``'s dtype. ``widen_weight`` / ``widen_activations`` compute ``Wt * s`` and ``xq * a / 127`` (the
-    kernels pass their one-pass Triton twins). ``dtypes``: of x, W and b (None: no bias); ``needs``: which of the
-    three gradients to compute (``xq`` and ``act_scale`` may be None when ``grad_W`` is not needed).
-    Shapes: ``grad_y`` ``[..., N]``, ``xq`` ``[..., K]``, ``codes`` ``[N, K]``.
+    ``input_product(grad_y, codes, scale, dtype)`` and ``weight_product(grad_y, xq, act_scale, dtype)`` compute
+    the two products (:func:`dense_grad_input` / :func:`dense_grad_weight` here; the kernels pass theirs).
+    ``dtypes``: of x, W and b (None: no bias); ``needs``: which of the three to compute (``xq`` and ``act_scale``
+    may be None when ``grad_W`` is not needed). Shapes: ``grad_y`` ``[..., N]``, ``xq`` ``[..., K]``,
+    ``codes`` ``[N, K]``.
     """
     x_dtype, w_dtype, b_dtype = dtypes
-    grad_x = grad_w = grad_b = None
-    if needs[0]:
-        grad_x = (grad_y @ widen_weight(codes, scale, grad_y.dtype)).to(x_dtype)
-    if needs[1]:
-        x_hat = widen_activations(xq, act_scale, grad_y.dtype)
-        grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_hat.reshape(-1, x_hat.shape[-1])).to(w_dtype)
+    grad_x = input_product(grad_y, codes, scale, x_dtype) if needs[0] else None
+    grad_w = weight_product(grad_y, xq, act_scale, w_dtype) if needs[1] else None
+    grad_b = None
     if b_dtype is not None and needs[2]:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
     return grad_x, grad_w, grad_b

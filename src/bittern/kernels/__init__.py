@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 
 from bittern import quant
+from bittern.kernels import interpreter
 
 BACKENDS = ("auto", "reference", "triton")
 _ENV = "BITTERN_KERNELS"
@@ -70,10 +71,6 @@ def triton_available() -> bool:
     return _TRITON_FOUND
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def uses_triton(t: torch.Tensor) -> bool:
     """Whether an operation on ``t`` runs on the Triton kernels under the current backend."""
     chosen = backend()
@@ -84,7 +81,7 @@ def uses_triton(t: torch.Tensor) -> bool:
     if not triton_available():
         raise RuntimeError(f"kernel backend 'triton' was chosen but Triton is not installed (pip install triton); "
                            f"unset {_ENV} or choose 'reference'")  # fmt: skip
-    if not t.is_cuda and not _interpreting():
+    if not t.is_cuda and not interpreter.active():
         raise RuntimeError(f"kernel backend 'triton' got a tensor on {t.device}: the kernels need a CUDA GPU, or "
                            f"TRITON_INTERPRET=1 to run (slowly) in Triton's interpreter")  # fmt: skip
     return True

@@ -22,23 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from bittern.kernels import interpreter
+
 # Triton 3.9's interpreter computes bf16 x bf16 dots (and int8 -> bf16 casts) wrongly: there the backward kernels
 # widen both operands to float32 after rounding them to the gradient's dtype, which leaves the products unchanged.
-_UPCAST_DOTS = _INTERPRET
-
-
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a kernel writes its result in. Triton 3.9's interpreter truncates float32 → bfloat16 (a GPU
-    rounds to nearest even): there the kernel writes float32 and torch rounds it, exactly as the GPU would."""
-    return torch.float32 if _INTERPRET and dtype == torch.bfloat16 else dtype
+_UPCAST_DOTS = interpreter.ON_IMPORT
+_store_dtype = interpreter.store_dtype
 
 
 def _configs(shapes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
     """Autotuning candidates ``(block0, block1, block_reduce, warps, stages)`` named for a kernel's blocks.
 
     ``BITTERN_AUTOTUNE=0`` keeps only the first (for test suites, where tuning every shape costs minutes)."""
-    if _INTERPRET:
+    if interpreter.ON_IMPORT:
         return [triton.Config({names[0]: 32, names[1]: 32, names[2]: 32, "GROUP": 4}, num_warps=4, num_stages=1)]
     if os.environ.get("BITTERN_AUTOTUNE", "1") == "0":
         shapes = shapes[:1]

@@ -144,20 +144,20 @@ class _TernaryLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        xq, act_scale, codes, scale = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if backward_gemm() == "cublas":
-            grads = quant.ste_gradients(
-                grad_y, xq, act_scale, codes, scale, ctx.dtypes, needs, dequantize_weight, dequantize_activations
-            )
-            return (*grads, None, None)
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_x = grad_input(grad_y, codes, scale, x_dtype) if needs[0] else None
-        grad_w = grad_weight(grad_y, xq, act_scale, w_dtype) if needs[1] else None
-        grad_b = None
-        if b_dtype is not None and needs[2]:
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        if backward_gemm() == "cublas":  # widen in one Triton pass each, multiply on cuBLAS
+            products = (_widened_grad_input, _widened_grad_weight)
+        else:  # the fused Triton products
+            products = (grad_input, grad_weight)
+        grads = quant.ste_gradients(grad_y, *ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3], *products)
+        return (*grads, None, None)
+
+
+def _widened_grad_input(grad_y, codes, scale, dtype):  # type: ignore[no-untyped-def]
+    return quant.dense_grad_input(grad_y, codes, scale, dtype, widen=dequantize_weight)
+
+
+def _widened_grad_weight(grad_y, xq, act_scale, dtype):  # type: ignore[no-untyped-def]
+    return quant.dense_grad_weight(grad_y, xq, act_scale, dtype, widen=dequantize_activations)
 
 
 @torch.library.custom_op("bittern::integer_linear", mutates_args=())
@@ -182,17 +182,14 @@ class _FrozenTernaryLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, codes, scale, bias, out_dtype):  # type: ignore[override]
         ctx.save_for_backward(codes, scale)
-        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (x.dtype, None, None if bias is None else bias.dtype)
         return integer_linear(x, codes, scale, bias, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         codes, scale = ctx.saved_tensors
-        x_dtype, b_dtype = ctx.dtypes
-        grad_x = grad_input(grad_y, codes, scale, x_dtype) if ctx.needs_input_grad[0] else None
-        grad_b = None
-        if b_dtype is not None and ctx.needs_input_grad[3]:
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
+        needs = (ctx.needs_input_grad[0], False, ctx.needs_input_grad[3])
+        grad_x, _, grad_b = quant.ste_gradients(grad_y, None, None, codes, scale, ctx.dtypes, needs, grad_input)
         return grad_x, None, None, grad_b, None
 
 

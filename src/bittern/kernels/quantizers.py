@@ -17,13 +17,12 @@ This module imports Triton; import it only through :mod:`bittern.kernels`, which
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from bittern import quant
+from bittern.kernels import interpreter
 
 # 1.5 * 2**23: v + M - M rounds a float32 |v| < 2**22 to an integer, half to even
 _ROUND_MAGIC = tl.constexpr(12582912.0)
@@ -34,7 +33,6 @@ ACT_SINGLE_PASS_MAX_K = 16384
 _SUM_BLOCK = 4096
 _SUM_CHUNKS = 16  # each program of the |W| sum covers 64 Ki elements; a 2560 x 6912 weight needs 270 partials
 _CODES_BLOCK = 4096
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -143,9 +141,7 @@ def _dequantize(
     q: torch.Tensor, scale: torch.Tensor, row_scale: bool, divide: bool, dtype: torch.dtype
 ) -> torch.Tensor:
     q = q if q.is_contiguous() else q.contiguous()
-    # Triton 3.9's interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even): write float32 there
-    store = torch.float32 if _INTERPRETING and dtype == torch.bfloat16 else dtype
-    out = torch.empty(q.shape, dtype=store, device=q.device)
+    out = torch.empty(q.shape, dtype=interpreter.store_dtype(dtype), device=q.device)
     if q.numel():
         k = q.shape[-1]
         rows = q.numel() // k
