@@ -101,7 +101,8 @@ class TernaryLinear(nn.Module):
         bias: ``[N]`` full precision or None (never quantized).
 
     Forward: per-token int8 activation quantization, exact integer matmul, rescale by ``s * a / 127``,
-    bias: :func:`bittern.quant.integer_linear`, through :mod:`bittern.kernels` (the Triton kernels on a GPU).
+    bias: :func:`bittern.quant.integer_linear`, through :mod:`bittern.kernels`. On a GPU the Triton kernels
+    multiply straight from ``packed_weight`` (decode and prefill kernels, :mod:`bittern.kernels.packed`).
     """
 
     def __init__(
@@ -204,7 +205,7 @@ class TernaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., K]`` floating → ``[..., N]`` in ``x``'s dtype (autocast's inside an autocast region)."""
-        return kernels.integer_linear(x, self.codes(), self.weight_scale, self.bias)
+        return kernels.packed_linear(x, self.packed_weight, self.out_features, self.weight_scale, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # Keep the scale in float32 when the module is cast (model.to(torch.bfloat16)): move it, never round it.

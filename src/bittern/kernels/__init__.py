@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from bittern import quant
+from bittern import packing, quant
 from bittern.kernels import interpreter
 
 BACKENDS = ("auto", "reference", "triton")
@@ -143,6 +143,29 @@ def integer_linear(
         ops = _ops()
         return (ops.frozen_ternary_linear if needs_grad else ops.integer_linear)(x, codes, scale, bias, out_dtype)
     return (quant.frozen_ternary_linear if needs_grad else quant.integer_linear)(x, codes, scale, bias, out_dtype)
+
+
+def packed_linear(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    out_features: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`integer_linear` with the codes given packed: uint8 ``[ceil(N/4), K]`` in the Hugging Face layout
+    (:mod:`bittern.packing`), ``N = out_features``. ``[..., K]`` → ``[..., N]``, bit-identical on either backend.
+
+    Without gradients, the Triton backend multiplies straight from the packed bytes (no unpacked copy of the
+    weight: :mod:`bittern.kernels.packed`). When ``x`` or ``bias`` needs a gradient, the codes are unpacked and
+    :func:`integer_linear` gives the straight-through one.
+    """
+    out_dtype = out_dtype or output_dtype(x)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_grad and uses_triton(x):
+        return _ops().packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
+    codes = packing.unpack_ternary_rows(packed_weight, out_features)
+    return integer_linear(x, codes, scale, bias, out_dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,8 @@ Registered ops (namespace ``bittern``):
   fused (``BITTERN_BACKWARD_GEMM=triton``); ``dequantize_activations`` / ``dequantize_weight`` — the one-pass
   widening that feeds cuBLAS instead (the default).
 * ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
+* ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
+  decode kernel with fused activation quantization for up to 16 tokens, the prefill GEMM beyond.
 
 Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
 breaking the graph, and since none of them synchronises with the host, CUDA graphs capture them (run them once
@@ -25,7 +27,7 @@ import os
 import torch
 
 from bittern import quant
-from bittern.kernels import matmul, quantizers
+from bittern.kernels import matmul, packed, quantizers
 
 BACKWARD_GEMMS = ("cublas", "triton")
 
@@ -173,6 +175,25 @@ def integer_linear(
 @integer_linear.register_fake
 def _(x, codes, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
     return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("bittern::packed_linear", mutates_args=())
+def packed_linear(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    out_features: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Inference from packed weights: ``x [..., K]``, uint8 ``[ceil(N/4), K]`` → ``[..., N]`` (no autograd)."""
+    with _device_guard(x):
+        return packed.packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
+
+
+@packed_linear.register_fake
+def _(x, packed_weight, out_features, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
 
 
 class _FrozenTernaryLinear(torch.autograd.Function):
