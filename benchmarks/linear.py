@@ -4,8 +4,9 @@ The stack is every projection of ``--layers`` decoder blocks (30 in 2B4T: 210 la
 2560x2560, k and v 640x2560, gate and up 6912x2560, down 2560x6912 (N x K), each with its own random weights.
 For ``M`` tokens (default 1, 16, 512 and 4096) the stack runs, per variant:
 
-* ``bittern``: :class:`bittern.nn.TernaryLinear` on the Triton kernels — 2-bit packed weights read in place,
-  int8 activations (fused into the decode kernel for M <= 16), exact int32 accumulation, bf16 output;
+* ``bittern``: :class:`bittern.nn.TernaryLinear` on the Triton kernels — for M <= 16 the dp4a decode kernel
+  reading the 2-bit packed weights in place with the activation quantization fused in; beyond, the codes
+  unpacked in one pass and the int8 tensor-core GEMM; exact int32 accumulation, bf16 output;
 * ``bf16``: ``nn.Linear`` in bf16 with the same ternary values (cuBLAS);
 * ``transformers``: ``transformers.integrations.bitnet.BitLinear`` (the packed layer stock transformers loads
   ``bitnet`` checkpoints into; it unpacks its weights on every call).
@@ -218,10 +219,7 @@ def main() -> None:
     if device.type == "cuda":
         from bittern.kernels import packed
 
-        results["chosen_tiles"] = {
-            "decode": {str(key): str(config) for key, config in packed._skinny_tuned.cache.items()},
-            "prefill": {str(key): str(config) for key, config in packed._prefill_tuned.cache.items()},
-        }
+        results["chosen_tiles"] = {str(key): str(config) for key, config in packed._decode_tuned.cache.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print_table(results, variants)

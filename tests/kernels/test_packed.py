@@ -13,11 +13,11 @@ pytest.importorskip("triton")
 from bittern.kernels import packed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (tokens M, outputs N, inputs K)
-SKINNY_SHAPES = [(1, 1, 1), (1, 10, 40), (3, 64, 100), (16, 37, 70), (7, 130, 33)]
-PREFILL_SHAPES = [(17, 10, 40), (40, 50, 96), (65, 33, 17)]
-# forced tile choices: one K tile per program, and reductions split over 2-4 programs (a split may get no tile)
-SPLIT_CONFIGS = [{"BR": 16, "BK": 32, "SPLIT": 1}, {"BR": 16, "BK": 32, "SPLIT": 2}, {"BR": 16, "BK": 32, "SPLIT": 4}]
+# (tokens M, outputs N, inputs K); the decode kernel needs K % 4 == 0
+DECODE_SHAPES = [(1, 1, 4), (1, 10, 40), (3, 64, 100), (16, 37, 72), (7, 130, 36)]
+PREFILL_SHAPES = [(17, 10, 40), (40, 50, 96), (65, 33, 17), (2, 9, 30)]
+# forced tile choices: several word tiles, a ragged last tile, wide and narrow byte-row blocks
+DECODE_CONFIGS = [{"BR": 2, "BKW": 4}, {"BR": 4, "BKW": 16}, {"BR": 16, "BKW": 2}]
 
 
 def _operands(m: int, n: int, k: int, per_channel: bool, seed: int, dtype: torch.dtype = torch.float32):
@@ -30,31 +30,27 @@ def _operands(m: int, n: int, k: int, per_channel: bool, seed: int, dtype: torch
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("shape", SKINNY_SHAPES)
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
 def test_decode_kernel_is_bit_identical_to_the_reference(shape: tuple[int, int, int], per_channel: bool) -> None:
     m, n, k = shape
     x, codes, weight, scale, bias = _operands(m, n, k, per_channel, seed=sum(shape))
     for b in (bias, None):
-        y = packed.skinny_linear(x, weight, n, scale, b, torch.float32)
+        y = packed.decode_linear(x, weight, n, scale, b, torch.float32)
         assert torch.equal(y, quant.integer_linear(x, codes, scale, b))
 
 
-@pytest.mark.parametrize("config", SPLIT_CONFIGS)
-def test_split_reduction_is_exact_and_leaves_the_workspace_clean(config: dict[str, int]) -> None:
-    m, n, k = 5, 21, 150  # 5 K tiles of 32, split 1, 2 or 4 ways
-    x, codes, weight, scale, bias = _operands(m, n, k, False, seed=11)
-    reference = quant.integer_linear(x, codes, scale, bias)
-    for _ in range(2):  # a second launch starts from the workspace the first one left
-        y = packed.skinny_linear(x, weight, n, scale, bias, torch.float32, config=config)
-        assert torch.equal(y, reference)
-        workspace, counters = packed._split_workspace(x.device, n)
-        assert not workspace.any() and not counters.any()
+@pytest.mark.parametrize("config", DECODE_CONFIGS)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_decode_tiles_cover_every_row_and_column(config: dict[str, int], tokens: int) -> None:
+    x, codes, weight, scale, bias = _operands(tokens, 21, 148, False, seed=11)  # 37 words: a ragged last tile
+    y = packed.decode_linear(x, weight, 21, scale, bias, torch.float32, config=config)
+    assert torch.equal(y, quant.integer_linear(x, codes, scale, bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_kernel_in_half_precision(dtype: torch.dtype) -> None:
     x, codes, weight, scale, bias = _operands(4, 24, 64, False, seed=5, dtype=dtype)
-    y = packed.skinny_linear(x, weight, 24, scale, bias.to(dtype), dtype)
+    y = packed.decode_linear(x, weight, 24, scale, bias.to(dtype), dtype)
     assert y.dtype == dtype
     assert torch.equal(y, quant.integer_linear(x, codes, scale, bias.to(dtype), dtype))
 
@@ -79,14 +75,26 @@ def test_extreme_values_accumulate_exactly() -> None:
     weight = packing.pack_ternary_rows(torch.full((n, k), -1, dtype=torch.int8)).to(DEVICE)
     one = torch.ones(1, device=DEVICE)
     expected = torch.tensor([[-1.0 * k], [1.0 * k]], device=DEVICE).expand(2, n)
-    assert torch.equal(packed.skinny_linear(x, weight, n, one, None, torch.float32), expected)
+    assert torch.equal(packed.decode_linear(x, weight, n, one, None, torch.float32), expected)
     assert torch.equal(packed.prefill_linear(x.repeat(20, 1), weight, n, one, None, torch.float32)[:2], expected)
+
+
+def test_unpack_kernel_matches_the_layout() -> None:
+    for n, k in ((1, 1), (10, 33), (37, 300)):
+        codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
+        assert torch.equal(packed.unpack(packing.pack_ternary_rows(codes).to(DEVICE), n).cpu(), codes)
 
 
 def test_dispatch_picks_decode_or_prefill_and_keeps_leading_dimensions() -> None:
     x, codes, weight, scale, bias = _operands(24, 20, 48, False, seed=2)
     with kernels.use_backend("triton"):
-        for tokens in (x[:6].reshape(2, 3, 48), x.reshape(4, 6, 48)):
+        for tokens in (x[:6].reshape(2, 3, 48), x.reshape(4, 6, 48), x[:3, :45]):
+            if tokens.shape[-1] == 45:  # K % 4 != 0: the prefill path also serves a few tokens
+                codes45 = codes[:, :45].contiguous()
+                weight = packing.pack_ternary_rows(codes45).to(DEVICE)
+                assert torch.equal(kernels.packed_linear(tokens, weight, 20, scale, bias),
+                                   quant.integer_linear(tokens, codes45, scale, bias))  # fmt: skip
+                continue
             y = kernels.packed_linear(tokens, weight, 20, scale, bias)
             assert y.shape == (*tokens.shape[:-1], 20)
             assert torch.equal(y, quant.integer_linear(tokens, codes, scale, bias))
@@ -95,11 +103,18 @@ def test_dispatch_picks_decode_or_prefill_and_keeps_leading_dimensions() -> None
 def test_bad_operands_are_refused_with_the_reason() -> None:
     x, _, weight, scale, _ = _operands(2, 8, 16, False, seed=1)
     with pytest.raises(ValueError, match="byte rows"):
-        packed.skinny_linear(x, weight, 12, scale, None, torch.float32)
+        packed.decode_linear(x, weight, 12, scale, None, torch.float32)
     with pytest.raises(ValueError, match="features"):
-        packed.skinny_linear(x[:, :8], weight, 8, scale, None, torch.float32)
+        packed.decode_linear(x[:, :8], weight, 8, scale, None, torch.float32)
     with pytest.raises(ValueError, match="at most 16 tokens"):
-        packed.skinny_linear(x.repeat(9, 1), weight, 8, scale, None, torch.float32)
+        packed.decode_linear(x.repeat(9, 1), weight, 8, scale, None, torch.float32)
+
+
+def test_packed_linear_op_passes_opcheck() -> None:
+    from bittern.kernels import ops
+
+    x, _, weight, scale, bias = _operands(3, 12, 32, False, seed=9)
+    torch.library.opcheck(ops.packed_linear, (x, weight, 12, scale, bias, torch.float32))
 
 
 def test_ternary_linear_runs_on_the_packed_kernels_and_still_trains_what_is_below() -> None:

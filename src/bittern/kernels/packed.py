@@ -1,27 +1,25 @@
-"""Triton inference kernels over packed 2-bit ternary weights: a skinny GEMM for decoding and a prefill GEMM.
+"""Triton inference kernels over packed 2-bit ternary weights: a decode kernel and the prefill path.
 
 **Layout.** The kernels read the Hugging Face ``bitnet`` layout itself (:mod:`bittern.packing`): uint8
 ``[R, K]`` with ``R = ceil(N / 4)``, byte row ``r`` holding output rows ``r, r+R, r+2R, r+3R`` in its four
-2-bit fields (``code + 1``). One program takes a block of byte rows and produces all four row quarters of it,
-so every weight byte is read from memory once, K-contiguous loads stay vectorised, and no second copy of the
-weights in another layout is needed (no conversion at load time, no extra memory). Each field is widened on
-chip to an unsigned int8 ``c = code + 1`` in {0, 1, 2}; since ``sum_k xq_k (c_k - 1) = sum_k xq_k c_k -
-sum_k xq_k``, the ``- 1`` is applied once per output as a row sum of the activations instead of per weight.
+2-bit fields (``code + 1``). No second copy in another layout is kept, and nothing is converted at load time.
 
-* :func:`skinny_linear` (decode, ``M <= SKINNY_MAX_M`` tokens): the per-token int8 activation quantization
-  is fused in (each program reads the few activation rows whole to find their absmax, then quantizes tile by
-  tile as it multiplies), int8 tensor-core products with int32 accumulation, and the reduction over ``K`` is
-  optionally split across programs (``SPLIT``) so that narrow layers still fill the GPU. Split partial sums are
-  added into an int32 workspace with atomics (exact, so order-independent); the last program of a tile — found
-  with an atomic counter — applies the epilogue and leaves the workspace and counter at zero again, so one
-  launch does everything and the kernel can be captured in a CUDA graph.
-* :func:`prefill_linear` (``M > SKINNY_MAX_M``): activations quantized by
-  :func:`bittern.kernels.quantizers.quantize_activations`, then a tiled int8 GEMM with the weights widened on
-  chip.
+* :func:`decode_linear` (``M <= DECODE_MAX_M`` tokens, ``K % 4 == 0``): the packed bytes are read as int32
+  words, four consecutive ``k`` of one byte row each. Masking field ``q`` of every byte in place
+  (``(w >> 2q) & 0x03030303``) gives four unsigned int8 values ``c = code + 1`` of output row ``r + qR``: exactly
+  the operand of the ``dp4a`` instruction (a 4-way int8 dot product with int32 accumulation), so one word yields
+  16 weights' products in 4 shifts, 4 masks and 4 ``dp4a``. The activations are quantized per token inside the
+  kernel (each program reads the few token rows, which sit in L2) and packed four to a word the same way. Since
+  ``sum_k xq_k (c_k - 1) = sum_k xq_k c_k - sum_k xq_k``, the ``- 1`` is one row sum per token, not a
+  subtraction per weight. ``K`` is a compile-time constant: the loop over ``K`` unrolls and a program issues
+  all its loads at once — at batch 1 the product is bound by memory latency, not arithmetic.
+* :func:`prefill_linear` (everything else): the codes unpacked to int8 in one pass (:func:`unpack`), the
+  activations quantized by :func:`bittern.kernels.quantizers.quantize_activations`, and the int8 tensor-core
+  GEMM of :mod:`bittern.kernels.matmul`.
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
-output equals :func:`bittern.quant.integer_linear` bit for bit. Tile shapes (and ``SPLIT``) are autotuned per
-(M rounded up to a power of two, N, K). Import through :mod:`bittern.kernels` (lazily).
+output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
+(token bucket, N, K). Import through :mod:`bittern.kernels` (lazily).
 """
 
 from __future__ import annotations
@@ -33,56 +31,24 @@ import triton
 import triton.language as tl
 
 from bittern import packing, quant
-from bittern.kernels import interpreter, quantizers
-from bittern.kernels.matmul import _grouped_tile
+from bittern.kernels import interpreter, matmul, quantizers
 from bittern.kernels.quantizers import _round_half_even
 
-SKINNY_MAX_M = 16
-"""Token counts up to this use the decode kernel (one 16-row tensor-core tile, activations quantized inside)."""
+DECODE_MAX_M = 16
+"""Token counts up to this use the decode kernel (token rows are padded to a power of two, at most 16)."""
 
-_SKINNY_BM = 16
-
-
-def _autotune_limited() -> bool:
-    return os.environ.get("BITTERN_AUTOTUNE", "1") == "0"
+DECODE_MAX_K = 16384
+"""Longest input row of the decode kernel (its loop over K is unrolled at compile time)."""
 
 
-def _skinny_configs() -> list[triton.Config]:
-    """Candidates ``(BR byte rows, BK, SPLIT, warps, stages)``; the first is the one kept without autotuning."""
+def _decode_configs() -> list[triton.Config]:
+    """Candidates ``(BR byte rows, BKW words of K, warps)``; the first is the one kept without autotuning."""
     if interpreter.ON_IMPORT:
-        return [triton.Config({"BR": 16, "BK": 32, "SPLIT": 1}, num_warps=4, num_stages=1)]
-    shapes = [
-        (16, 256, 1, 4, 3),
-        (32, 256, 1, 4, 3),
-        (64, 256, 1, 4, 3),
-        (16, 256, 4, 4, 3),
-        (32, 256, 2, 4, 3),
-        (32, 512, 4, 4, 3),
-        (16, 512, 8, 4, 2),
-        (64, 512, 2, 8, 3),
-    ]
-    if _autotune_limited():
+        return [triton.Config({"BR": 4, "BKW": 8}, num_warps=4, num_stages=1)]
+    shapes = [(8, 128, 8), (4, 128, 4), (16, 128, 8), (8, 256, 8), (4, 64, 4), (2, 128, 4), (2, 64, 2)]
+    if os.environ.get("BITTERN_AUTOTUNE", "1") == "0":
         shapes = shapes[:1]
-    return [triton.Config({"BR": br, "BK": bk, "SPLIT": sp}, num_warps=w, num_stages=s) for br, bk, sp, w, s in shapes]
-
-
-def _prefill_configs() -> list[triton.Config]:
-    """Candidates ``(BM, BR byte rows, BK, warps, stages)``: a tile covers ``BM`` tokens x ``4 * BR`` outputs."""
-    if interpreter.ON_IMPORT:
-        return [triton.Config({"BM": 32, "BR": 16, "BK": 32, "GROUP": 4}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 32, 128, 8, 3),
-        (128, 64, 128, 8, 3),
-        (64, 32, 128, 4, 4),
-        (128, 16, 128, 4, 4),
-        (64, 64, 64, 4, 4),
-    ]
-    if _autotune_limited():
-        shapes = shapes[:1]
-    return [
-        triton.Config({"BM": bm, "BR": br, "BK": bk, "GROUP": 8}, num_warps=w, num_stages=s)
-        for bm, br, bk, w, s in shapes
-    ]
+    return [triton.Config({"BR": br, "BKW": bkw}, num_warps=w, num_stages=1) for br, bkw, w in shapes]
 
 
 @triton.jit
@@ -108,161 +74,41 @@ def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "N", "K", "R"])
-def _skinny_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
-    M, N, K, R, M_BUCKET, stride_xm, stride_wr, stride_ym,
-    EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-):  # fmt: skip
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, BM)
-    m_ok = rm < M
-    rk = tl.arange(0, BK)
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-
-    # 1. the tokens' absmax over the whole row (the few rows are read from L2 by every program)
-    amax = tl.zeros([BM], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + rk
-        x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    amax = tl.maximum(amax, EPS)
-
-    # 2. this program's share of the reduction: K tiles [first, last)
-    k_tiles = tl.cdiv(K, BK)
-    per_split = tl.cdiv(k_tiles, SPLIT)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, k_tiles)
-
-    rr = pid_r * BR + tl.arange(0, BR)
-    r_ok = rr < R
-    w_rows = w_ptr + rr.to(tl.int64)[:, None] * stride_wr
-    acc0 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc1 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc2 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc3 = tl.zeros([BM, BR], dtype=tl.int32)
-    row_sum = tl.zeros([BM], dtype=tl.int32)
-    for t in range(first, last):
-        cols = t * BK + rk
-        k_ok = cols < K
-        x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        q = _round_half_even(tl.math.div_rn(x * 127.0, amax[:, None]))
-        xq = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8)
-        row_sum += tl.sum(xq.to(tl.int32), axis=1)
-        b = tl.load(w_rows + cols[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0)
-        acc0 = tl.dot(xq, tl.trans(_field(b, 0)), acc0, out_dtype=tl.int32)
-        acc1 = tl.dot(xq, tl.trans(_field(b, 1)), acc1, out_dtype=tl.int32)
-        acc2 = tl.dot(xq, tl.trans(_field(b, 2)), acc2, out_dtype=tl.int32)
-        acc3 = tl.dot(xq, tl.trans(_field(b, 3)), acc3, out_dtype=tl.int32)
-    acc0 -= row_sum[:, None]
-    acc1 -= row_sum[:, None]
-    acc2 -= row_sum[:, None]
-    acc3 -= row_sum[:, None]
-
-    n0 = rr
-    n1 = rr + R
-    n2 = rr + 2 * R
-    n3 = rr + 3 * R
-    ok0 = r_ok & (n0 < N)
-    ok1 = r_ok & (n1 < N)
-    ok2 = r_ok & (n2 < N)
-    ok3 = r_ok & (n3 < N)
-    if SPLIT == 1:
-        _epilogue(acc0, amax, rm, n0, m_ok, ok0, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-        _epilogue(acc1, amax, rm, n1, m_ok, ok1, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-        _epilogue(acc2, amax, rm, n2, m_ok, ok2, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-        _epilogue(acc3, amax, rm, n3, m_ok, ok3, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-    else:
-        # exact int32 partial sums meet in the workspace; the last split to arrive finishes the tile
-        p0 = ws_ptr + rm[:, None] * N + n0[None, :]
-        p1 = ws_ptr + rm[:, None] * N + n1[None, :]
-        p2 = ws_ptr + rm[:, None] * N + n2[None, :]
-        p3 = ws_ptr + rm[:, None] * N + n3[None, :]
-        tl.atomic_add(p0, acc0, mask=m_ok[:, None] & ok0[None, :])
-        tl.atomic_add(p1, acc1, mask=m_ok[:, None] & ok1[None, :])
-        tl.atomic_add(p2, acc2, mask=m_ok[:, None] & ok2[None, :])
-        tl.atomic_add(p3, acc3, mask=m_ok[:, None] & ok3[None, :])
-        tl.debug_barrier()  # every thread's partial sums are issued before the tile's counter moves
-        arrived = tl.atomic_add(count_ptr + pid_r, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            zero = tl.zeros([BM, BR], dtype=tl.int32)
-            acc0 = tl.atomic_xchg(p0, zero, mask=m_ok[:, None] & ok0[None, :])
-            acc1 = tl.atomic_xchg(p1, zero, mask=m_ok[:, None] & ok1[None, :])
-            acc2 = tl.atomic_xchg(p2, zero, mask=m_ok[:, None] & ok2[None, :])
-            acc3 = tl.atomic_xchg(p3, zero, mask=m_ok[:, None] & ok3[None, :])
-            _epilogue(acc0, amax, rm, n0, m_ok, ok0, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-            _epilogue(acc1, amax, rm, n1, m_ok, ok1, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-            _epilogue(acc2, amax, rm, n2, m_ok, ok2, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-            _epilogue(acc3, amax, rm, n3, m_ok, ok3, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-            tl.atomic_xchg(count_ptr + pid_r, 0)  # ready for the next launch
-
-
-_skinny_tuned = triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "N", "K"])(_skinny_kernel)
-
-
-@triton.jit(do_not_specialize=["M", "N", "K", "R"])
-def _prefill_kernel(
-    xq_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
-    M, N, K, R, M_BUCKET, stride_xm, stride_wr, stride_ym,
-    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-):  # fmt: skip
-    tile_m, tile_r = _grouped_tile(tl.program_id(0), M, R, BM, BR, GROUP)
-    rm = tile_m * BM + tl.arange(0, BM)
-    rr = tile_r * BR + tl.arange(0, BR)
-    rk = tl.arange(0, BK)
-    m_ok = rm < M
-    r_ok = rr < R
-    a_rows = xq_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + (rr % R).to(tl.int64)[:, None] * stride_wr
-    acc0 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc1 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc2 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc3 = tl.zeros([BM, BR], dtype=tl.int32)
-    row_sum = tl.zeros([BM], dtype=tl.int32)
-    for k0 in range(0, tl.cdiv(K, BK)):
-        cols = k0 * BK + rk
-        k_ok = cols[None, :] < K
-        xq = tl.load(a_rows + cols[None, :], mask=k_ok, other=0)
-        b = tl.load(w_rows + cols[None, :], mask=k_ok, other=0)
-        row_sum += tl.sum(xq.to(tl.int32), axis=1)
-        acc0 = tl.dot(xq, tl.trans(_field(b, 0)), acc0, out_dtype=tl.int32)
-        acc1 = tl.dot(xq, tl.trans(_field(b, 1)), acc1, out_dtype=tl.int32)
-        acc2 = tl.dot(xq, tl.trans(_field(b, 2)), acc2, out_dtype=tl.int32)
-        acc3 = tl.dot(xq, tl.trans(_field(b, 3)), acc3, out_dtype=tl.int32)
-    act_scale = tl.load(a_ptr + rm % M)
-    _epilogue(acc0 - row_sum[:, None], act_scale, rm, rr, m_ok, r_ok & (rr < N),
-              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _epilogue(acc1 - row_sum[:, None], act_scale, rm, rr + R, m_ok, r_ok & (rr + R < N),
-              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _epilogue(acc2 - row_sum[:, None], act_scale, rm, rr + 2 * R, m_ok, r_ok & (rr + 2 * R < N),
-              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _epilogue(acc3 - row_sum[:, None], act_scale, rm, rr + 3 * R, m_ok, r_ok & (rr + 3 * R < N),
-              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-
-
-_prefill_tuned = triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K"])(_prefill_kernel)
-
-_workspaces: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The zeroed int32 partial-sum workspace ``[16 * N]`` and tile counters of the split decode kernel.
-
-    Kept per (device, N) for the life of the process: the kernel leaves both at zero after every launch, so
-    layers of the same width share them (launches on one stream run one after another). The first call
-    allocates: make it before capturing a CUDA graph (a warm-up call does).
-    """
-    key = (device, n)
-    if key not in _workspaces:
-        rows = packing.packed_rows(n)
-        _workspaces[key] = (
-            torch.zeros(_SKINNY_BM * n, dtype=torch.int32, device=device),
-            torch.zeros(triton.cdiv(rows, 16), dtype=torch.int32, device=device),
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """``c + sum_i a_i * b_i`` over the four bytes of int32 words: ``a`` unsigned, ``b`` signed (PTX ``dp4a``).
+    Under the interpreter, which runs no PTX, the same sum from shifts."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
         )
-    return _workspaces[key]
+    else:
+        out = c
+        for i in tl.static_range(4):
+            out += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        return out
+
+
+@triton.jit(do_not_specialize=["N", "K", "R"])
+def _unpack_kernel(w_ptr, codes_ptr, N, K, R, BR: tl.constexpr, BK: tl.constexpr):
+    rr = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    k_ok = cols[None, :] < K
+    b = tl.load(w_ptr + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=(rr[:, None] < R) & k_ok, other=0)
+    for q in tl.static_range(4):
+        n = rr + q * R
+        out = codes_ptr + n.to(tl.int64)[:, None] * K + cols[None, :]
+        tl.store(out, _field(b, q) - 1, mask=(n[:, None] < N) & k_ok)
+
+
+def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Triton twin of :func:`bittern.packing.unpack_ternary_rows`: int8 codes ``[N, K]`` in one pass."""
+    packed = _rows(packed)
+    rows, k = packed.shape
+    codes = torch.empty((out_features, k), dtype=torch.int8, device=packed.device)
+    if rows and k:
+        _unpack_kernel[(triton.cdiv(rows, 16), triton.cdiv(k, 256))](packed, codes, out_features, k, rows, 16, 256)
+    return codes
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, out_features: int, scale: torch.Tensor) -> None:
@@ -283,7 +129,78 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def skinny_linear(
+@triton.jit(do_not_specialize=["M", "N", "R"])
+def _decode_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    M, N, R, stride_xm, stride_wr, stride_ym,
+    K: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    USE_ASM: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
+):  # fmt: skip
+    KW: tl.constexpr = K // 4
+    TILES: tl.constexpr = (KW + BKW - 1) // BKW
+    AMAX_BLOCK: tl.constexpr = 4 * BKW
+    AMAX_TILES: tl.constexpr = (K + AMAX_BLOCK - 1) // AMAX_BLOCK
+    rm = tl.arange(0, BM)
+    m_ok = rm < M
+    x_rows = x_ptr + rm.to(tl.int64) * stride_xm
+
+    # 1. each token's absmax over its whole row (unrolled: the loads are independent)
+    amax = tl.zeros([BM], dtype=tl.float32)
+    for c in tl.static_range(AMAX_TILES):
+        cols = c * AMAX_BLOCK + tl.arange(0, AMAX_BLOCK)
+        v = tl.load(x_rows[:, None] + cols[None, :], mask=m_ok[:, None] & (cols[None, :] < K), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), axis=1))
+    amax = tl.maximum(amax, EPS)
+
+    # 2. int8 products four at a time: a word of codes (one field) against a word of quantized activations
+    rr = tl.program_id(0) * BR + tl.arange(0, BR)
+    r_ok = rr < R
+    w_rows = w_ptr + rr.to(tl.int64)[:, None] * stride_wr
+    rj = tl.arange(0, BKW)
+    lanes = tl.arange(0, 4)
+    fields = tl.full([BR, BKW], 0x03030303, tl.int32)
+    zero = tl.zeros([BM, BR, BKW], dtype=tl.int32)
+    acc0 = tl.zeros([BM, BR], dtype=tl.int32)
+    acc1 = tl.zeros([BM, BR], dtype=tl.int32)
+    acc2 = tl.zeros([BM, BR], dtype=tl.int32)
+    acc3 = tl.zeros([BM, BR], dtype=tl.int32)
+    row_sum = tl.zeros([BM], dtype=tl.int32)
+    for t in tl.static_range(TILES):
+        j = t * BKW + rj
+        j_ok = j < KW
+        x_ptrs = x_rows[:, None, None] + (j[None, :, None] * 4 + lanes[None, None, :])
+        x = tl.load(x_ptrs, mask=m_ok[:, None, None] & j_ok[None, :, None], other=0.0).to(tl.float32)
+        q = _round_half_even(tl.math.div_rn(x * 127.0, amax[:, None, None]))
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32) & 0xFF
+        xw = tl.sum(q << (8 * lanes)[None, None, :], axis=2)  # [BM, BKW]: four int8 activations per word
+        row_sum += tl.sum(_dp4a(tl.full([BM, BKW], 0x01010101, tl.int32), xw, tl.zeros([BM, BKW], tl.int32),
+                                USE_ASM), axis=1)  # fmt: skip
+        w = tl.load(w_rows + j[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0)
+        xb = tl.broadcast_to(xw[:, None, :], (BM, BR, BKW))
+        acc0 += tl.sum(_dp4a(tl.broadcast_to((w & fields)[None, :, :], (BM, BR, BKW)), xb, zero, USE_ASM), axis=2)
+        acc1 += tl.sum(_dp4a(tl.broadcast_to(((w >> 2) & fields)[None, :, :], (BM, BR, BKW)), xb, zero, USE_ASM),
+                       axis=2)  # fmt: skip
+        acc2 += tl.sum(_dp4a(tl.broadcast_to(((w >> 4) & fields)[None, :, :], (BM, BR, BKW)), xb, zero, USE_ASM),
+                       axis=2)  # fmt: skip
+        acc3 += tl.sum(_dp4a(tl.broadcast_to(((w >> 6) & fields)[None, :, :], (BM, BR, BKW)), xb, zero, USE_ASM),
+                       axis=2)  # fmt: skip
+
+    # 3. the reference's epilogue, per row quarter
+    correction = row_sum[:, None]
+    _epilogue(acc0 - correction, amax, rm, rr, m_ok, r_ok & (rr < N),
+              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+    _epilogue(acc1 - correction, amax, rm, rr + R, m_ok, r_ok & (rr + R < N),
+              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+    _epilogue(acc2 - correction, amax, rm, rr + 2 * R, m_ok, r_ok & (rr + 2 * R < N),
+              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+    _epilogue(acc3 - correction, amax, rm, rr + 3 * R, m_ok, r_ok & (rr + 3 * R < N),
+              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+
+
+_decode_tuned = triton.autotune(configs=_decode_configs(), key=["BM", "N", "K"])(_decode_kernel)
+
+
+def decode_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
     out_features: int,
@@ -292,42 +209,41 @@ def skinny_linear(
     out_dtype: torch.dtype,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """Decode product for at most :data:`SKINNY_MAX_M` tokens, activation quantization fused in.
+    """Decode product for at most :data:`DECODE_MAX_M` tokens, activation quantization fused in.
 
     Args:
-        x: ``[..., K]`` float32 / bfloat16 / float16 with at most 16 tokens.
+        x: ``[..., K]`` float32 / bfloat16 / float16, at most 16 tokens, ``K % 4 == 0``, ``K <= DECODE_MAX_K``.
         packed: uint8 ``[ceil(N/4), K]`` in the Hugging Face layout; ``out_features``: ``N``.
         scale: float32 ``[1]`` or ``[N]`` (the codes' multiplier ``s``); bias: ``[N]`` or None.
         out_dtype: dtype of the result.
-        config: a fixed tile choice (``BR``, ``BK``, ``SPLIT``, optional ``num_warps``) instead of autotuning;
-            for tests.
+        config: a fixed tile choice (``BR``, ``BKW``, optional ``num_warps``) instead of autotuning; for tests.
 
     Returns:
         ``[..., N]`` in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` bit for bit.
     """
     _check(x, packed, out_features, scale)
-    packed = _rows(packed)
     x2 = _rows(x)
     m, k = x2.shape
-    if m > SKINNY_MAX_M:
-        raise ValueError(f"skinny_linear takes at most {SKINNY_MAX_M} tokens, got {m}")
+    if m > DECODE_MAX_M or k % 4 or k > DECODE_MAX_K:
+        raise ValueError(f"decode_linear takes at most {DECODE_MAX_M} tokens and K % 4 == 0, K <= {DECODE_MAX_K}; "
+                         f"got {m} tokens of {k}")  # fmt: skip
+    words = _rows(packed).view(torch.int32)  # [R, K/4]; K % 4 == 0 keeps every row word-aligned
     n = out_features
     rows = packed.shape[0]
     y = torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device)
     if m and n:
-        ws, counters = _split_workspace(x.device, n)
-        args = (
-            x2, packed, scale, bias if bias is not None else scale, y, ws, counters,
-            m, n, k, rows, triton.next_power_of_2(m), x2.stride(0), packed.stride(0), y.stride(0),
+        args = (x2, words, scale, bias if bias is not None else scale, y,
+                m, n, rows, x2.stride(0), words.stride(0), y.stride(0))  # fmt: skip
+        flags = dict(
+            K=k, EPS=quant.EPS, HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1,
+            USE_ASM=not interpreter.active(), BM=triton.next_power_of_2(m),
         )  # fmt: skip
-        flags = dict(EPS=quant.EPS, HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1, BM=_SKINNY_BM)
         if config is None:
-            _skinny_tuned[lambda meta: (triton.cdiv(rows, meta["BR"]), meta["SPLIT"])](*args, **flags)
+            _decode_tuned[lambda meta: (triton.cdiv(rows, meta["BR"]),)](*args, **flags)
         else:
             chosen = dict(config)
             warps = chosen.pop("num_warps", 4)
-            grid = (triton.cdiv(rows, chosen["BR"]), chosen["SPLIT"])
-            _skinny_kernel[grid](*args, **flags, **chosen, num_warps=warps)
+            _decode_kernel[(triton.cdiv(rows, chosen["BR"]),)](*args, **flags, **chosen, num_warps=warps)
     return y.to(out_dtype).reshape(*x.shape[:-1], n)
 
 
@@ -339,26 +255,11 @@ def prefill_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Prompt-sized product: activations quantized per token, then an int8 GEMM over the packed weights.
-
-    Shapes and result as :func:`skinny_linear`, for any number of tokens.
-    """
+    """Any number of tokens: codes unpacked in one pass, activations quantized, the int8 GEMM of
+    :mod:`bittern.kernels.matmul`. Shapes and result as :func:`decode_linear`."""
     _check(x, packed, out_features, scale)
-    packed = _rows(packed)
     xq, act_scale = quantizers.quantize_activations(x)
-    x2 = _rows(xq)
-    m, k = x2.shape
-    n = out_features
-    rows = packed.shape[0]
-    y = torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device)
-    if m and n:
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(rows, meta["BR"]),)  # noqa: E731
-        _prefill_tuned[grid](
-            x2, act_scale.reshape(-1).contiguous(), packed, scale, bias if bias is not None else scale, y,
-            m, n, k, rows, triton.next_power_of_2(m), x2.stride(0), packed.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1,
-        )  # fmt: skip
-    return y.to(out_dtype).reshape(*x.shape[:-1], n)
+    return matmul.int8_ternary_linear(xq, act_scale, unpack(packed, out_features), scale, bias, out_dtype)
 
 
 def packed_linear(
@@ -369,9 +270,11 @@ def packed_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The inference linear over packed weights: :func:`skinny_linear` for up to 16 tokens, else
-    :func:`prefill_linear`. ``[..., K]`` → ``[..., N]`` in ``out_dtype``, bit-identical to the reference."""
-    tokens = x.numel() // max(x.shape[-1], 1)
-    if tokens <= SKINNY_MAX_M:
-        return skinny_linear(x, packed, out_features, scale, bias, out_dtype)
+    """The inference linear over packed weights: :func:`decode_linear` where it applies (up to 16 tokens,
+    ``K % 4 == 0``), else :func:`prefill_linear`. ``[..., K]`` → ``[..., N]`` in ``out_dtype``, bit-identical to
+    the reference."""
+    k = x.shape[-1]
+    tokens = x.numel() // max(k, 1)
+    if tokens <= DECODE_MAX_M and k % 4 == 0 and k <= DECODE_MAX_K:
+        return decode_linear(x, packed, out_features, scale, bias, out_dtype)
     return prefill_linear(x, packed, out_features, scale, bias, out_dtype)
