@@ -9,7 +9,8 @@
   (``(w >> 2q) & 0x03030303``) gives four unsigned int8 values ``c = code + 1`` of output row ``r + qR``: exactly
   the operand of the ``dp4a`` instruction (a 4-way int8 dot product with int32 accumulation), so one word yields
   16 weights' products in 4 shifts, 4 masks and 4 ``dp4a``. The activations are quantized per token inside the
-  kernel (each program reads the few token rows, which sit in L2) and packed four to a word the same way. Since
+  kernel (each program reads the token's whole row, which sits in L2, for its absmax) and packed four to a word
+  the same way. Since
   ``sum_k xq_k (c_k - 1) = sum_k xq_k c_k - sum_k xq_k``, the ``- 1`` is one row sum per token, not a
   subtraction per weight. ``K`` is a compile-time constant: the loop over ``K`` unrolls and a program issues
   all its loads at once — at batch 1 the product is bound by memory latency, not arithmetic.
@@ -19,7 +20,7 @@
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
 output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
-(token bucket, N, K). Import through :mod:`bittern.kernels` (lazily).
+(N, K). Import through :mod:`bittern.kernels` (lazily).
 """
 
 from __future__ import annotations
@@ -34,18 +35,20 @@ from bittern import packing, quant
 from bittern.kernels import interpreter, matmul, quantizers
 from bittern.kernels.quantizers import _round_half_even
 
-DECODE_MAX_M = 16
-"""Token counts up to this use the decode kernel (token rows are padded to a power of two, at most 16)."""
+DECODE_MAX_M = 4
+"""Token counts up to this use the decode kernel. It handles one token after another (the weights come from L1/L2
+after the first), so its cost grows with M: on the H100 the prefill path is faster from about 6 tokens."""
 
 DECODE_MAX_K = 16384
-"""Longest input row of the decode kernel (its loop over K is unrolled at compile time)."""
+"""Longest input row of the decode kernel (it loads a token's whole row at once, and unrolls its loop over K)."""
 
 
 def _decode_configs() -> list[triton.Config]:
     """Candidates ``(BR byte rows, BKW words of K, warps)``; the first is the one kept without autotuning."""
     if interpreter.ON_IMPORT:
         return [triton.Config({"BR": 4, "BKW": 8}, num_warps=4, num_stages=1)]
-    shapes = [(8, 128, 8), (4, 128, 4), (16, 128, 8), (8, 256, 8), (4, 64, 4), (2, 128, 4), (2, 64, 2)]
+    # the best of a sweep on an H100 for the 2B4T shapes (BENCHMARKS.md): few candidates, as each compiles per K
+    shapes = [(8, 128, 8), (4, 128, 4), (8, 256, 8)]
     if os.environ.get("BITTERN_AUTOTUNE", "1") == "0":
         shapes = shapes[:1]
     return [triton.Config({"BR": br, "BKW": bkw}, num_warps=w, num_stages=1) for br, bkw, w in shapes]
@@ -133,71 +136,58 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _decode_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
     M, N, R, stride_xm, stride_wr, stride_ym,
-    K: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    USE_ASM: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    USE_ASM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
 ):  # fmt: skip
+    # one token after another; products accumulate elementwise in int32 and are reduced once per token
     KW: tl.constexpr = K // 4
     TILES: tl.constexpr = (KW + BKW - 1) // BKW
-    AMAX_BLOCK: tl.constexpr = 4 * BKW
-    AMAX_TILES: tl.constexpr = (K + AMAX_BLOCK - 1) // AMAX_BLOCK
-    rm = tl.arange(0, BM)
-    m_ok = rm < M
-    x_rows = x_ptr + rm.to(tl.int64) * stride_xm
-
-    # 1. each token's absmax over its whole row (unrolled: the loads are independent)
-    amax = tl.zeros([BM], dtype=tl.float32)
-    for c in tl.static_range(AMAX_TILES):
-        cols = c * AMAX_BLOCK + tl.arange(0, AMAX_BLOCK)
-        v = tl.load(x_rows[:, None] + cols[None, :], mask=m_ok[:, None] & (cols[None, :] < K), other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), axis=1))
-    amax = tl.maximum(amax, EPS)
-
-    # 2. int8 products four at a time: a word of codes (one field) against a word of quantized activations
     rr = tl.program_id(0) * BR + tl.arange(0, BR)
     r_ok = rr < R
     w_rows = w_ptr + rr.to(tl.int64)[:, None] * stride_wr
     rj = tl.arange(0, BKW)
     lanes = tl.arange(0, 4)
     fields = tl.full([BR, BKW], 0x03030303, tl.int32)
-    zero = tl.zeros([BM, BR, BKW], dtype=tl.int32)
-    acc0 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc1 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc2 = tl.zeros([BM, BR], dtype=tl.int32)
-    acc3 = tl.zeros([BM, BR], dtype=tl.int32)
-    row_sum = tl.zeros([BM], dtype=tl.int32)
-    for t in tl.static_range(TILES):
-        j = t * BKW + rj
-        j_ok = j < KW
-        x_ptrs = x_rows[:, None, None] + (j[None, :, None] * 4 + lanes[None, None, :])
-        x = tl.load(x_ptrs, mask=m_ok[:, None, None] & j_ok[None, :, None], other=0.0).to(tl.float32)
-        q = _round_half_even(tl.math.div_rn(x * 127.0, amax[:, None, None]))
-        q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32) & 0xFF
-        xw = tl.sum(q << (8 * lanes)[None, None, :], axis=2)  # [BM, BKW]: four int8 activations per word
-        row_sum += tl.sum(_dp4a(tl.full([BM, BKW], 0x01010101, tl.int32), xw, tl.zeros([BM, BKW], tl.int32),
-                                USE_ASM), axis=1)  # fmt: skip
-        w = tl.load(w_rows + j[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0)
-        xb = tl.broadcast_to(xw[:, None, :], (BM, BR, BKW))
-        acc0 += tl.sum(_dp4a(tl.broadcast_to((w & fields)[None, :, :], (BM, BR, BKW)), xb, zero, USE_ASM), axis=2)
-        acc1 += tl.sum(_dp4a(tl.broadcast_to(((w >> 2) & fields)[None, :, :], (BM, BR, BKW)), xb, zero, USE_ASM),
-                       axis=2)  # fmt: skip
-        acc2 += tl.sum(_dp4a(tl.broadcast_to(((w >> 4) & fields)[None, :, :], (BM, BR, BKW)), xb, zero, USE_ASM),
-                       axis=2)  # fmt: skip
-        acc3 += tl.sum(_dp4a(tl.broadcast_to(((w >> 6) & fields)[None, :, :], (BM, BR, BKW)), xb, zero, USE_ASM),
-                       axis=2)  # fmt: skip
+    one = tl.arange(0, 1)
+    for m in range(M):
+        x_row = x_ptr + m * stride_xm
+        whole = tl.arange(0, KP)
+        amax = tl.max(tl.abs(tl.load(x_row + whole, mask=whole < K, other=0.0).to(tl.float32)), axis=0)
+        amax = tl.maximum(amax, EPS)
+        acc0 = tl.zeros([BR, BKW], dtype=tl.int32)
+        acc1 = tl.zeros([BR, BKW], dtype=tl.int32)
+        acc2 = tl.zeros([BR, BKW], dtype=tl.int32)
+        acc3 = tl.zeros([BR, BKW], dtype=tl.int32)
+        row_sum = tl.zeros([BKW], dtype=tl.int32)
+        for t in tl.static_range(TILES):
+            j = t * BKW + rj
+            j_ok = j < KW
+            x = tl.load(x_row + j[:, None] * 4 + lanes[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
+            q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
+            q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32) & 0xFF
+            xw = tl.sum(q << (8 * lanes)[None, :], axis=1)  # four int8 activations in one word, [BKW]
+            row_sum = _dp4a(tl.full([BKW], 0x01010101, tl.int32), xw, row_sum, USE_ASM)
+            w = tl.load(w_rows + j[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0)
+            xb = tl.broadcast_to(xw[None, :], (BR, BKW))
+            acc0 = _dp4a(w & fields, xb, acc0, USE_ASM)
+            acc1 = _dp4a((w >> 2) & fields, xb, acc1, USE_ASM)
+            acc2 = _dp4a((w >> 4) & fields, xb, acc2, USE_ASM)
+            acc3 = _dp4a((w >> 6) & fields, xb, acc3, USE_ASM)
+        total = tl.sum(row_sum, axis=0)
+        rm = m + one
+        a = tl.zeros([1], dtype=tl.float32) + amax
+        m_ok = rm < M
+        _epilogue((tl.sum(acc0, axis=1) - total)[None, :], a, rm, rr, m_ok, r_ok & (rr < N),
+                  s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+        _epilogue((tl.sum(acc1, axis=1) - total)[None, :], a, rm, rr + R, m_ok, r_ok & (rr + R < N),
+                  s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+        _epilogue((tl.sum(acc2, axis=1) - total)[None, :], a, rm, rr + 2 * R, m_ok, r_ok & (rr + 2 * R < N),
+                  s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+        _epilogue((tl.sum(acc3, axis=1) - total)[None, :], a, rm, rr + 3 * R, m_ok, r_ok & (rr + 3 * R < N),
+                  s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
 
-    # 3. the reference's epilogue, per row quarter
-    correction = row_sum[:, None]
-    _epilogue(acc0 - correction, amax, rm, rr, m_ok, r_ok & (rr < N),
-              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _epilogue(acc1 - correction, amax, rm, rr + R, m_ok, r_ok & (rr + R < N),
-              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _epilogue(acc2 - correction, amax, rm, rr + 2 * R, m_ok, r_ok & (rr + 2 * R < N),
-              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _epilogue(acc3 - correction, amax, rm, rr + 3 * R, m_ok, r_ok & (rr + 3 * R < N),
-              s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
 
-
-_decode_tuned = triton.autotune(configs=_decode_configs(), key=["BM", "N", "K"])(_decode_kernel)
+_decode_tuned = triton.autotune(configs=_decode_configs(), key=["N", "K"])(_decode_kernel)
 
 
 def decode_linear(
@@ -212,7 +202,8 @@ def decode_linear(
     """Decode product for at most :data:`DECODE_MAX_M` tokens, activation quantization fused in.
 
     Args:
-        x: ``[..., K]`` float32 / bfloat16 / float16, at most 16 tokens, ``K % 4 == 0``, ``K <= DECODE_MAX_K``.
+        x: ``[..., K]`` float32 / bfloat16 / float16; at most ``DECODE_MAX_M`` tokens, ``K % 4 == 0``,
+            ``K <= DECODE_MAX_K``.
         packed: uint8 ``[ceil(N/4), K]`` in the Hugging Face layout; ``out_features``: ``N``.
         scale: float32 ``[1]`` or ``[N]`` (the codes' multiplier ``s``); bias: ``[N]`` or None.
         out_dtype: dtype of the result.
@@ -235,8 +226,8 @@ def decode_linear(
         args = (x2, words, scale, bias if bias is not None else scale, y,
                 m, n, rows, x2.stride(0), words.stride(0), y.stride(0))  # fmt: skip
         flags = dict(
-            K=k, EPS=quant.EPS, HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1,
-            USE_ASM=not interpreter.active(), BM=triton.next_power_of_2(m),
+            K=k, KP=triton.next_power_of_2(k), EPS=quant.EPS, HAS_BIAS=bias is not None,
+            PER_CHANNEL=scale.numel() != 1, USE_ASM=not interpreter.active(),
         )  # fmt: skip
         if config is None:
             _decode_tuned[lambda meta: (triton.cdiv(rows, meta["BR"]),)](*args, **flags)
