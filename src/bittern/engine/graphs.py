@@ -24,11 +24,11 @@ class EagerDecodeStep:
     def __call__(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (int64 ``[B]``) at cache slot ``slot``; returns the next-token logits ``[B, V]``.
 
-        ``pad``: int64 ``[B]`` left-padding slots of each row. Attention reads every slot of the cache (masked),
-        exactly as the graphed step does.
+        ``pad``: int64 ``[B]`` left-padding slots of each row. Attention reads the slots filled so far
+        (``slot + 1``), where the graphed step reads all of them (masked): the same numbers, less work.
         """
         slots = torch.full((1,), slot, dtype=torch.long, device=tokens.device)
-        logits = self.decoder.forward(tokens[:, None], slots, pad, self.cache, self.cache.max_seq_len)
+        logits = self.decoder.forward(tokens[:, None], slots, pad, self.cache, slot + 1)
         return logits[:, 0]
 
 
