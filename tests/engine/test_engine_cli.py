@@ -38,9 +38,9 @@ def test_generate_a_batch_with_sampling_options(checkpoint: Path, capsys: pytest
     args = ["generate", str(checkpoint), "--prompt", "One", "--prompt", "Two words", *options]
     assert main(args) == 0
     out = capsys.readouterr().out
-    texts = bittern.load(checkpoint).generate(
-        ["One", "Two words"], 8, temperature=0.7, top_k=5, top_p=0.9, seed=3
-    ).texts
+    texts = (
+        bittern.load(checkpoint).generate(["One", "Two words"], 8, temperature=0.7, top_k=5, top_p=0.9, seed=3).texts
+    )
     assert out == f"One{texts[0]}\n{'-' * 40}\nTwo words{texts[1]}\n"
 
 

@@ -29,7 +29,8 @@ def test_graph_replay_equals_the_eager_step(arch: str) -> None:
     with torch.inference_mode():
         slots = engine.decoder.slots[:12]
         engine.decoder.forward(prompts, slots, pad, engine.cache, 12)
-        graphed, eager = CudaGraphDecodeStep(engine.decoder, engine.cache), EagerDecodeStep(engine.decoder, engine.cache)
+        graphed = CudaGraphDecodeStep(engine.decoder, engine.cache)
+        eager = EagerDecodeStep(engine.decoder, engine.cache)
         token = prompts[:, -1]
         for step in range(6):
             want = eager(token, 12 + step, pad).clone()
