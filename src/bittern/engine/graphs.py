@@ -53,7 +53,6 @@ class CudaGraphDecodeStep:
         self.decoder = decoder
         self.cache = cache
         self.graphs: dict[int, _Graph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
 
     def _run(self, g: _Graph) -> torch.Tensor:
         return self.decoder.forward(g.tokens, g.slot, g.pad, self.cache, self.cache.max_seq_len)[:, 0]
@@ -75,7 +74,7 @@ class CudaGraphDecodeStep:
             for _ in range(self.WARMUP_RUNS):
                 self._run(g)
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(g.graph, pool=self.pool):
+        with torch.cuda.graph(g.graph):  # a private memory pool per graph: they replay in any order
             g.logits = self._run(g)
         self.graphs[batch] = g
         return g
