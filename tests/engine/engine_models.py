@@ -95,7 +95,8 @@ def trained_model(arch: str) -> torch.nn.Module:
 
 def save_variants(arch: str, root: Path) -> dict[str, Path]:
     """The trained model saved under ``root`` as ``packed`` (divide), ``packed-multiply``, ``bf16`` (float32
-    dense tensors, so it reproduces the packed numbers exactly) and ``prequantized``, each with the tokenizer."""
+    dense tensors, so it reproduces the packed numbers exactly), ``bf16-bfloat16`` (the variant as usually
+    written, bfloat16 tensors) and ``prequantized``, each with the tokenizer."""
     tok_dir = root / "tokenizer"
     tokenizer().save_pretrained(tok_dir)
     model = trained_model(arch)
@@ -105,5 +106,6 @@ def save_variants(arch: str, root: Path) -> dict[str, Path]:
             model, root / "packed-multiply", "packed", scale_convention="multiply", tokenizer_source=tok_dir
         ),
         "bf16": bittern.save_model(model, root / "bf16", "bf16", dtype=torch.float32, tokenizer_source=tok_dir),
+        "bf16-bfloat16": bittern.save_model(model, root / "bf16-bfloat16", "bf16", tokenizer_source=tok_dir),
         "prequantized": bittern.save_model(model, root / "prequantized", "prequantized", tokenizer_source=tok_dir),
     }

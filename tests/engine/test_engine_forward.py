@@ -113,6 +113,15 @@ def test_every_checkpoint_variant_loads_as_the_same_ternary_model(bitnet_variant
     assert _relative_error(engine.logits(ids), _reference_logits(model, ids)) <= 1e-5
 
 
+def test_a_bfloat16_bf16_variant_loads_close_to_the_model(bitnet_variants) -> None:
+    """Its embeddings and norms were rounded to bfloat16 on export; the ternary codes and scales survive."""
+    model = trained_model("bitnet")
+    ids = synthetic_tokens(4, 64, seed=3)
+    engine = bittern.load(bitnet_variants["bf16-bfloat16"], device="cpu")
+    out, ref = engine.logits(ids), _reference_logits(model, ids)
+    assert _relative_error(out, ref) <= 2e-2 and _argmax_agreement(out, ref) >= 0.98
+
+
 def test_falcon_e_layout_loads(tmp_path: Path) -> None:
     """Falcon-E: a plain LlamaForCausalLM + a 'bitlinear' (divide) quantization config, untied head."""
     model = trained_model("llama")
