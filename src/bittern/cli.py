@@ -5,6 +5,8 @@
 * ``bittern eval``    → :func:`bittern.eval.evaluate_file`
 * ``bittern train``   → :func:`bittern.train.train`
 * ``bittern demo``    → :func:`bittern.demo.run_demo`
+* ``bittern generate`` → :meth:`bittern.engine.Engine.generate` (``bittern.load(path).generate(...)``)
+* ``bittern chat``    → :func:`bittern.engine.chat.chat_loop`
 """
 
 from __future__ import annotations
@@ -236,10 +238,100 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Model, decoding and sampling options shared by ``generate`` and ``chat``."""
+    parser.add_argument("model", help="checkpoint directory (packed, bf16, prequantized or plain) with its tokenizer")
+    decoding = parser.add_argument_group("decoding")
+    decoding.add_argument(
+        "--max-new-tokens", type=int, default=None, help="most tokens per reply (default: generate 128, chat 256)"
+    )
+    decoding.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples from softmax(logits / T)"
+    )
+    decoding.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    decoding.add_argument(
+        "--top-p", type=float, default=None, help="sample among the most likely tokens whose probability reaches P"
+    )
+    decoding.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="> 1 discourages tokens already in the text (prompt included; transformers' definition)",
+    )
+    decoding.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop when the text contains TEXT (repeatable)"
+    )
+    decoding.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    runtime.add_argument(
+        "--dtype", choices=_DTYPES, default=None, help="activations and dense weights (default: bfloat16 on GPU, "
+        "float32 on CPU)"
+    )  # fmt: skip
+    runtime.add_argument(
+        "--weights",
+        choices=("ternary", "dense"),
+        default="ternary",
+        help="ternary: packed TernaryLinear layers, int8 activations (default); dense: the same layers as "
+        "nn.Linear holding Wt*s (the bf16 variant's numbers)",
+    )
+    runtime.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + reply (default: 2048)")
+    runtime.add_argument(
+        "--no-cuda-graph", action="store_true", help="run the decode step eagerly instead of replaying a CUDA graph"
+    )
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "generate",
+        help="continue prompts with a model (streams a single prompt to the terminal)",
+        description=(
+            "Generate text with MODEL (any checkpoint directory bittern reads) on bittern's engine: static KV\n"
+            "cache, the decode step replayed from a CUDA graph on a GPU, ternary layers on bittern's kernels.\n"
+            "One --prompt is streamed to the terminal as it is generated (after the prompt itself); several are\n"
+            "decoded together as one batch and printed at the end, separated by lines of dashes. Timings go to\n"
+            "stderr. Decoding is greedy unless --temperature > 0."
+        ),
+        epilog=(
+            "examples:\n"
+            "  bittern generate ./model-packed --prompt 'The import statement'\n"
+            "  bittern generate ./model-packed --prompt 'Once' --prompt 'A list' --temperature 0.8 --top-p 0.9\n"
+            "  bittern generate ./chat-model --chat --prompt 'What is a ternary weight?' --stop '\\n\\n'\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_engine_options(parser)
+    parser.add_argument(
+        "--prompt", action="append", required=True, metavar="TEXT", help="text to continue (repeatable: a batch)"
+    )
+    parser.add_argument(
+        "--chat", action="store_true", help="wrap each prompt as one user message in the tokenizer's chat template"
+    )
+    parser.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    parser.set_defaults(default_new_tokens=128)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "chat",
+        help="talk with a model through its chat template (reads turns from stdin)",
+        description=(
+            "An interactive conversation with MODEL through its tokenizer's chat template, history kept.\n"
+            "Each line read from stdin is one user turn; the reply streams to stdout. /reset forgets the\n"
+            "history; /exit, /quit or end of input (Ctrl-D, or the end of a pipe) ends. Works with piped\n"
+            "input: printf 'Hi\\nWhat is 2+2?\\n' | bittern chat ./model"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_engine_options(parser)
+    parser.add_argument("--system", default=None, help="a system message that opens the conversation")
+    parser.set_defaults(default_new_tokens=256)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bittern",
-        description="bittern: ternary (BitNet b1.58) language models — convert, export, inspect.",
+        description="bittern: ternary (BitNet b1.58) language models — train, convert, inspect, evaluate, generate.",
     )
     parser.add_argument("--version", action="version", version=f"bittern {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -248,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_train(sub)
     _add_demo(sub)
+    _add_generate(sub)
+    _add_chat(sub)
     return parser
 
 
@@ -346,11 +440,71 @@ def _run(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"run finished: {result.run_dir / 'report.md'}")
         return 0
+    if args.command in ("generate", "chat"):
+        return _run_engine(args)
     if args.command == "demo":
         from bittern.demo import main as demo_main
 
         return demo_main(args.out, args.seed, args.steps, progress=not args.quiet)
     raise AssertionError(args.command)
+
+
+def _run_engine(args: argparse.Namespace) -> int:
+    from bittern.engine import load
+
+    engine = load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        weights=args.weights,
+        max_seq_len=args.max_seq_len,
+        cuda_graph=not args.no_cuda_graph,
+        max_batch=len(args.prompt) if args.command == "generate" else 1,
+    )
+    options = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
+    )
+    max_new_tokens = args.max_new_tokens or args.default_new_tokens
+    if args.command == "chat":
+        from bittern.engine.chat import chat_loop
+
+        chat_loop(
+            engine,
+            sys.stdin,
+            sys.stdout,
+            system=args.system,
+            prompt="> " if sys.stdin.isatty() else "",
+            max_new_tokens=max_new_tokens,
+            **options,
+        )
+        return 0
+    if args.chat:
+        prompts = [engine.chat_prompt([{"role": "user", "content": text}]) for text in args.prompt]
+    else:
+        prompts = engine.encode(args.prompt)
+    stream = len(prompts) == 1 and not args.no_stream
+    if stream and not args.chat:
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
+    result = engine.generate_ids(prompts, max_new_tokens, stream=stream, **options)
+    if stream:
+        print()
+    else:
+        for index, (prompt, text) in enumerate(zip(args.prompt, result.texts, strict=True)):
+            if index:
+                print("-" * 40)
+            print(text if args.chat else prompt + text)
+    print(
+        f"[{result.prefill_tokens} prompt tokens in {result.prefill_seconds:.3f} s; {result.decode_tokens} tokens "
+        f"decoded at {result.decode_tokens_per_second:.1f} tokens/s; finished: {', '.join(result.finish_reasons)}]",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

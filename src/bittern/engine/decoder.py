@@ -1,0 +1,258 @@
+"""A compact decoder forward over a Hugging Face model's own modules, with a static KV cache.
+
+:class:`Decoder` holds references to the embeddings, norms and linear layers of a Llama-family causal LM
+(``LlamaForCausalLM``, ``BitNetForCausalLM``, and the Llama-shaped Mistral / Qwen2 / Qwen3) and runs them in the
+order their ``forward`` does, but over a preallocated :class:`StaticKVCache` and with
+``F.scaled_dot_product_attention``: every tensor shape of a decode step is fixed, so the step can be captured in
+a CUDA graph. The linear layers are called as modules (``layer(x)``): a :class:`~bittern.nn.TernaryLinear`, a
+:class:`~bittern.nn.BitLinear` or an ``nn.Linear`` each computes what it computes in the Hugging Face model.
+
+Slots and positions: a batch of ``B`` prompts is left-padded to a common length ``P``; token ``t`` of the padded
+batch lives in cache slot ``t`` for every row, and row ``b``'s first ``pad[b]`` slots are padding. The rope
+position of slot ``t`` in row ``b`` is ``t - pad[b]``; a query at slot ``i`` sees the keys at slots
+``pad[b] … i`` (and within the sliding window, if the layer has one). A padding query sees only itself, so
+every softmax row has a finite maximum (no NaN reaches the cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bittern.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "bitnet", "mistral", "qwen2", "qwen3")
+"""``config.model_type`` values whose decoder layer :class:`Decoder` reproduces."""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """References to one decoder block's modules (None where the architecture has no such module)."""
+
+    input_norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    q_norm: nn.Module | None  # Qwen3: RMSNorm over head_dim before rope
+    k_norm: nn.Module | None
+    attn_sub_norm: nn.Module | None  # BitNet: RMSNorm(hidden) before o_proj
+    post_norm: nn.Module
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    act: nn.Module
+    ffn_sub_norm: nn.Module | None  # BitNet: RMSNorm(intermediate) before down_proj
+    scaling: float
+    sliding_window: int | None
+
+
+class StaticKVCache:
+    """Keys and values of every layer, preallocated: ``keys[i]``, ``values[i]`` are ``[B, kv_heads, S, head_dim]``.
+
+    ``B`` is the largest batch the engine runs and ``S`` its longest sequence; a batch of ``b <= B`` rows uses the
+    views ``[:b]``. Writes go through ``index_copy_`` with a tensor of slots, so they are capturable in a CUDA graph.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (batch, kv_heads, max_seq_len, head_dim)
+        self.batch = batch
+        self.max_seq_len = max_seq_len
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def _module(parent: nn.Module, name: str, where: str) -> nn.Module:
+    module = getattr(parent, name, None)
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{where} has no '{name}' module; the engine supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return module
+
+
+def _sliding_window(config, index: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[index] == "sliding_attention" else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Decoder:
+    """The forward pass of a Hugging Face causal LM, over a static KV cache.
+
+    Args:
+        model: a ``LlamaForCausalLM``-shaped model (see :data:`SUPPORTED_MODEL_TYPES`), on its device and dtype.
+        max_seq_len: the longest sequence (prompt + new tokens) the rope table covers.
+
+    Raises:
+        ConfigError: an unsupported architecture, or ``max_seq_len`` beyond ``max_position_embeddings``.
+    """
+
+    def __init__(self, model: nn.Module, max_seq_len: int) -> None:
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"the engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models, not model_type {model_type!r}"
+            )
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and max_seq_len > limit:
+            raise ConfigError(f"max_seq_len ({max_seq_len}) exceeds the model's max_position_embeddings ({limit})")
+        base = _module(model, "model", type(model).__name__)
+        self.config = config
+        self.embed = _module(base, "embed_tokens", "the decoder")
+        self.norm = _module(base, "norm", "the decoder")
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ConfigError(f"{type(model).__name__} has no output embeddings (LM head)")
+        self.head = head
+        self.layers = [self._layer(block, i, _sliding_window(config, i)) for i, block in enumerate(base.layers)]
+        self.head_dim: int = base.layers[0].self_attn.head_dim
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.max_seq_len = max_seq_len
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+        # The rope table from the model's own rotary module (any rope type its config names), built once:
+        # cos/sin [max_seq_len, head_dim] in the model's dtype, exactly as the model computes them per forward.
+        positions = torch.arange(max_seq_len, device=self.device)[None]
+        probe = torch.zeros((), dtype=self.dtype, device=self.device)
+        cos, sin = _module(base, "rotary_emb", "the decoder")(probe, position_ids=positions)
+        self.cos, self.sin = cos[0], sin[0]
+        self.slots = torch.arange(max_seq_len, device=self.device)
+
+    @staticmethod
+    def _layer(block: nn.Module, index: int, sliding_window: int | None) -> _Layer:
+        where = f"decoder layer {index}"
+        attn = _module(block, "self_attn", where)
+        mlp = _module(block, "mlp", where)
+        return _Layer(
+            input_norm=_module(block, "input_layernorm", where),
+            q_proj=_module(attn, "q_proj", where),
+            k_proj=_module(attn, "k_proj", where),
+            v_proj=_module(attn, "v_proj", where),
+            o_proj=_module(attn, "o_proj", where),
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            attn_sub_norm=getattr(attn, "attn_sub_norm", None),
+            post_norm=_module(block, "post_attention_layernorm", where),
+            gate_proj=_module(mlp, "gate_proj", where),
+            up_proj=_module(mlp, "up_proj", where),
+            down_proj=_module(mlp, "down_proj", where),
+            act=mlp.act_fn,
+            ffn_sub_norm=getattr(mlp, "ffn_sub_norm", None),
+            scaling=float(attn.scaling),
+            sliding_window=sliding_window,
+        )
+
+    def new_cache(self, batch: int) -> StaticKVCache:
+        """A zeroed cache for ``batch`` rows of up to ``max_seq_len`` tokens, in the model's dtype and device."""
+        return StaticKVCache(
+            len(self.layers), batch, self.num_kv_heads, self.max_seq_len, self.head_dim, self.dtype, self.device
+        )
+
+    def _mask(self, slots: torch.Tensor, pad: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
+        """bool ``[B, 1, T, key_len]``: which key slots each query slot sees (see the module docstring)."""
+        keys = self.slots[:key_len][None, None, :]  # [1, 1, S]
+        queries = slots[None, :, None]  # [1, T, 1]
+        causal = keys <= queries
+        real = keys >= pad[:, None, None]  # [B, 1, S]
+        allowed = causal & (real | (keys == queries))
+        if window is not None:
+            allowed = allowed & (keys > queries - window)
+        return allowed[:, None]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        slots: torch.Tensor,
+        pad: torch.Tensor,
+        cache: StaticKVCache,
+        key_len: int,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run ``input_ids`` through the model, writing their keys and values into ``cache``.
+
+        Args:
+            input_ids: int64 ``[B, T]``, the tokens of slots ``slots`` of every row.
+            slots: int64 ``[T]``, consecutive cache slots of the tokens (the same for every row).
+            pad: int64 ``[B]``, the number of left-padding slots of each row.
+            cache: the cache to read and write (rows ``[:B]``).
+            key_len: how many cache slots attention reads (``>= slots[-1] + 1``); the decode step reads all
+                ``max_seq_len`` slots so that its shapes never change.
+            last_only: compute the LM head only for the last token.
+
+        Returns:
+            logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``) in the model's dtype.
+        """
+        batch, length = input_ids.shape
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
+        cos = self.cos[positions][:, None]  # [B, 1, T, D]
+        sin = self.sin[positions][:, None]
+        masks: dict[int | None, torch.Tensor] = {}
+        groups = self.num_heads // self.num_kv_heads
+        x = self.embed(input_ids)
+        for index, layer in enumerate(self.layers):
+            if layer.sliding_window not in masks:
+                mask = self._mask(slots, pad, key_len, layer.sliding_window)  # [B, 1, T, S]
+                # grouped-query attention without repeating the cache: the query heads of one KV head are
+                # stacked along the query axis, so the mask repeats once per head of the group
+                masks[layer.sliding_window] = mask.repeat(1, 1, groups, 1)
+            h = layer.input_norm(x)
+            q = layer.q_proj(h).view(batch, length, self.num_heads, self.head_dim)
+            k = layer.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim)
+            v = layer.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim)
+            if layer.q_norm is not None:
+                q = layer.q_norm(q)
+            if layer.k_norm is not None:
+                k = layer.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = cache.keys[index][:batch], cache.values[index][:batch]
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            q = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                q,
+                keys[:, :, :key_len],
+                values[:, :, :key_len],
+                attn_mask=masks[layer.sliding_window],
+                scale=layer.scaling,
+            )  # [B, kv_heads, groups * T, D]
+            out = out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
+            if layer.attn_sub_norm is not None:
+                out = layer.attn_sub_norm(out)
+            x = x + layer.o_proj(out)
+            h = layer.post_norm(x)
+            h = layer.act(layer.gate_proj(h)) * layer.up_proj(h)
+            if layer.ffn_sub_norm is not None:
+                h = layer.ffn_sub_norm(h)
+            x = x + layer.down_proj(h)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))

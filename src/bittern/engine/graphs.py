@@ -1,0 +1,92 @@
+"""The decode step — one token per row through the whole model — eagerly, or replayed from a CUDA graph.
+
+A graph is captured once per batch size, the first time a batch of that size decodes, over static input buffers
+(the tokens, the cache slot, the rows' padding) and the engine's static KV cache; every later step copies its
+inputs into those buffers and replays the graph. Sampling runs outside the graph, on its logits buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bittern.engine.decoder import Decoder, StaticKVCache
+
+
+class EagerDecodeStep:
+    """The decode step run eagerly (CPU, or ``cuda_graph=False``)."""
+
+    def __init__(self, decoder: Decoder, cache: StaticKVCache) -> None:
+        self.decoder = decoder
+        self.cache = cache
+
+    def __call__(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (int64 ``[B]``) at cache slot ``slot``; returns the next-token logits ``[B, V]``.
+
+        ``pad``: int64 ``[B]`` left-padding slots of each row. Attention reads the slots filled so far
+        (``slot + 1``), where the graphed step reads all of them (masked): the same numbers, less work.
+        """
+        slots = torch.full((1,), slot, dtype=torch.long, device=tokens.device)
+        logits = self.decoder.forward(tokens[:, None], slots, pad, self.cache, slot + 1)
+        return logits[:, 0]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # int64 [B, 1]
+    slot: torch.Tensor  # int64 [1]
+    pad: torch.Tensor  # int64 [B]
+    logits: torch.Tensor  # [B, V], written by every replay
+
+
+class CudaGraphDecodeStep:
+    """The decode step captured in a ``torch.cuda.CUDAGraph`` per batch size, replayed per token.
+
+    The returned logits are the graph's output buffer: read (or copy) them before the next call.
+    """
+
+    WARMUP_RUNS = 2
+
+    def __init__(self, decoder: Decoder, cache: StaticKVCache) -> None:
+        self.decoder = decoder
+        self.cache = cache
+        self.graphs: dict[int, _Graph] = {}
+
+    def _run(self, g: _Graph) -> torch.Tensor:
+        return self.decoder.forward(g.tokens, g.slot, g.pad, self.cache, self.cache.max_seq_len)[:, 0]
+
+    def _capture(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor) -> _Graph:
+        batch = tokens.shape[0]
+        g = _Graph(
+            graph=torch.cuda.CUDAGraph(),
+            tokens=tokens[:, None].clone(),
+            slot=torch.full((1,), slot, dtype=torch.long, device=tokens.device),
+            pad=pad.clone(),
+            logits=torch.empty(0),
+        )
+        # Warm-up on a side stream (lazy initialisation, autotuning, allocator) with this step's real inputs: it
+        # writes the same keys and values the replay writes, so running it is harmless.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP_RUNS):
+                self._run(g)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(g.graph):  # a private memory pool per graph: they replay in any order
+            g.logits = self._run(g)
+        self.graphs[batch] = g
+        return g
+
+    def __call__(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor) -> torch.Tensor:
+        """As :meth:`EagerDecodeStep.__call__`, from the graph of this batch size (captured on first use)."""
+        g = self.graphs.get(tokens.shape[0])
+        if g is None:
+            g = self._capture(tokens, slot, pad)
+        else:
+            g.tokens.copy_(tokens[:, None])
+            g.slot.fill_(slot)
+            g.pad.copy_(pad)
+        g.graph.replay()
+        return g.logits
