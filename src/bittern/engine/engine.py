@@ -125,16 +125,6 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def prepare_layers_for_kernels(model: nn.Module) -> nn.Module:
-    """The one place where the engine converts its model's ternary layers to the inference kernels' layout.
-
-    Called once per engine, after the model is on its device and in its dtype and before the first forward.
-    Today the layers run as loaded (:meth:`bittern.nn.TernaryLinear.forward` dispatches through
-    :mod:`bittern.kernels` by itself); a kernel layout that must be built ahead of time is built here.
-    """
-    return model
-
-
 def _load_tokenizer(path: Path) -> Any | None:
     """The tokenizer saved beside a checkpoint, or None when the directory has no tokenizer files."""
     from transformers import AutoTokenizer
@@ -198,7 +188,8 @@ class Engine:
             max_seq_len = min(limit, DEFAULT_MAX_SEQ_LEN)
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be an integer >= 2, not {max_seq_len!r}")
-        self.model = prepare_layers_for_kernels(model.eval())
+        # no conversion step: the inference kernels read TernaryLinear's packed Hugging Face layout in place
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.source = Path(source) if source is not None else None
         self.max_batch = max_batch
