@@ -196,7 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     model = build_ternary_model(config, device, dtype, args.seed)
     max_seq_len = args.prompt_len + args.new_tokens
-    engine_options = dict(max_batch=max(batch_sizes), max_seq_len=max_seq_len, cuda_graph=not args.no_cuda_graph)
+    engine_options = dict(max_batch=max(batch_sizes), max_seq_len=max_seq_len, cuda_graph=not args.no_cuda_graph,
+                          compile=not args.no_compile)  # fmt: skip
     print(f"built the model in {time.perf_counter() - started:.1f} s", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         packed_dir = Path(scratch) / "packed"
@@ -312,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--no-cuda-graph", action="store_true", help="engine rows: eager decode step")
+    parser.add_argument("--no-compile", action="store_true", help="engine rows: capture the step uncompiled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report as JSON to this path")
     args = parser.parse_args(argv)

@@ -279,6 +279,11 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument(
         "--no-cuda-graph", action="store_true", help="run the decode step eagerly instead of replaying a CUDA graph"
     )
+    runtime.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="capture the decode step without torch.compile (starts faster; each step runs more, smaller kernels)",
+    )
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -459,6 +464,7 @@ def _run_engine(args: argparse.Namespace) -> int:
         weights=args.weights,
         max_seq_len=args.max_seq_len,
         cuda_graph=not args.no_cuda_graph,
+        compile=not args.no_compile,
         max_batch=len(args.prompt) if args.command == "generate" else 1,
     )
     options = dict(

@@ -7,6 +7,7 @@ inputs into those buffers and replays the graph. Sampling runs outside the graph
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +50,38 @@ class CudaGraphDecodeStep:
 
     WARMUP_RUNS = 2
 
-    def __init__(self, decoder: Decoder, cache: StaticKVCache) -> None:
+    def __init__(self, decoder: Decoder, cache: StaticKVCache, compile: bool = True) -> None:
         self.decoder = decoder
         self.cache = cache
         self.graphs: dict[int, _Graph] = {}
+        # Compiled, the step's elementwise work (norms, rope, residuals, masks: some 60 small kernels per layer,
+        # each a few microseconds even inside a graph) fuses into a few kernels per layer; the ternary layers stay
+        # single custom-op kernels. Compilation happens in the first warm-up, before capture.
+        self.compiled = compile
+        self._forward = torch.compile(decoder.forward, dynamic=False) if compile else decoder.forward
 
     def _run(self, g: _Graph) -> torch.Tensor:
-        return self.decoder.forward(g.tokens, g.slot, g.pad, self.cache, self.cache.max_seq_len)[:, 0]
+        return self._forward(g.tokens, g.slot, g.pad, self.cache, self.cache.max_seq_len)[:, 0]
+
+    def _warm_up(self, g: _Graph) -> None:
+        """Run the step on a side stream (lazy initialisation, compilation, autotuning, allocator) with the step's
+        real inputs: it writes the same keys and values the replay writes, so running it is harmless. If
+        compilation fails, warn and go on with the uncompiled step."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            try:
+                self._run(g)
+            except Exception as error:  # a model torch.compile cannot handle still decodes, eagerly-fused or not
+                if not self.compiled:
+                    raise
+                warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: {error}); "
+                              "capturing the uncompiled step", stacklevel=3)  # fmt: skip
+                self.compiled = False
+                self._forward = self.decoder.forward
+            for _ in range(self.WARMUP_RUNS):
+                self._run(g)
+        torch.cuda.current_stream().wait_stream(stream)
 
     def _capture(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor) -> _Graph:
         batch = tokens.shape[0]
@@ -66,14 +92,7 @@ class CudaGraphDecodeStep:
             pad=pad.clone(),
             logits=torch.empty(0),
         )
-        # Warm-up on a side stream (lazy initialisation, autotuning, allocator) with this step's real inputs: it
-        # writes the same keys and values the replay writes, so running it is harmless.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.WARMUP_RUNS):
-                self._run(g)
-        torch.cuda.current_stream().wait_stream(stream)
+        self._warm_up(g)
         with torch.cuda.graph(g.graph):  # a private memory pool per graph: they replay in any order
             g.logits = self._run(g)
         self.graphs[batch] = g
