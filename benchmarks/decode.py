@@ -13,9 +13,10 @@ No 2B-parameter float model is ever built on the CPU. Rows, each on the same wei
    (``bittern.to_linear``): what the engine does with a bf16 checkpoint;
 3. ``transformers-bf16``: that dense model's own ``generate`` (greedy, transformers' default dynamic KV cache,
    SDPA attention, eager: no torch.compile, whose compilation would not fit the time budget);
-4. ``transformers-packed``: the model exported with ``bittern.save_model(..., "packed", scale_convention="multiply")``
-   (the 2B4T layout) and loaded by stock ``AutoModelForCausalLM.from_pretrained`` (transformers' BitLinear, which
-   unpacks its weights in every forward), then ``generate`` as in 3.
+4. ``transformers-packed``: the model exported with ``bittern.save_model(..., "packed")`` (the Falcon-E
+   ``bitlinear`` layout) and loaded by stock ``AutoModelForCausalLM.from_pretrained`` (transformers' packed
+   ``BitLinear``, which unpacks its weights in every forward), then ``generate`` as in 3. (Not the 2B4T
+   ``autobitlinear`` layout: transformers unpacks that one to dense bf16 ``AutoBitLinear`` weights at load time.)
 
 Each row: a ``--prompt-len`` token random prompt per row, batch sizes ``--batch-sizes``, greedy decoding of
 ``--new-tokens`` tokens (rows 3 and 4: ``--hf-new-tokens``, fewer, as they are slow), one warm-up then ``--runs``
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "transformers-packed" in rows:
             import bittern
 
-            bittern.save_model(model, packed_dir, "packed", scale_convention="multiply", dtype=dtype)
+            bittern.save_model(model, packed_dir, "packed", dtype=dtype)
         if "bittern-dense" in rows or "transformers-bf16" in rows:
             import bittern
 
