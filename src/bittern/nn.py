@@ -192,6 +192,14 @@ class TernaryLinear(nn.Module):
 
     # --- views ----------------------------------------------------------------------------------------
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """``packed_weight`` under the name PEFT looks for on a quantized linear layer (GPTQ and AWQ layers call
+        their packed integer weight ``qweight``). PEFT reads it to put adapters on this layer's device (a layer of
+        buffers only has no parameter to ask) and keeps adapters in their own float dtype, since it is not
+        floating. Read-only; not part of the state dict."""
+        return self.packed_weight
+
     def codes(self) -> torch.Tensor:
         """The ternary codes, int8 ``[N, K]``."""
         return packing.unpack_ternary_rows(self.packed_weight, self.out_features)
