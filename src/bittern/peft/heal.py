@@ -38,7 +38,7 @@ def heal(
     model: nn.Module,
     batches: Iterable,
     steps: int,
-    lr: float = 1e-4,
+    lr: float = 3e-4,
     weight_decay: float = 0.0,
     train_all: bool = False,
     max_grad_norm: float = 1.0,
