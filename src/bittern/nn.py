@@ -211,8 +211,26 @@ class TernaryLinear(nn.Module):
     # --- module protocol ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[..., K]`` floating → ``[..., N]`` in ``x``'s dtype (autocast's inside an autocast region)."""
-        return kernels.integer_linear(x, self.codes(), self.weight_scale, self.bias)
+        """``x``: ``[..., K]`` floating → ``[..., N]`` in ``x``'s dtype (autocast's inside an autocast region).
+
+        When ``x`` needs a gradient (adapters or anything else training below this frozen layer), the backward
+        pass keeps this layer's 2-bit packed weight rather than the int8 codes the product ran on, and unpacks
+        them again when the gradient ``grad_y @ (Wt·s)`` is computed: a quarter of the memory per layer held
+        from forward to backward.
+        """
+        codes = self.codes()
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return kernels.integer_linear(x, codes, self.weight_scale, self.bias)
+        packed, rows = self.packed_weight, self.out_features
+
+        def keep(tensor: torch.Tensor):
+            return _PackedCodes(packed, rows) if tensor is codes else tensor
+
+        def restore(saved):
+            return saved.unpack() if isinstance(saved, _PackedCodes) else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, restore):
+            return kernels.integer_linear(x, codes, self.weight_scale, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # Keep the scale in float32 when the module is cast (model.to(torch.bfloat16)): move it, never round it.
@@ -231,3 +249,16 @@ class TernaryLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, per_channel={self.per_channel}"
         )
+
+
+class _PackedCodes:
+    """What a :class:`TernaryLinear` saves for backward in place of its int8 codes: the packed weight itself."""
+
+    __slots__ = ("packed", "rows")
+
+    def __init__(self, packed: torch.Tensor, rows: int) -> None:
+        self.packed = packed
+        self.rows = rows
+
+    def unpack(self) -> torch.Tensor:
+        return packing.unpack_ternary_rows(self.packed, self.rows)

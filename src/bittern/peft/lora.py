@@ -156,7 +156,9 @@ def load_adapter(
         model.add_adapter(adapter_name, config)
         model.load_adapter(str(path), adapter_name, is_trainable=is_trainable)
         if is_trainable:
-            model.set_requires_grad(adapter_name)
+            for name, parameter in model.named_parameters():
+                if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+                    parameter.requires_grad_(True)
         return model
     return PeftModel.from_pretrained(model, str(path), adapter_name, is_trainable=is_trainable, config=config)
 
