@@ -22,8 +22,10 @@ Part 2 (``--quality``): a small real task with local data. A ternary model (the 
 default) is pretrained from scratch on the standard library's docstrings (``--base DIR``: a packed checkpoint with
 its tokenizer instead), then fine-tuned on Python's ``help()`` topics (every 10th topic held out), the same
 batches for every arm: (a) full fine-tuning of its latent weights, (b) LoRA on the packed base, (c) the adapter
-merged and re-ternarized (``bittern.peft.merge_lora``), (c') the naive merge that ternarizes ``Wt·s + ΔW`` by
-``mean|·|`` (shown for contrast: it shrinks every scale), (d) merged + a short heal (``bittern.peft.heal``).
+merged and re-ternarized (``bittern.peft.merge_lora``: the packed layer's latent plus ``ΔW``, nearest rounding),
+(c') the same with stochastic rounding at the base's scale (``rounding="stochastic"``), (c'') the naive merge that
+ternarizes ``Wt·s + ΔW`` by ``mean|·|`` (for contrast: it shrinks every scale), (d) the merge (c) + a short heal
+(``bittern.peft.heal``, from the unrounded merged latents).
 Reported: the held-out loss (mean NLL, nats/token) on the held-out topics of each, and the goals' ratios.
 
     python benchmarks/lora.py [--num-layers 30] [--batch-size 1] [--seq-len 2048] [--rank 16]
@@ -395,6 +397,9 @@ def quality_part(args: argparse.Namespace, device: torch.device) -> dict:
     rows["lora"]["held_out_loss"] = held_out_loss(lora, held, seq)
     rows["lora"]["trainable_params"] = count(trainable(lora))
     rows["merged-naive"] = {"held_out_loss": held_out_loss(naive_merge(lora).eval(), held, seq)}
+    stochastic = merge_lora(copy.deepcopy(lora), rounding="stochastic", seed=args.seed)
+    rows["merged-stochastic"] = {"held_out_loss": held_out_loss(stochastic.eval(), held, seq)}
+    del stochastic
     latent = merge_lora(lora, layers="bitlinear")
     rows["merged"] = {"held_out_loss": held_out_loss(bittern.to_ternary(copy.deepcopy(latent)).eval(), held, seq)}
     heal_data = ft[: args.heal_steps]
@@ -409,6 +414,7 @@ def quality_part(args: argparse.Namespace, device: torch.device) -> dict:
         "lora_vs_full": rows["lora"]["held_out_loss"] / rows["full"]["held_out_loss"],
         "healed_vs_lora": rows["merged+heal"]["held_out_loss"] / rows["lora"]["held_out_loss"],
         "merged_vs_lora": rows["merged"]["held_out_loss"] / rows["lora"]["held_out_loss"],
+        "stochastic_vs_lora": rows["merged-stochastic"]["held_out_loss"] / rows["lora"]["held_out_loss"],
     }
     return {
         "config": {
@@ -486,7 +492,8 @@ def print_tables(results: dict) -> None:
             loss = row["held_out_loss"]
             print(f"| {name} | {loss:.4f} | {math.exp(loss):.2f} |")
         r = quality["ratios"]
-        print(f"LoRA / full: {r['lora_vs_full']:.3f} (goal <= 1.05); merged / LoRA: {r['merged_vs_lora']:.3f}; "
+        print(f"LoRA / full: {r['lora_vs_full']:.3f} (goal <= 1.05); merged / LoRA: {r['merged_vs_lora']:.3f} "
+              f"(stochastic rounding: {r['stochastic_vs_lora']:.3f}); "
               f"merged+heal / LoRA: {r['healed_vs_lora']:.3f} (goal <= 1.02)")  # fmt: skip
 
 

@@ -239,6 +239,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="after merging, train the merged latent weights this many steps (quantization-aware) and write "
         "OUT/variants/merged-healed (default 0: no heal)",
     )
+    lora.add_argument(
+        "--lora-merge-rounding",
+        choices=("nearest", "stochastic"),
+        default="nearest",
+        help="how variants/merged rounds base + update to ternary codes: nearest (the weight rule on the latent) "
+        "or stochastic (at the base's scale: keeps small updates in expectation)",
+    )
     lora.add_argument("--lora-heal-lr", type=float, default=3e-4, help="peak learning rate of the heal (default 3e-4)")
     run = parser.add_argument_group("run")
     run.add_argument("--log-every", type=int, default=10, help="steps between logs (default 10)")
@@ -376,6 +383,7 @@ def _run(args: argparse.Namespace) -> int:
             lora_dropout=args.lora_dropout,
             lora_heal_steps=args.lora_heal_steps,
             lora_heal_lr=args.lora_heal_lr,
+            lora_merge_rounding=args.lora_merge_rounding,
             export=not args.no_export,
             progress=not args.quiet,
         )

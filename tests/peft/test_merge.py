@@ -10,7 +10,7 @@ import bittern
 from bittern import quant
 from bittern.errors import ConfigError
 from bittern.nn import BitLinear, TernaryLinear
-from bittern.peft import TernaryLoraLinear, apply_lora, latent_weight, merge_lora
+from bittern.peft import TernaryLoraLinear, apply_lora, latent_weight, merge_lora, merged_layer
 
 
 def packed_model(seed: int = 0):
@@ -130,3 +130,29 @@ def test_merge_refuses_bad_input() -> None:
         merge_lora(apply_lora(packed_model(), rank=2), adapter_names=["nope"])
     with pytest.raises(ConfigError, match="layers must be"):
         merge_lora(apply_lora(packed_model(), rank=2), layers="dense")
+
+
+def test_stochastic_merge_keeps_the_update_in_expectation_and_a_zero_update_exactly() -> None:
+    torch.manual_seed(0)
+    base = TernaryLinear.from_bitlinear(torch.nn.Linear(256, 64, bias=False))
+    scale = base.weight_scale
+    zero = merged_layer(base, torch.zeros(64, 256), rounding="stochastic", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(zero.packed_weight, base.packed_weight) and torch.equal(zero.weight_scale, scale)
+    delta = torch.full((64, 256), 0.25) * scale  # a quarter of a step everywhere: nearest rounding keeps nothing
+    nearest = merged_layer(base, delta)
+    assert torch.equal(nearest.codes(), base.codes())
+    merged = merged_layer(base, delta, rounding="stochastic", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(merged.weight_scale, scale)
+    moved = (merged.codes() - base.codes()).float()
+    eligible = base.codes() < 1  # codes already at +1 cannot move up
+    assert abs(moved[eligible].mean().item() - 0.25) < 0.02
+    assert set(merged.codes().unique().tolist()) <= {-1, 0, 1}
+
+
+def test_stochastic_merge_lora_is_seeded() -> None:
+    first = merge_lora(trained_adapter()[0], rounding="stochastic", seed=3)
+    second = merge_lora(trained_adapter()[0], rounding="stochastic", seed=3)
+    layer = "model.layers.0.mlp.down_proj"
+    assert torch.equal(first.get_submodule(layer).packed_weight, second.get_submodule(layer).packed_weight)
+    with pytest.raises(ConfigError, match="stochastic"):
+        merge_lora(trained_adapter()[0], layers="bitlinear", rounding="stochastic")

@@ -52,7 +52,17 @@ def test_lora_run_trains_adapters_and_writes_adapter_merged_and_healed(
     argv = ["train", "--out", str(out), "--model", str(packed_base), "--data", str(text_dir)]
     argv += ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj"]
     argv += ["--seq-len", "32", "--batch-size", "4", "--steps", "16", "--lr", "1e-2", "--log-every", "1"]
-    argv += ["--eval-tokens", "2048", "--lora-heal-steps", "3", "--lora-heal-lr", "1e-3", "--quiet"]
+    argv += [
+        "--eval-tokens",
+        "2048",
+        "--lora-heal-steps",
+        "3",
+        "--lora-heal-lr",
+        "1e-3",
+        "--lora-merge-rounding",
+        "stochastic",
+        "--quiet",
+    ]
     assert main(argv) == 0
     assert _digest(packed_base) == before  # the base checkpoint is read, never written
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -84,6 +94,7 @@ def test_lora_run_trains_adapters_and_writes_adapter_merged_and_healed(
         ({"model": "m", "lora_rank": 8, "lora_heal_steps": -1}, "--lora-heal-steps"),
         ({"model": "m", "lora_rank": 8, "lambda_schedule": "linear"}, "--lambda-schedule does not apply"),
         ({"model": "m", "lora_rank": 8, "fsdp": True}, "--fsdp does not apply"),
+        ({"model": "m", "lora_rank": 8, "lora_merge_rounding": "up"}, "--lora-merge-rounding"),
     ],
 )
 def test_bad_lora_settings_are_refused_naming_the_option(settings: dict, message: str) -> None:

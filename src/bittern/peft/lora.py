@@ -21,7 +21,7 @@ from bittern.convert import ternary_layer_names
 from bittern.errors import ConfigError, MissingFileError
 from bittern.nn import BitLinear, TernaryLinear
 from bittern.peft.layer import TernaryLoraLinear
-from bittern.peft.merge import merged_layer
+from bittern.peft.merge import ROUNDINGS, merged_layer
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -163,7 +163,13 @@ def load_adapter(
     return PeftModel.from_pretrained(model, str(path), adapter_name, is_trainable=is_trainable, config=config)
 
 
-def merge_lora(model: PeftModel, adapter_names: Sequence[str] | None = None, layers: str = "ternary") -> nn.Module:
+def merge_lora(
+    model: PeftModel,
+    adapter_names: Sequence[str] | None = None,
+    layers: str = "ternary",
+    rounding: str = "nearest",
+    seed: int = 0,
+) -> nn.Module:
     """Fold adapters into the base and return the base model without PEFT wrappers.
 
     Each adapted ternary layer becomes the ternarization of its latent weight plus ``ΔW`` (the sum over
@@ -174,9 +180,15 @@ def merge_lora(model: PeftModel, adapter_names: Sequence[str] | None = None, lay
         layers: ``ternary``: adapted ternary layers come back as packed TernaryLinear, and so does every other
             BitLinear of the model (deployment); ``bitlinear``: adapted layers come back as BitLinear holding the
             unrounded merged latent (what :func:`bittern.peft.heal` trains).
+        rounding: ``nearest`` (default: the weight rule) or ``stochastic`` (packed layers: ``Wt·s + ΔW`` rounded
+            stochastically at the layer's scale, the update kept in expectation); ``seed`` seeds it.
     """
     if layers not in ("ternary", "bitlinear"):
         raise ConfigError(f"merge_lora: layers must be 'ternary' or 'bitlinear', not {layers!r}")
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"merge_lora: rounding must be one of {', '.join(ROUNDINGS)}, not {rounding!r}")
+    if rounding == "stochastic" and layers != "ternary":
+        raise ConfigError("merge_lora: rounding='stochastic' rounds codes; layers='bitlinear' keeps latents unrounded")
     if not isinstance(model, PeftModel):
         raise ConfigError(f"merge_lora needs a peft.PeftModel, got a {type(model).__name__}")
     names = list(adapter_names) if adapter_names is not None else list(model.active_adapters)
@@ -184,6 +196,7 @@ def merge_lora(model: PeftModel, adapter_names: Sequence[str] | None = None, lay
     if unknown:
         raise ConfigError(f"unknown adapter(s) {unknown}; the model has {sorted(model.peft_config)}")
     base = model.get_base_model()
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, module in list(base.named_modules()):
             if not isinstance(module, LoraLayer):
@@ -199,7 +212,11 @@ def merge_lora(model: PeftModel, adapter_names: Sequence[str] | None = None, lay
             bias_delta = (
                 sum(module.lora_B[a].bias.float() * module.scaling[a] for a in with_bias) if with_bias else None
             )
-            base.set_submodule(name, merged_layer(inner, delta, bias_delta, layers))
+            generator = None
+            if rounding == "stochastic":
+                device = delta.device
+                generator = generators.setdefault(device, torch.Generator(device=device).manual_seed(seed))
+            base.set_submodule(name, merged_layer(inner, delta, bias_delta, layers, rounding, generator))
     if layers == "ternary":
         from bittern.convert import to_ternary
 

@@ -13,6 +13,12 @@ layer of the *latent* weight ``L + ΔW``, ternarized by the numerical contract (
 
 Small updates (``|ΔW| < s/2`` nearly everywhere, the usual case) flip few codes: the merged model loses part of
 what the adapter learned. :func:`bittern.peft.heal` trains the merged latent weights a few steps to win it back.
+
+``rounding="stochastic"`` is the alternative for packed bases: ``Wt·s + ΔW`` is rounded stochastically at the base's
+own scale ``s`` (:func:`bittern.quant.stochastic_ternary_codes`), so each code moves with probability ``|ΔW| / s``
+and the merged weight equals ``Wt·s + ΔW`` in expectation (exactly the base when ``ΔW = 0``). A BitLinear base
+is always rounded to nearest: its latent weights already lie spread inside their rounding intervals, so a small
+``ΔW`` tips the ones near a threshold, much as stochastic rounding would.
 """
 
 from __future__ import annotations
@@ -32,8 +38,16 @@ def latent_weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight.detach().to(torch.float32)
 
 
+ROUNDINGS = ("nearest", "stochastic")
+
+
 def merged_layer(
-    base: nn.Module, delta: torch.Tensor, bias_delta: torch.Tensor | None = None, layers: str = "ternary"
+    base: nn.Module,
+    delta: torch.Tensor,
+    bias_delta: torch.Tensor | None = None,
+    layers: str = "ternary",
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
 ) -> nn.Module:
     """A new layer computing ``base`` with ``delta`` (float ``[N, K]``) folded in.
 
@@ -44,6 +58,8 @@ def merged_layer(
         layers: ``ternary`` (a packed TernaryLinear) or ``bitlinear`` (a BitLinear holding the merged latent
             weight ``L + ΔW`` in float32, unrounded: the starting point of a heal). Plain nn.Linear bases stay
             nn.Linear either way.
+        rounding: ``nearest`` (the weight rule) or ``stochastic`` (packed bases with ``layers="ternary"`` only;
+            see the module docstring); ``generator`` drives it.
 
     Returns:
         The new layer on ``base``'s device, in eval/train mode as ``base``; ``base`` is not modified.
@@ -59,9 +75,15 @@ def merged_layer(
             dense.bias = nn.Parameter(bias.to(base.weight.dtype))
         return dense.train(base.training)
     per_channel = base.per_channel
-    if layers == "ternary":
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, not {rounding!r}")
+    if layers == "ternary" and rounding == "stochastic" and isinstance(base, TernaryLinear):
+        merged = base.dequantized_weight() + delta.to(torch.float32)
+        codes = quant.stochastic_ternary_codes(merged, base.weight_scale, generator)
+        new: nn.Module = TernaryLinear.from_codes(codes, base.weight_scale, bias, per_channel=per_channel)
+    elif layers == "ternary":
         codes, scale = quant.ternarize(latent, per_channel=per_channel)
-        new: nn.Module = TernaryLinear.from_codes(codes, scale, bias, per_channel=per_channel)
+        new = TernaryLinear.from_codes(codes, scale, bias, per_channel=per_channel)
     elif layers == "bitlinear":
         new = BitLinear(
             base.in_features, base.out_features, bias=bias is not None, device="meta", per_channel=per_channel

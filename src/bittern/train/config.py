@@ -59,6 +59,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_heal_steps: int = 0
     lora_heal_lr: float = 3e-4
+    lora_merge_rounding: str = "nearest"
     export: bool = True
     progress: bool = True
 
@@ -133,6 +134,8 @@ class TrainConfig:
             raise ConfigError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.lora_heal_steps < 0:
             raise ConfigError(f"--lora-heal-steps must be >= 0, got {self.lora_heal_steps}")
+        if self.lora_merge_rounding not in ("nearest", "stochastic"):
+            raise ConfigError(f"--lora-merge-rounding must be nearest or stochastic, got {self.lora_merge_rounding!r}")
         if self.lora_heal_lr <= 0:
             raise ConfigError(f"--lora-heal-lr must be positive, got {self.lora_heal_lr}")
         excluded = {

@@ -3,8 +3,8 @@
 Run directory additions (the three full variants are not written: the base is not trained)::
 
     adapter/                   the trained adapter in PEFT's format (adapter_config.json + safetensors)
-    variants/merged            the adapter folded into the base and re-ternarized: a packed model
-    variants/merged-healed     the merged model after --lora-heal-steps of quantization-aware training
+    variants/merged            the adapter folded into the base and re-ternarized (--lora-merge-rounding): packed
+    variants/merged-healed     the merged latents after --lora-heal-steps of quantization-aware training, packed
 
 ``report.md`` lists the held-out perplexity of the base, base + adapter, merged and merged + healed models, each
 reloaded from disk.
@@ -113,8 +113,12 @@ def export_lora(
     rows.append(
         VariantResult("adapter", str(adapter_dir), _directory_bytes(adapter_dir), float("nan"), perplexity(reloaded))
     )
-    latent = merge_lora(reloaded.to("cpu"), layers="bitlinear")
-    rows.append(packed_row(MERGED, merge_lora_copy(latent)))
+    reloaded = reloaded.to("cpu")
+    if config.lora_merge_rounding == "stochastic":
+        rows.append(packed_row(MERGED, merge_lora(copy.deepcopy(reloaded), rounding="stochastic", seed=config.seed)))
+    latent = merge_lora(reloaded, layers="bitlinear")
+    if config.lora_merge_rounding == "nearest":
+        rows.append(packed_row(MERGED, merge_lora_copy(latent)))
     if config.lora_heal_steps > 0:
         if train_set is None:
             raise ConfigError("--lora-heal-steps needs text training data")
