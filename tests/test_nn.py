@@ -356,3 +356,14 @@ def test_packed_layer_keeps_its_packed_weight_for_backward_not_the_int8_codes(mo
     y.backward(grad_y)
     assert len(unpacked) == 1
     torch.testing.assert_close(x.grad, grad_y @ layer.dequantized_weight())
+
+
+def test_packed_layer_with_an_input_gradient_compiles_without_graph_breaks() -> None:
+    torch.manual_seed(0)
+    layer = TernaryLinear.from_bitlinear(nn.Linear(32, 16, bias=False))
+    x = torch.randn(3, 32, requires_grad=True)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)  # fullgraph: a break raises
+    compiled.sum().backward()
+    assert torch.equal(compiled, eager)
+    torch.testing.assert_close(x.grad, torch.ones(3, 16) @ layer.dequantized_weight())

@@ -219,7 +219,8 @@ class TernaryLinear(nn.Module):
         from forward to backward.
         """
         codes = self.codes()
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        # (under torch.compile the compiled graph decides what backward keeps; dynamo does not trace these hooks)
+        if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
             return kernels.integer_linear(x, codes, self.weight_scale, self.bias)
         packed, rows = self.packed_weight, self.out_features
 
