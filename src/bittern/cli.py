@@ -246,7 +246,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="how variants/merged rounds base + update to ternary codes: nearest (the weight rule on the latent) "
         "or stochastic (at the base's scale: keeps small updates in expectation)",
     )
-    lora.add_argument("--lora-heal-lr", type=float, default=3e-4, help="peak learning rate of the heal (default 3e-4)")
+    lora.add_argument("--lora-heal-lr", type=float, default=1e-3, help="peak learning rate of the heal (default 1e-3)")
     run = parser.add_argument_group("run")
     run.add_argument("--log-every", type=int, default=10, help="steps between logs (default 10)")
     run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: --steps / 5)")

@@ -38,7 +38,7 @@ def heal(
     model: nn.Module,
     batches: Iterable,
     steps: int,
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     weight_decay: float = 0.0,
     train_all: bool = False,
     max_grad_norm: float = 1.0,
@@ -51,7 +51,9 @@ def heal(
             latents, the better start) with TernaryLinear and/or BitLinear layers.
         batches: token ids, int64 ``[B, L]`` (or dicts with ``input_ids``), on any device; cycled if shorter than
             ``steps``. The loss is the model's next-token cross-entropy with ``labels = input_ids``.
-        lr: peak learning rate; it decays linearly to 0 over the steps.
+        lr: peak learning rate; it decays linearly to 0 over the steps. A packed base's latents start at their
+            codes' centres (0 or ``±s/d``), about ``s/2`` from the nearest rounding threshold, so the rate must move
+            weights by a fair share of ``s`` within the few steps; the default suits weights of ``mean|W|`` ≈ 0.01-0.05.
         train_all: also train embeddings, norms and the head (default: only the ternary layers' latent weights).
         progress: show a tqdm bar.
 

@@ -58,7 +58,7 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=list)
     lora_dropout: float = 0.0
     lora_heal_steps: int = 0
-    lora_heal_lr: float = 3e-4
+    lora_heal_lr: float = 1e-3
     lora_merge_rounding: str = "nearest"
     export: bool = True
     progress: bool = True
