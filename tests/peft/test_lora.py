@@ -179,3 +179,13 @@ def test_a_model_without_ternary_layers_is_refused(tmp_path) -> None:
         apply_lora(tiny_model("llama"))
     with pytest.raises(MissingFileError, match=r"adapter_config\.json"):
         load_adapter(packed_model(), tmp_path)
+
+
+def test_a_second_adapter_is_added_next_to_the_first() -> None:
+    peft_model = apply_lora(packed_model(), rank=4)
+    apply_lora(peft_model, rank=2, adapter_name="second")
+    apply_lora(peft_model, rank=2, targets=["o_proj"], adapter_name="third")
+    layer = peft_model.get_base_model().model.layers[0].self_attn.o_proj
+    assert set(layer.lora_A) == {"default", "second", "third"}
+    assert layer.lora_A["second"].weight.shape == (2, 64)
+    assert "third" not in peft_model.get_base_model().model.layers[0].self_attn.q_proj.lora_A

@@ -35,7 +35,8 @@ def register(config: LoraConfig) -> LoraConfig:
 
 
 def _short_names(names: Sequence[str]) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name in names})
+    """Last name components, looking through PEFT's wrappers (``q_proj.base_layer`` is ``q_proj``)."""
+    return sorted({name.replace(".base_layer", "").rsplit(".", 1)[-1] for name in names})
 
 
 def resolve_targets(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
@@ -68,7 +69,7 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] | None = None) -> l
                 f"LoRA target module {target!r} matches no module of the model; its ternary layers are: {available}"
             )
         for name in matched:
-            if not isinstance(modules[name], (nn.Linear, TernaryLinear)):
+            if not isinstance(modules[name], (nn.Linear, TernaryLinear, LoraLayer)):
                 raise ConfigError(
                     f"LoRA target module {target!r} matches '{name}', a {type(modules[name]).__name__}: "
                     "only linear layers (TernaryLinear, BitLinear, nn.Linear) take adapters"
