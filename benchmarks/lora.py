@@ -25,9 +25,9 @@ batches for every arm: (a) full fine-tuning of its latent weights, (b) LoRA on t
 merged and re-ternarized (``bittern.peft.merge_lora``: the packed layer's latent plus ``ΔW``, nearest rounding),
 (c') the same with stochastic rounding at the base's scale (``rounding="stochastic"``), (c'') the naive merge that
 ternarizes ``Wt·s + ΔW`` by ``mean|·|`` (for contrast: it shrinks every scale), (d) the merge (c) + a short heal
-(``bittern.peft.heal``, from the unrounded merged latents; one heal per ``--heal-lr`` value, each from the same
-merge: the packed base's latents sit at their codes' centres, so how far a short heal moves them depends on the
-learning rate more than a fine-tuning run from trained latents does).
+(``bittern.peft.heal``) from the unrounded merged latents of (c) and from the stochastic merge (c'), once per
+``--heal-lr`` value (the packed base's latents sit at their codes' centres, so how far a short heal moves them
+depends on the learning rate more than a fine-tuning run from trained latents does).
 Reported: the held-out loss (mean NLL, nats/token) on the held-out topics of each, and the goals' ratios.
 
     python benchmarks/lora.py [--num-layers 30] [--batch-size 1] [--seq-len 2048] [--rank 16]
@@ -401,26 +401,28 @@ def quality_part(args: argparse.Namespace, device: torch.device) -> dict:
     rows["merged-naive"] = {"held_out_loss": held_out_loss(naive_merge(lora).eval(), held, seq)}
     stochastic = merge_lora(copy.deepcopy(lora), rounding="stochastic", seed=args.seed)
     rows["merged-stochastic"] = {"held_out_loss": held_out_loss(stochastic.eval(), held, seq)}
-    del stochastic
     latent = merge_lora(lora, layers="bitlinear")
     rows["merged"] = {"held_out_loss": held_out_loss(bittern.to_ternary(copy.deepcopy(latent)).eval(), held, seq)}
     heal_data = ft[: args.heal_steps]
-    for lr in args.heal_lr:
-        started = time.perf_counter()
-        healed = heal(copy.deepcopy(latent), heal_data, steps=args.heal_steps, lr=lr)
-        row = {"lr": lr, "train_losses": healed.losses, "seconds": time.perf_counter() - started}
-        row["held_out_loss"] = held_out_loss(healed.model, held, seq)
-        rows[f"merged+heal lr {lr:g}"] = row
-        del healed
-        free(device)
-    del latent, base
+    starts = {"merged": latent, "merged-stochastic": stochastic}
+    for start, merged in starts.items():
+        for lr in args.heal_lr:
+            started = time.perf_counter()
+            healed = heal(copy.deepcopy(merged), heal_data, steps=args.heal_steps, lr=lr)
+            row = {"start": start, "lr": lr, "train_losses": healed.losses, "seconds": time.perf_counter() - started}
+            row["held_out_loss"] = held_out_loss(healed.model, held, seq)
+            rows[f"{start}+heal lr {lr:g}"] = row
+            del healed
+            free(device)
+    del latent, stochastic, starts, merged, base
     free(device)
-    healed_rows = [row for name, row in rows.items() if name.startswith("merged+heal")]
+    healed_rows = [row for row in rows.values() if "start" in row]
 
     ratios = {
         "lora_vs_full": rows["lora"]["held_out_loss"] / rows["full"]["held_out_loss"],
         "healed_vs_lora": {
-            f"{row['lr']:g}": row["held_out_loss"] / rows["lora"]["held_out_loss"] for row in healed_rows
+            f"{row['start']}, lr {row['lr']:g}": row["held_out_loss"] / rows["lora"]["held_out_loss"]
+            for row in healed_rows
         },
         "merged_vs_lora": rows["merged"]["held_out_loss"] / rows["lora"]["held_out_loss"],
         "stochastic_vs_lora": rows["merged-stochastic"]["held_out_loss"] / rows["lora"]["held_out_loss"],
@@ -503,7 +505,7 @@ def print_tables(results: dict) -> None:
         r = quality["ratios"]
         print(f"LoRA / full: {r['lora_vs_full']:.3f} (goal <= 1.05); merged / LoRA: {r['merged_vs_lora']:.3f} "
               f"(stochastic rounding: {r['stochastic_vs_lora']:.3f}); "
-              "merged+heal / LoRA: " + ", ".join(f"{v:.3f} (lr {k})" for k, v in r["healed_vs_lora"].items())
+              "merged+heal / LoRA: " + ", ".join(f"{v:.3f} ({k})" for k, v in r["healed_vs_lora"].items())
               + " (goal <= 1.02)")  # fmt: skip
 
 

@@ -115,9 +115,12 @@ def export_lora(
     )
     reloaded = reloaded.to("cpu")
     if config.lora_merge_rounding == "stochastic":
-        rows.append(packed_row(MERGED, merge_lora(copy.deepcopy(reloaded), rounding="stochastic", seed=config.seed)))
-    latent = merge_lora(reloaded, layers="bitlinear")
-    if config.lora_merge_rounding == "nearest":
+        # the heal starts from the stochastically merged codes (their latents, Wt'·s / d): the better start
+        latent = merge_lora(reloaded, rounding="stochastic", seed=config.seed)
+        rows.append(packed_row(MERGED, copy.deepcopy(latent)))
+    else:
+        # the heal starts from the unrounded merged latents, whose ternarization is the merged model
+        latent = merge_lora(reloaded, layers="bitlinear")
         rows.append(packed_row(MERGED, merge_lora_copy(latent)))
     if config.lora_heal_steps > 0:
         if train_set is None:
