@@ -338,3 +338,32 @@ def test_ternary_linear_passes_the_straight_through_gradient_to_its_input(per_ch
     assert from_packed.abs().sum() > 0
     with torch.no_grad():  # inference stays a plain forward
         assert torch.equal(packed(x), bit(x))
+
+
+def test_packed_layer_keeps_its_packed_weight_for_backward_not_the_int8_codes(monkeypatch) -> None:
+    """The gradient to x of a frozen packed layer comes from codes unpacked again in backward, and is exact."""
+    import bittern.nn as bittern_nn
+
+    unpacked = []
+    original = bittern_nn._PackedCodes.unpack
+    monkeypatch.setattr(bittern_nn._PackedCodes, "unpack", lambda self: unpacked.append(1) or original(self))
+    torch.manual_seed(0)
+    layer = TernaryLinear.from_bitlinear(nn.Linear(32, 24, bias=True))
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    y = layer(x)
+    assert not unpacked
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert len(unpacked) == 1
+    torch.testing.assert_close(x.grad, grad_y @ layer.dequantized_weight())
+
+
+def test_packed_layer_with_an_input_gradient_compiles_without_graph_breaks() -> None:
+    torch.manual_seed(0)
+    layer = TernaryLinear.from_bitlinear(nn.Linear(32, 16, bias=False))
+    x = torch.randn(3, 32, requires_grad=True)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)  # fullgraph: a break raises
+    compiled.sum().backward()
+    assert torch.equal(compiled, eager)
+    torch.testing.assert_close(x.grad, torch.ones(3, 16) @ layer.dequantized_weight())

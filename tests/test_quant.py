@@ -394,3 +394,16 @@ def test_functions_run_on_meta_tensors(per_channel: bool) -> None:
 
     fake_x = quant.ste_activations(x, 1.0)
     assert (fake_x.device.type, fake_x.dtype, fake_x.shape) == ("meta", torch.bfloat16, (2, 3, 20))
+
+
+def test_stochastic_ternary_codes_are_exact_on_the_grid_and_unbiased_between() -> None:
+    scale = torch.tensor([0.5])
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[-1, 0, 1, 1, 0, -1]], dtype=torch.float32) * scale
+    assert torch.equal(quant.stochastic_ternary_codes(grid, scale, generator), grid.div(scale).to(torch.int8))
+    target = torch.full((200, 256), 0.3) * scale  # 30% of the way from code 0 to code 1
+    codes = quant.stochastic_ternary_codes(target, scale, generator)
+    assert set(codes.unique().tolist()) == {0, 1}
+    assert abs(codes.float().mean().item() - 0.3) < 0.01
+    clamped = quant.stochastic_ternary_codes(torch.full((4, 4), -3.0), scale, generator)
+    assert torch.equal(clamped, torch.full((4, 4), -1, dtype=torch.int8))

@@ -154,7 +154,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "  --model DIR           a full-precision checkpoint is CONVERTED: λ warms up from 0 to 1 (linear by\n"
             "                        default, over half the steps) and --distill-weight adds KL distillation from\n"
             "                        the frozen original; a bittern variant or Falcon-E / 2B4T checkpoint is\n"
-            "                        CONTINUED (fine-tuned) as ternary from the start\n"
+            "                        CONTINUED (fine-tuned) as ternary from the start, or with --lora-rank\n"
+            "                        adapted by LoRA adapters on its frozen packed layers\n"
             "  --data                text files, directories, .jsonl ('text' or chat 'messages', the latter through\n"
             "                        TRL's SFTTrainer and the tokenizer's chat template), or a saved `datasets`\n"
             "                        directory; none = the embedded corpus (Python's pydoc topics + docstrings)\n"
@@ -170,6 +171,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "  bittern train --out runs/conv --model ./llama-fp --data ./text --lambda-schedule sigmoid \\\n"
             "      --distill-weight 1.0 --steps 2000 --lr 2e-4\n"
             "  torchrun --nproc-per-node 2 -m bittern.cli train --out runs/ddp --preset small\n"
+            "  bittern train --out runs/lora --model runs/tiny/variants/packed --data ./my-text --lora-rank 16 \\\n"
+            "      --lr 1e-3 --steps 300 --lora-heal-steps 50\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -211,6 +214,41 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--lambda-warmup-steps", type=int, help="steps of the λ warmup (default: half of --steps)")
     conv.add_argument("--distill-weight", type=float, default=0.0, help="weight of the KL distillation term")
     conv.add_argument("--distill-temperature", type=float, default=1.0, help="distillation softmax temperature")
+    lora = parser.add_argument_group(
+        "LoRA (adapters on a frozen packed base; needs --model pointing at a ternary checkpoint)"
+    )
+    lora.add_argument(
+        "--lora-rank",
+        type=int,
+        help="train LoRA adapters of this rank instead of the whole model; the base is loaded packed (2 bits per "
+        "weight) and stays bit-identical. Writes OUT/adapter (PEFT format) and OUT/variants/merged",
+    )
+    lora.add_argument(
+        "--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank (default 2*rank)"
+    )
+    lora.add_argument(
+        "--lora-targets",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        default=[],
+        metavar="NAMES",
+        help="comma-separated module names to adapt, e.g. q_proj,v_proj (default: every ternary layer)",
+    )
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
+    lora.add_argument(
+        "--lora-heal-steps",
+        type=int,
+        default=0,
+        help="after merging, train the merged latent weights this many steps (quantization-aware) and write "
+        "OUT/variants/merged-healed (default 0: no heal)",
+    )
+    lora.add_argument(
+        "--lora-merge-rounding",
+        choices=("nearest", "stochastic"),
+        default="nearest",
+        help="how variants/merged rounds base + update to ternary codes: nearest (the weight rule on the latent) "
+        "or stochastic (at the base's scale: keeps small updates in expectation)",
+    )
+    lora.add_argument("--lora-heal-lr", type=float, default=1e-3, help="peak learning rate of the heal (default 1e-3)")
     run = parser.add_argument_group("run")
     run.add_argument("--log-every", type=int, default=10, help="steps between logs (default 10)")
     run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: --steps / 5)")
@@ -438,6 +476,13 @@ def _run(args: argparse.Namespace) -> int:
             log_every=args.log_every,
             seed=args.seed,
             fsdp=args.fsdp,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_targets=list(args.lora_targets),
+            lora_dropout=args.lora_dropout,
+            lora_heal_steps=args.lora_heal_steps,
+            lora_heal_lr=args.lora_heal_lr,
+            lora_merge_rounding=args.lora_merge_rounding,
             export=not args.no_export,
             progress=not args.quiet,
         )

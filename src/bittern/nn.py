@@ -193,6 +193,14 @@ class TernaryLinear(nn.Module):
 
     # --- views ----------------------------------------------------------------------------------------
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """``packed_weight`` under the name PEFT looks for on a quantized linear layer (GPTQ and AWQ layers call
+        their packed integer weight ``qweight``). PEFT reads it to put adapters on this layer's device (a layer of
+        buffers only has no parameter to ask) and keeps adapters in their own float dtype, since it is not
+        floating. Read-only; not part of the state dict."""
+        return self.packed_weight
+
     def codes(self) -> torch.Tensor:
         """The ternary codes, int8 ``[N, K]``."""
         return packing.unpack_ternary_rows(self.packed_weight, self.out_features)
@@ -204,8 +212,30 @@ class TernaryLinear(nn.Module):
     # --- module protocol ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[..., K]`` floating → ``[..., N]`` in ``x``'s dtype (autocast's inside an autocast region)."""
-        return kernels.packed_linear(x, self.packed_weight, self.out_features, self.weight_scale, self.bias)
+        """``x``: ``[..., K]`` floating → ``[..., N]`` in ``x``'s dtype (autocast's inside an autocast region).
+
+        Without gradients, the product runs straight from the packed weight (on a GPU: the packed-weight
+        inference kernels). When ``x`` needs a gradient (adapters or anything else training below this frozen
+        layer), the backward pass keeps this layer's 2-bit packed weight rather than the int8 codes the product
+        ran on, and unpacks them again when the gradient ``grad_y @ (Wt·s)`` is computed: a quarter of the memory
+        per layer held from forward to backward.
+        """
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return kernels.packed_linear(x, self.packed_weight, self.out_features, self.weight_scale, self.bias)
+        codes = self.codes()
+        # (under torch.compile the compiled graph decides what backward keeps; dynamo does not trace these hooks)
+        if torch.compiler.is_compiling():
+            return kernels.integer_linear(x, codes, self.weight_scale, self.bias)
+        packed, rows = self.packed_weight, self.out_features
+
+        def keep(tensor: torch.Tensor):
+            return _PackedCodes(packed, rows) if tensor is codes else tensor
+
+        def restore(saved):
+            return saved.unpack() if isinstance(saved, _PackedCodes) else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, restore):
+            return kernels.integer_linear(x, codes, self.weight_scale, self.bias)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # Keep the scale in float32 when the module is cast (model.to(torch.bfloat16)): move it, never round it.
@@ -224,3 +254,16 @@ class TernaryLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, per_channel={self.per_channel}"
         )
+
+
+class _PackedCodes:
+    """What a :class:`TernaryLinear` saves for backward in place of its int8 codes: the packed weight itself."""
+
+    __slots__ = ("packed", "rows")
+
+    def __init__(self, packed: torch.Tensor, rows: int) -> None:
+        self.packed = packed
+        self.rows = rows
+
+    def unpack(self) -> torch.Tensor:
+        return packing.unpack_ternary_rows(self.packed, self.rows)

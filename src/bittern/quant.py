@@ -67,6 +67,29 @@ def ternary_codes(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(w32 / _scale_for_rows(scale)).clamp_(-1, 1).to(torch.int8)
 
 
+def stochastic_ternary_codes(
+    weight: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Ternary codes of ``weight`` rounded stochastically at a given ``scale``: ``clamp(floor(W / s + u), -1, 1)``
+    with ``u`` uniform in [0, 1), so that ``E[codes * s] = W`` wherever ``|W| <= s``; values already on the grid
+    (``W = c * s``) give ``c`` exactly.
+
+    Used to merge a small update into packed codes (``bittern.peft``): nearest rounding would drop every change
+    smaller than ``s / 2``; this keeps it in expectation.
+
+    Args:
+        weight: ``[N, K]`` floating.
+        scale: float32 ``[1]`` or ``[N]``.
+        generator: the random stream (on ``weight``'s device); None uses torch's global one.
+
+    Returns:
+        int8 ``[N, K]`` with values in {-1, 0, 1}.
+    """
+    w32 = weight.detach().to(torch.float32) / _scale_for_rows(scale).to(torch.float32)
+    noise = torch.rand(w32.shape, generator=generator, device=w32.device, dtype=torch.float32)
+    return torch.floor(w32 + noise).clamp_(-1, 1).to(torch.int8)
+
+
 def ternarize(weight: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternarize a weight matrix: ``(codes, s)`` with ``W ≈ codes * s``.
 

@@ -21,7 +21,8 @@ class TrainConfig:
     The mode follows from the source: ``preset`` → from scratch; ``model`` pointing at a full-precision
     checkpoint → conversion (λ warmup, optional distillation from the frozen original); ``model`` pointing at a
     bittern variant (prequantized, packed, bf16) or a Falcon-E / 2B4T checkpoint → continued training or
-    fine-tuning. Chat data (jsonl with ``messages``) trains through TRL's ``SFTTrainer``.
+    fine-tuning. Chat data (jsonl with ``messages``) trains through TRL's ``SFTTrainer``. ``lora_rank`` trains
+    LoRA adapters on the ternary ``model`` loaded packed and frozen (:mod:`bittern.train.lora`).
     """
 
     out: str
@@ -52,6 +53,13 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     fsdp: bool = False
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=list)
+    lora_dropout: float = 0.0
+    lora_heal_steps: int = 0
+    lora_heal_lr: float = 1e-3
+    lora_merge_rounding: str = "nearest"
     export: bool = True
     progress: bool = True
 
@@ -98,10 +106,46 @@ class TrainConfig:
             raise ConfigError("--distill-weight needs a full-precision --model as teacher; a preset has none")
         if not 0.0 < self.eval_fraction < 0.5:
             raise ConfigError(f"--eval-fraction must lie in (0, 0.5), got {self.eval_fraction}")
+        self._validate_lora()
         for name in ("eval_every", "save_every", "num_layers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+    def _validate_lora(self) -> None:
+        if self.lora_rank is None:
+            given = [
+                f"--lora-{name.replace('_', '-')}"
+                for name, default in (("alpha", None), ("targets", []), ("dropout", 0.0), ("heal_steps", 0))
+                if getattr(self, f"lora_{name}") != default
+            ]
+            if given:
+                raise ConfigError(f"{', '.join(given)} need --lora-rank (LoRA is off without it)")
+            return
+        if self.lora_rank < 1:
+            raise ConfigError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
+        if self.model is None:
+            raise ConfigError(
+                "--lora-rank fine-tunes a ternary checkpoint: give --model (a preset has no trained base)"
+            )
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.lora_heal_steps < 0:
+            raise ConfigError(f"--lora-heal-steps must be >= 0, got {self.lora_heal_steps}")
+        if self.lora_merge_rounding not in ("nearest", "stochastic"):
+            raise ConfigError(f"--lora-merge-rounding must be nearest or stochastic, got {self.lora_merge_rounding!r}")
+        if self.lora_heal_lr <= 0:
+            raise ConfigError(f"--lora-heal-lr must be positive, got {self.lora_heal_lr}")
+        excluded = {
+            "--distill-weight": self.distill_weight > 0,
+            "--lambda-schedule": self.lambda_schedule,
+            "--fsdp": self.fsdp,
+        }
+        for option, value in excluded.items():
+            if value:
+                raise ConfigError(f"{option} does not apply to LoRA fine-tuning (--lora-rank)")
 
     @property
     def warmup(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,6 +58,11 @@ def plot_curves(metrics_path: Path, destination: Path) -> bool:
     return True
 
 
+def _shown(path: Path, root: Path) -> Path:
+    """``path`` relative to the run directory when it lies inside it (a LoRA run's base lies elsewhere)."""
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
 def write_report(result: TrainResult, config: TrainConfig, destination: Path) -> None:
     """``report.md``: what was trained, on what, and the held-out perplexity of every exported variant."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})"
@@ -78,9 +84,10 @@ def write_report(result: TrainResult, config: TrainConfig, destination: Path) ->
         "|---|---:|---:|---:|",
     ]
     for variant in result.variants:
+        bits = "—" if math.isnan(variant.bits_per_linear_weight) else f"{variant.bits_per_linear_weight:.2f}"
         lines.append(
-            f"| {variant.variant} (`{Path(variant.path).relative_to(destination.parent)}`) | "
-            f"{variant.size_bytes / 2**20:.2f} MiB | {variant.bits_per_linear_weight:.2f} | {variant.perplexity:.2f} |"
+            f"| {variant.variant} (`{_shown(Path(variant.path), destination.parent)}`) | "
+            f"{variant.size_bytes / 2**20:.2f} MiB | {bits} | {variant.perplexity:.2f} |"
         )
     lines.append(f"| unigram baseline (add-one, from the training tokens) | | | {result.unigram_perplexity:.2f} |")
     lines += ["", "## Settings", "", "```json"]

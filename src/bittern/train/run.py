@@ -10,6 +10,7 @@ Run directory layout (``config.out``)::
     variants/packed     Hugging Face packed ternary model (stock transformers loads it)
     variants/bf16       dense Wt·s weights, any tool loads it
     variants/prequantized   latent weights, for further training (``--model variants/prequantized``)
+    (with --lora-rank: adapter/, variants/merged and variants/merged-healed instead; see bittern.train.lora)
     report.md           held-out perplexity of each variant, the unigram baseline, sizes, the settings
 """
 
@@ -172,6 +173,17 @@ def _prepare_model(config: TrainConfig, tokenizer) -> _Prepared:
         mode = "convert"
         if teacher is not None:
             notes.append(f"distillation from the frozen original, KL weight {config.distill_weight}")
+    elif config.lora_rank is not None:
+        from bittern.train.lora import prepare_lora_model
+
+        if _source_is_full_precision(config):
+            raise ConfigError(
+                f"--lora-rank needs a ternary --model (packed, bf16 or prequantized); {config.model} is full "
+                "precision: convert it first (bittern train --model ... without --lora-rank)"
+            )
+        model, lora_notes = prepare_lora_model(config)
+        notes += lora_notes
+        mode, schedule, teacher = "lora", "none", None
     else:
         model = load_model(config.model, layers="bitlinear")
         if not ternary_layer_names(model) and not select_layers(model):
@@ -317,6 +329,8 @@ def train(config: TrainConfig) -> TrainResult:
         tokenizer = _prepare_tokenizer(config, corpus, run_dir)
         prepared = _prepare_model(config, tokenizer)
         data = _chat_data(config, corpus, tokenizer) if corpus.is_chat else _text_data(config, corpus, tokenizer)
+        if config.lora_heal_steps and corpus.is_chat:
+            raise ConfigError("--lora-heal-steps trains on text blocks; chat data is not supported for healing")
     except BitternError:
         if not resuming and _is_main_process():
             # refused before training: leave no run behind that would refuse the corrected command
@@ -370,7 +384,13 @@ def train(config: TrainConfig) -> TrainResult:
         final_loss=getattr(output, "training_loss", None),
         notes=[f"mode: {prepared.mode}", f"data: {corpus.description}; {data.how}", *prepared.notes],
     )
-    if config.export:
+    if config.export and config.lora_rank is not None:
+        if _is_main_process():
+            from bittern.train.lora import export_lora
+
+            model = prepared.model.to(device="cpu", dtype=torch.float32)
+            result.variants = export_lora(model, config, run_dir, data.eval_ids, data.train_set, config.progress)
+    elif config.export:
         model = _model_for_export(trainer, prepared.model, config)
         if model is not None:
             result.variants = export_and_evaluate(model, run_dir, data.eval_ids, config.seq_len, config.progress)
