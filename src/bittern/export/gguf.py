@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +42,7 @@ import torch
 from bittern.errors import ConfigError, OutputExistsError, UnknownFormatError
 from bittern.export.gguf_vocab import add_vocab, load_hf_tokenizer, vocab_from_tokenizer
 from bittern.formats import gguf as gguf_format
-from bittern.formats.common import Checkpoint, read_config
+from bittern.formats.common import Checkpoint, TernaryWeight, read_config
 
 WEIGHT_TYPES = ("tq2_0", "tq1_0", "q8_0", "f16")
 """``--type`` choices: the ternary types, and two dense references (for comparisons and benchmarks)."""
@@ -148,9 +148,8 @@ def atomic_output_file(destination: Path, overwrite: bool) -> Iterator[Path]:
     if destination.is_dir():
         raise OutputExistsError(f"output '{destination}' is a directory; give a file name such as model.gguf")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{destination.name}.tmp-", dir=destination.parent)
-    os.close(handle)
-    staging = Path(name)
+    # a fresh name, created by the writer with the usual permissions (mkstemp would make it private)
+    staging = destination.parent / f".{destination.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
         yield staging
         os.replace(staging, destination)
@@ -222,7 +221,7 @@ def _plan(
         key = f"{module}.weight"
         name = gguf_format.gguf_tensor_name(key, architecture)
         if (n_head := rope_heads(module)) is not None:
-            weight = gguf_format.TernaryWeight(
+            weight = TernaryWeight(
                 gguf_format.permute_rope_rows(weight.codes, n_head),
                 gguf_format.permute_rope_rows(weight.scale, n_head) if weight.per_channel else weight.scale,
             )
@@ -346,11 +345,11 @@ def export_gguf(
         finally:
             writer.close()
     if fallbacks:
-        listing = ", ".join(f"{name} ({kind})" for name, kind in sorted(fallbacks.items()))
+        rows = {name: _row_length(payload) for name, _, payload, _ in entries if name in fallbacks}
         warnings.warn(
-            f"{len(fallbacks)} tensors have rows that are not a multiple of the {weight_type}/{embeddings} block "
-            f"(a GGUF row is the input dimension K; TQ1_0/TQ2_0 need K % 256 == 0, Q8_0 K % 32 == 0) and were "
-            f"stored as Q8_0 (K % 32 == 0) or F16: {listing}",
+            f"{len(fallbacks)} tensors have rows (the input dimension K) that are not a multiple of the "
+            f"{weight_type}/{embeddings} block and were stored as Q8_0 (K % 32 == 0) or else F16: "
+            f"{describe_tensors(fallbacks, rows)}",
             RowFallbackWarning,
             stacklevel=2,
         )
@@ -365,7 +364,35 @@ def export_gguf(
     )
 
 
-def _dequantize(weight: gguf_format.TernaryWeight) -> torch.Tensor:
+def _row_length(payload: Any) -> int:
+    return int(payload.codes.shape[1] if isinstance(payload, TernaryWeight) else payload.shape[-1])
+
+
+def describe_tensors(types: dict[str, str], rows: dict[str, int]) -> str:
+    """A compact listing of GGUF tensors and their types: the same tensor of consecutive blocks is written once,
+    e.g. ``blk.0-29.attn_q.weight (K=576 → q8_0)``."""
+    groups: dict[tuple[str, str, int], list[int]] = {}
+    for name, kind in types.items():
+        parts = name.split(".")
+        block = int(parts[1]) if parts[0] == "blk" else -1
+        pattern = ".".join(["blk", "{}", *parts[2:]]) if block >= 0 else name
+        groups.setdefault((pattern, kind, rows.get(name, 0)), []).append(block)
+    items = []
+    for (pattern, kind, row), blocks in sorted(groups.items()):
+        blocks.sort()
+        if blocks[0] >= 0:
+            spans: list[tuple[int, int]] = []
+            for block in blocks:
+                if spans and block == spans[-1][1] + 1:
+                    spans[-1] = (spans[-1][0], block)
+                else:
+                    spans.append((block, block))
+            pattern = pattern.format(",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans))
+        items.append(f"{pattern} (K={row} → {kind})")
+    return ", ".join(items)
+
+
+def _dequantize(weight: TernaryWeight) -> torch.Tensor:
     """``codes * s`` in float32 (the scale first rounded to fp16, like the ternary types)."""
     from bittern import quant
 
