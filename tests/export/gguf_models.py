@@ -87,3 +87,29 @@ def write_model(directory: Path, config, tokenizer=None, seed: int = 0, variant:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def train_briefly(config, tokenizer, texts: list[str], steps: int = 25, seq_len: int = 32, batch: int = 8, seed: int = 0):
+    """A model of ``config`` trained with ternary weights (BitLinear, int8 activations) for ``steps`` AdamW steps
+    on random windows of ``texts``: enough for peaked, text-like predictions. Returned packed (TernaryLinear)."""
+    from transformers import AutoModelForCausalLM
+
+    import bittern
+
+    ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    bittern.to_bitlinear(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, ids.numel() - seq_len - 1, (batch,), generator=generator)
+        inputs = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+        model(input_ids=inputs, labels=inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    bittern.to_ternary(model)
+    return model.eval()
