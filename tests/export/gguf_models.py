@@ -1,10 +1,10 @@
-"""Shared by the GGUF export tests (imported, not a conftest): small tokenizers and ternary checkpoints written in bittern's layouts."""
+"""Helpers shared by the GGUF export tests (imported by them; fixtures live in the test files): small tokenizers,
+ternary checkpoints written in bittern's layouts, and a brief ternary training loop."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
@@ -17,8 +17,7 @@ def documents(start: int = 0, stop: int = 30) -> list[str]:
     return pydoc_topics()[start:stop]
 
 
-@pytest.fixture(scope="session")
-def bpe_tokenizer():
+def make_bpe_tokenizer():
     """A byte-level BPE tokenizer (GPT-2 style, bittern's own trainer) with a chat template."""
     from bittern.train.tokenizer import train_bpe_tokenizer
 
@@ -27,8 +26,7 @@ def bpe_tokenizer():
     return tokenizer
 
 
-@pytest.fixture(scope="session")
-def spm_tokenizer():
+def make_spm_tokenizer():
     """A SentencePiece-style BPE tokenizer (Llama 2 layout: ``▁`` for spaces, ``<0xXX>`` byte fallback)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -89,7 +87,9 @@ def write_model(directory: Path, config, tokenizer=None, seed: int = 0, variant:
     return directory
 
 
-def train_briefly(config, tokenizer, texts: list[str], steps: int = 25, seq_len: int = 32, batch: int = 8, seed: int = 0):
+def train_briefly(
+    config, tokenizer, texts: list[str], steps: int = 25, seq_len: int = 32, batch: int = 8, seed: int = 0
+):
     """A model of ``config`` trained with ternary weights (BitLinear, int8 activations) for ``steps`` AdamW steps
     on random windows of ``texts``: enough for peaked, text-like predictions. Returned packed (TernaryLinear)."""
     from transformers import AutoModelForCausalLM

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
+
+from gguf_models import CHAT_TEMPLATE, make_bpe_tokenizer, make_spm_tokenizer, model_config, write_model  # noqa: E402
 
 import bittern  # noqa: E402
 from bittern.checkpoint import checkpoint_from_model  # noqa: E402
@@ -18,7 +21,15 @@ from bittern.export import RowFallbackWarning, export_gguf  # noqa: E402
 from bittern.formats import gguf as fmt  # noqa: E402
 from bittern.formats.gguf import read_gguf  # noqa: E402
 
-from gguf_models import CHAT_TEMPLATE, bpe_tokenizer, model_config, spm_tokenizer, write_model  # noqa: E402, F401
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    return make_bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer():
+    return make_spm_tokenizer()
 
 
 def fields(path) -> tuple[dict, dict]:
@@ -141,7 +152,8 @@ def test_bitnet_with_silu_is_written_as_llama_cpp_bitnet(tmp_path, bpe_tokenizer
         assert torch.equal(back.ternary[name].codes, weight.codes), name
     assert back.config["model_type"] == "bitnet"
     assert torch.equal(
-        back.tensors["model.layers.1.mlp.ffn_sub_norm.weight"], source_ck.tensors["model.layers.1.mlp.ffn_sub_norm.weight"]
+        back.tensors["model.layers.1.mlp.ffn_sub_norm.weight"],
+        source_ck.tensors["model.layers.1.mlp.ffn_sub_norm.weight"],
     )
 
 
@@ -227,6 +239,14 @@ def test_cli_export_gguf(llama_dir, tmp_path, capsys, bpe_tokenizer) -> None:
     assert main(["export", "gguf", str(odd), str(tmp_path / "odd.gguf"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert err.count("bittern: warning:") == 1 and "K=96 → q8_0" in err
+
+
+def test_inspect_a_gguf_file(llama_dir, tmp_path, capsys) -> None:
+    path = export_gguf(llama_dir, tmp_path / "m.gguf", "tq1_0").path
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "gguf" and report["ternary_layers"] == 14
+    assert report["bits_per_linear_weight"] == pytest.approx(54 * 8 / 256)  # TQ1_0: 54 bytes per 256 weights
 
 
 def test_corrupt_gguf_through_load_model(tmp_path, llama_dir) -> None:

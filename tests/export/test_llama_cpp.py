@@ -12,12 +12,12 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-import bittern  # noqa: E402
-from bittern.eval.perplexity import sliding_window_nll, tokenize  # noqa: E402
-from bittern.export import export_gguf  # noqa: E402
-from bittern.export import llama_cpp as runner  # noqa: E402
+from gguf_models import documents, make_spm_tokenizer, model_config, train_briefly, write_model
 
-from gguf_models import documents, model_config, spm_tokenizer, train_briefly, write_model  # noqa: E402, F401
+import bittern
+from bittern.eval.perplexity import sliding_window_nll, tokenize
+from bittern.export import export_gguf
+from bittern.export import llama_cpp as runner
 
 WINDOW = 128
 PROMPTS = ("The import statement", "A class definition", "Exceptions are raised")
@@ -28,6 +28,11 @@ def tokenizer():
     from bittern.train.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(documents(0, 24), 384)
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer():
+    return make_spm_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,9 @@ def test_bitnet_style_model_matches_in_llama_cpp(bitnet_dir, tokenizer, held_out
 
 
 @pytest.mark.slow
-def test_llama_cpp_bitnet_graph_computes_silu_whatever_the_model_says(bitnet_dir, tokenizer, held_out, tmp_path) -> None:
+def test_llama_cpp_bitnet_graph_computes_silu_whatever_the_model_says(
+    bitnet_dir, tokenizer, held_out, tmp_path
+) -> None:
     """The same weights labelled relu²: bittern computes relu² (another model), llama.cpp still SiLU — which is
     why the exporter refuses relu² BitNet models by default."""
     import json

@@ -155,5 +155,5 @@ def test_reading_malformed_files_gives_one_clear_error(tmp_path) -> None:
     _write_gguf(other, "qwen2")
     with pytest.raises(UnknownFormatError, match="'qwen2'"):
         fmt.read_gguf(other)
-    with pytest.raises(CorruptCheckpointError, match="llama.embedding_length"):
+    with pytest.raises(CorruptCheckpointError, match=r"llama\.embedding_length"):
         fmt.read_gguf(whole)

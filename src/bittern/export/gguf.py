@@ -167,7 +167,8 @@ def _ternary_checkpoint(source: Path) -> Checkpoint:
     return checkpoint_from_model(model, target="ternary")
 
 
-def _add_metadata(writer: Any, config: dict[str, Any], architecture: str, name: str, file_type: int) -> None:
+def _add_metadata(writer: Any, config: dict[str, Any], name: str, file_type: int) -> None:
+    """The model's shape, rope and norm settings, file type and bittern's own keys."""
     import gguf
 
     from bittern import __version__
@@ -194,7 +195,6 @@ def _add_metadata(writer: Any, config: dict[str, Any], architecture: str, name: 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string(gguf_format.KEY_VERSION, __version__)
     writer.add_string(gguf_format.KEY_HIDDEN_ACT, str(config.get("hidden_act", "silu")))
-    del architecture
 
 
 def _file_type(weight_type: str) -> int:
@@ -323,7 +323,7 @@ def export_gguf(
     with atomic_output_file(output, overwrite) as staging:
         writer = gguf.GGUFWriter(str(staging), architecture)
         try:
-            _add_metadata(writer, checkpoint.config, architecture, source.name, _file_type(weight_type))
+            _add_metadata(writer, checkpoint.config, source.name, _file_type(weight_type))
             writer.add_array(gguf_format.KEY_TERNARY, ternary_names)
             add_vocab(writer, vocab)
             for name, kind, payload, ternary in _progress(entries, progress):
@@ -331,9 +331,7 @@ def export_gguf(
                     data = (
                         gguf_format.ternary_to_blocks(payload, kind, name)
                         if kind in gguf_format.TERNARY_TYPE_NAMES
-                        else gguf_format.dense_to_blocks(
-                            _dequantize(payload), kind
-                        )
+                        else gguf_format.dense_to_blocks(_dequantize(payload), kind)
                     )
                 else:
                     data = gguf_format.dense_to_blocks(payload, kind)

@@ -78,7 +78,9 @@ def load_hf_tokenizer(directory: str | Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MissingFileError(f"cannot load the tokenizer ({' '.join(str(exc).split())}); {needed}", directory) from exc
+        raise MissingFileError(
+            f"cannot load the tokenizer ({' '.join(str(exc).split())}); {needed}", directory
+        ) from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"'{directory}': the tokenizer has no fast (tokenizer.json) form; bittern reads only that")
     return tokenizer

@@ -58,7 +58,9 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def perplexity(path: str | Path, token_ids: Sequence[int], window: int, stride: int, threads: int = 2) -> PerplexityResult:
+def perplexity(
+    path: str | Path, token_ids: Sequence[int], window: int, stride: int, threads: int = 2
+) -> PerplexityResult:
     """llama.cpp's teacher-forced perplexity of ``token_ids`` (windows as in :func:`bittern.eval.sliding_window_nll`).
 
     Args:

@@ -25,7 +25,6 @@ Every ternary number comes from :mod:`bittern.quant`; nothing here knows about m
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +139,12 @@ def hf_tensor_name(name: str) -> str | None:
     for module, member in _GLOBAL_TENSORS.items():
         if stem == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[member]]:
             return f"{module}.{kind}"
-    match = re.match(r"^blk\.(\d+)\.(.+)$", stem)
+    match = re.match(r"^blk\.(\d+)\.", stem)
     if match:
-        block, rest = int(match.group(1)), match.group(2)
+        block = int(match.group(1))
         for module, member in _BLOCK_TENSORS.items():
             if gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[member]].format(bid=block) == stem:
                 return f"model.layers.{block}.{module}.{kind}"
-        del rest
     return None
 
 
@@ -195,7 +193,7 @@ def ternary_to_blocks(weight: TernaryWeight, type_name: str, name: str = "") -> 
     gguf = gguf_module()
     if type_name not in TERNARY_TYPE_NAMES:
         raise ConfigError(f"ternary GGUF type must be one of {', '.join(TERNARY_TYPE_NAMES)}, not {type_name!r}")
-    n, k = weight.codes.shape
+    k = weight.codes.shape[1]
     if k % TERNARY_BLOCK:
         raise ConfigError(f"tensor '{name}' has rows of {k} values; {type_name} needs a multiple of {TERNARY_BLOCK}")
     scale = fp16_scale(weight.scale)
@@ -413,8 +411,9 @@ def read_gguf(path: str | Path, progress: bool | None = None) -> Checkpoint:
     for tensor in _progress(tensors, progress):
         key = hf_tensor_name(tensor.name)
         if key is None:
-            raise UnknownFormatError(f"tensor has no place in a Hugging Face {config['model_type']} model", path,
-                                     tensor.name)
+            raise UnknownFormatError(
+                f"tensor has no place in a Hugging Face {config['model_type']} model", path, tensor.name
+            )
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ne is innermost-first
         type_name = tensor.tensor_type.name.lower()
         module, _, kind = key.rpartition(".")
@@ -427,8 +426,9 @@ def read_gguf(path: str | Path, progress: bool | None = None) -> Checkpoint:
                 values = _dense_values(gguf, tensor, shape)
                 weight = recover_ternary(values) if tensor.name in marked and is_linear else None
                 if tensor.name in marked and is_linear and weight is None:
-                    raise CorruptCheckpointError("is listed as ternary but its values are not {-s, 0, s}", path,
-                                                 tensor.name)
+                    raise CorruptCheckpointError(
+                        "is listed as ternary but its values are not {-s, 0, s}", path, tensor.name
+                    )
         except CheckpointError:
             raise
         except (ValueError, IndexError, TypeError, NotImplementedError) as exc:
@@ -488,6 +488,3 @@ def is_gguf_file(path: str | Path) -> bool:
         return False
     with path.open("rb") as handle:
         return handle.read(4) == b"GGUF"
-
-
-ReadFn = Callable[[Path], Checkpoint]
