@@ -183,7 +183,7 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r['model']} | {r['type']} | {r['bittern_ppl']:.3f} | {r['llama_cpp_ppl']:.3f} | "
-            f"{r['gap_percent']:+.2f}% | {r['greedy_prompts_agreeing']}/{args.prompts} | "
+            f"{r['gap_percent']:+.3f}% | {r['greedy_prompts_agreeing']}/{args.prompts} | "
             f"{r['greedy_mean_prefix']:.1f}/{args.new_tokens} |"
         )
     if args.json:

@@ -131,7 +131,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--embeddings",
         choices=("f16", "f32", "bf16", "q8_0"),
         default="f16",
-        help="type of the token embedding and of an untied LM head (default f16)",
+        help="type of the token embedding, an untied LM head and any linear layer left in full precision (default f16)",
     )
     gguf.add_argument(
         "--allow-activation-mismatch",

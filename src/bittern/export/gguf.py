@@ -12,7 +12,8 @@ What is written (with the PyPI ``gguf`` package's ``GGUFWriter``):
   layers whose ``K`` is not a multiple of 256 are stored as Q8_0 when ``K % 32 == 0`` (``{-s, 0, s}`` is
   exact up to Q8_0's fp16 block scale: ``127 * fp16(s / 127)``), otherwise as F16; one
   :class:`RowFallbackWarning` lists them all. The same rule applies to the embeddings' type;
-* embeddings (and an untied LM head) as ``--embeddings`` (f16 by default), norms and biases as F32;
+* the token embedding, an untied LM head and any linear layer a policy left in full precision as ``--embeddings``
+  (f16 by default); norms and biases as F32;
 * ``bittern.hidden_act`` and ``bittern.ternary_tensors`` so :func:`bittern.formats.gguf.read_gguf` restores
   the model exactly.
 
@@ -203,59 +204,57 @@ def _file_type(weight_type: str) -> int:
     return int(gguf.LlamaFileType[f"MOSTLY_{weight_type.upper()}"])
 
 
-def _plan(
-    checkpoint: Checkpoint, architecture: str, weight_type: str, embeddings: str
-) -> list[tuple[str, str, Any, bool]]:
-    """``(gguf name, stored type, payload, is ternary)`` per tensor, in file order; payload is a
-    :class:`TernaryWeight` or a dense tensor (q/k rows already in llama.cpp's order)."""
+@dataclass
+class _Entry:
+    """One tensor to write: GGUF name, stored type, the type asked for, and a TernaryWeight or dense tensor."""
+
+    name: str
+    kind: str
+    requested: str
+    payload: Any
+    ternary: bool
+
+
+def _plan(checkpoint: Checkpoint, architecture: str, weight_type: str, embeddings: str) -> list[_Entry]:
+    """Every tensor to write, in file order, with its type chosen by the row policy (q/k rows already in
+    llama.cpp's order). Ternary layers get ``weight_type``; 2-D dense tensors (embeddings, an untied head, a linear
+    layer left in full precision) get ``embeddings``; 1-D tensors (norms, biases) F32."""
     config = checkpoint.config
     heads = {"q_proj": int(config["num_attention_heads"]), "k_proj": int(config.get("num_key_value_heads") or 0)}
     heads["k_proj"] = heads["k_proj"] or heads["q_proj"]
-    entries: list[tuple[str, str, Any, bool]] = []
+    entries: list[_Entry] = []
 
     def rope_heads(module: str) -> int | None:
-        leaf = module.rsplit(".", 1)[-1]
-        return heads.get(leaf) if architecture == "llama" else None
+        return heads.get(module.rsplit(".", 1)[-1]) if architecture == "llama" else None
 
     for module, weight in checkpoint.ternary.items():
-        key = f"{module}.weight"
-        name = gguf_format.gguf_tensor_name(key, architecture)
+        name = gguf_format.gguf_tensor_name(f"{module}.weight", architecture)
         if (n_head := rope_heads(module)) is not None:
             weight = TernaryWeight(
                 gguf_format.permute_rope_rows(weight.codes, n_head),
                 gguf_format.permute_rope_rows(weight.scale, n_head) if weight.per_channel else weight.scale,
             )
-        entries.append((name, stored_type(weight_type, weight.codes.shape[1]), weight, True))
+        entries.append(_Entry(name, stored_type(weight_type, weight.codes.shape[1]), weight_type, weight, True))
     for key, tensor in checkpoint.tensors.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
         if architecture == "bitnet" and key == "lm_head.weight":
             continue  # tied (checked): llama.cpp's bitnet uses token_embd
         name = gguf_format.gguf_tensor_name(key, architecture)
-        module = key.rsplit(".", 1)[0]
-        if (n_head := rope_heads(module)) is not None:
+        if (n_head := rope_heads(key.rsplit(".", 1)[0])) is not None:
             tensor = gguf_format.permute_rope_rows(tensor, n_head)
         if tensor.dim() == 2:
-            requested = embeddings if module in ("model.embed_tokens", "lm_head") else weight_type
-            kind = stored_type(requested, tensor.shape[1]) if requested not in gguf_format.TERNARY_TYPE_NAMES else None
-            if kind is None:  # a dense linear layer (a policy left it full precision): not ternary, use Q8_0/F16
-                kind = stored_type("q8_0", tensor.shape[1])
+            entries.append(_Entry(name, stored_type(embeddings, tensor.shape[1]), embeddings, tensor, False))
         else:
-            kind = "f32"
-        entries.append((name, kind, tensor, False))
-    order = {name: index for index, name in enumerate(_file_order(entries))}
-    return sorted(entries, key=lambda entry: order[entry[0]])
+            entries.append(_Entry(name, "f32", "f32", tensor, False))
+    return sorted(entries, key=lambda entry: _file_rank(entry.name))
 
 
-def _file_order(entries: list[tuple[str, str, Any, bool]]) -> list[str]:
-    """Global tensors first, then blocks in numeric order (the order llama.cpp's converter writes)."""
-
-    def rank(name: str) -> tuple[int, int, str]:
-        if name.startswith("blk."):
-            return (1, int(name.split(".")[1]), name)
-        return (0 if name.startswith("token_embd") else 2, 0, name)
-
-    return sorted((entry[0] for entry in entries), key=rank)
+def _file_rank(name: str) -> tuple[int, int, str]:
+    """Token embedding first, then blocks in numeric order, then the output tensors (llama.cpp's order)."""
+    if name.startswith("blk."):
+        return (1, int(name.split(".")[1]), name)
+    return (0 if name.startswith("token_embd") else 2, 0, name)
 
 
 def export_gguf(
@@ -277,7 +276,8 @@ def export_gguf(
         output: the ``.gguf`` file to write.
         weight_type: type of the ternary layers: ``tq2_0`` (2.06 bits/weight, llama.cpp's fastest ternary
             kernel), ``tq1_0`` (1.69 bits/weight), or the dense references ``q8_0`` / ``f16``.
-        embeddings: type of the token embedding (and an untied head): ``f16``, ``f32``, ``bf16`` or ``q8_0``.
+        embeddings: type of the token embedding, an untied head and any full-precision linear layer: ``f16``,
+            ``f32``, ``bf16`` or ``q8_0``.
         overwrite: replace an existing ``output``.
         allow_activation_mismatch: write a relu² BitNet model under llama.cpp's SiLU ``bitnet`` graph anyway.
         pre_tokenizer: llama.cpp pre-tokenizer name, when bittern cannot detect it from ``tokenizer.json``.
@@ -310,15 +310,8 @@ def export_gguf(
     if not checkpoint.ternary:
         raise ConfigError(f"'{source}' has no ternary layers to export")
     entries = _plan(checkpoint, architecture, weight_type, embeddings)
-    fallbacks = {name: kind for name, kind, _, ternary in entries if ternary and kind != weight_type}
-    fallbacks.update(
-        {
-            name: kind
-            for name, kind, payload, ternary in entries
-            if not ternary and name.startswith(("token_embd", "output.")) and kind != embeddings
-        }
-    )
-    ternary_names = sorted(name for name, _, _, ternary in entries if ternary)
+    fallbacks = {e.name: e.kind for e in entries if e.kind != e.requested}
+    ternary_names = sorted(e.name for e in entries if e.ternary)
 
     with atomic_output_file(output, overwrite) as staging:
         writer = gguf.GGUFWriter(str(staging), architecture)
@@ -326,24 +319,22 @@ def export_gguf(
             _add_metadata(writer, checkpoint.config, source.name, _file_type(weight_type))
             writer.add_array(gguf_format.KEY_TERNARY, ternary_names)
             add_vocab(writer, vocab)
-            for name, kind, payload, ternary in _progress(entries, progress):
-                if ternary:
-                    data = (
-                        gguf_format.ternary_to_blocks(payload, kind, name)
-                        if kind in gguf_format.TERNARY_TYPE_NAMES
-                        else gguf_format.dense_to_blocks(_dequantize(payload), kind)
-                    )
+            for entry in _progress(entries, progress):
+                if entry.ternary and entry.kind in gguf_format.TERNARY_TYPE_NAMES:
+                    data = gguf_format.ternary_to_blocks(entry.payload, entry.kind, entry.name)
+                elif entry.ternary:  # the row policy's fallback (or a dense reference type): codes * fp16(s)
+                    data = gguf_format.dense_to_blocks(_dequantize(entry.payload), entry.kind)
                 else:
-                    data = gguf_format.dense_to_blocks(payload, kind)
-                raw = gguf_format.quant_type(kind) if data.dtype == np.uint8 else None
-                writer.add_tensor(name, data, raw_dtype=raw)
+                    data = gguf_format.dense_to_blocks(entry.payload, entry.kind)
+                raw = gguf_format.quant_type(entry.kind) if data.dtype == np.uint8 else None
+                writer.add_tensor(entry.name, data, raw_dtype=raw)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file(progress=False)
         finally:
             writer.close()
     if fallbacks:
-        rows = {name: _row_length(payload) for name, _, payload, _ in entries if name in fallbacks}
+        rows = {e.name: _row_length(e.payload) for e in entries if e.name in fallbacks}
         warnings.warn(
             f"{len(fallbacks)} tensors have rows (the input dimension K) that are not a multiple of the "
             f"{weight_type}/{embeddings} block and were stored as Q8_0 (K % 32 == 0) or else F16: "
@@ -356,7 +347,7 @@ def export_gguf(
         size_bytes=output.stat().st_size,
         architecture=architecture,
         weight_type=weight_type,
-        tensor_types={name: kind for name, kind, _, _ in entries},
+        tensor_types={e.name: e.kind for e in entries},
         fallbacks=fallbacks,
         ternary_tensors=ternary_names,
     )
