@@ -1,6 +1,7 @@
 """The ``bittern`` command line. Every verb is also a Python function:
 
 * ``bittern convert`` → :func:`bittern.checkpoint.convert_checkpoint`
+* ``bittern export gguf`` → :func:`bittern.export.export_gguf`
 * ``bittern inspect`` → :func:`bittern.inspection.inspect_checkpoint`
 * ``bittern eval``    → :func:`bittern.eval.evaluate_file`
 * ``bittern train``   → :func:`bittern.train.train`
@@ -81,6 +82,74 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "--exclude", action="append", default=[], metavar="REGEX", help="plain SRC only: never convert these"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export",
+        help="export a checkpoint to another runtime's format (gguf: llama.cpp)",
+        description="Export a checkpoint to a single file for another runtime. Targets: gguf (llama.cpp).",
+    )
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+    gguf = targets.add_parser(
+        "gguf",
+        help="one GGUF file for llama.cpp / llama-cpp-python (ternary layers as TQ2_0 or TQ1_0)",
+        description=(
+            "Write SRC (any checkpoint directory bittern reads, with its tokenizer) as one GGUF file that\n"
+            "llama.cpp loads and computes as the same model: Llama-style models (Llama, Falcon-E) as llama.cpp's\n"
+            "'llama' architecture, BitNetForCausalLM (sub-norms) as 'bitnet'; the tokenizer (byte-level BPE or\n"
+            "SentencePiece BPE), special tokens, chat template and rope settings; ternary layers as --type.\n"
+            "\n"
+            "Row policy: a GGUF row is a layer's input dimension K. TQ1_0/TQ2_0 need K % 256 == 0; other\n"
+            "ternary layers are stored as Q8_0 (K % 32 == 0, exact up to its fp16 block scale) or else F16, and\n"
+            "one warning lists them. Ternary scales are stored as fp16 (codes are exact).\n"
+            "\n"
+            "llama.cpp's 'bitnet' graph computes the feed-forward with SiLU and ties the LM head to the\n"
+            "embedding: a relu2 BitNet model (like microsoft/bitnet-b1.58-2B-4T) is refused unless\n"
+            "--allow-activation-mismatch, because llama.cpp would compute a different model.\n"
+            "\n"
+            "The file is written under a temporary name and renamed into place: a failure leaves nothing behind.\n"
+            "Read a GGUF file back with bittern.load_model('model.gguf')."
+        ),
+        epilog=(
+            "examples:\n"
+            "  bittern export gguf ./model-packed model.gguf\n"
+            "  bittern export gguf ./model-packed model-tq1.gguf --type tq1_0 --embeddings q8_0\n"
+            "  bittern export gguf ./falcon-e ./falcon-e.gguf --overwrite\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gguf.add_argument("src", help="source checkpoint directory (with tokenizer files)")
+    gguf.add_argument("out", help="the .gguf file to write (must not exist unless --overwrite)")
+    gguf.add_argument(
+        "--type",
+        dest="weight_type",
+        choices=("tq2_0", "tq1_0", "q8_0", "f16"),
+        default="tq2_0",
+        help="type of the ternary layers: tq2_0 (2.06 bits/weight, default, llama.cpp's fastest ternary kernel), "
+        "tq1_0 (1.69 bits/weight); q8_0 and f16 write dense references for comparisons",
+    )
+    gguf.add_argument(
+        "--embeddings",
+        choices=("f16", "f32", "bf16", "q8_0"),
+        default="f16",
+        help="type of the token embedding, an untied LM head and any linear layer left in full precision (default f16)",
+    )
+    gguf.add_argument(
+        "--allow-activation-mismatch",
+        action="store_true",
+        help="write a relu2 BitNet model under llama.cpp's bitnet graph anyway (llama.cpp computes SiLU there: "
+        "a different model)",
+    )
+    gguf.add_argument(
+        "--pre-tokenizer",
+        default=None,
+        metavar="NAME",
+        help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when bittern cannot detect it from tokenizer.json "
+        "(it detects gpt-2, smollm and llama-bpe)",
+    )
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    gguf.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -379,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bittern {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_convert(sub)
+    _add_export(sub)
     _add_inspect(sub)
     _add_eval(sub)
     _add_train(sub)
@@ -406,6 +476,31 @@ def _run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         print(f"wrote {args.to} checkpoint to {out}")
+        return 0
+    if args.command == "export":
+        import warnings
+
+        from bittern.export import RowFallbackWarning, export_gguf
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RowFallbackWarning)
+            result = export_gguf(
+                args.src,
+                args.out,
+                args.weight_type,
+                args.embeddings,
+                overwrite=args.overwrite,
+                allow_activation_mismatch=args.allow_activation_mismatch,
+                pre_tokenizer=args.pre_tokenizer,
+                progress=False if args.quiet else None,
+            )
+        for warning in caught:
+            print(f"bittern: warning: {warning.message}", file=sys.stderr)
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(result.type_counts().items()))
+        print(
+            f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, llama.cpp architecture "
+            f"'{result.architecture}'; tensors: {counts})"
+        )
         return 0
     if args.command == "inspect":
         from bittern.inspection import inspect_checkpoint

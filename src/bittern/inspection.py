@@ -93,8 +93,10 @@ def _stored_sizes(directory: Path) -> dict[str, tuple[int, int]]:
 
 
 def inspect_checkpoint(path: str | Path) -> Report:
-    """Validate and describe a checkpoint directory (any layout :func:`read_checkpoint` accepts)."""
+    """Validate and describe a checkpoint directory (any layout :func:`read_checkpoint` accepts) or GGUF file."""
     directory = Path(path)
+    if formats.gguf.is_gguf_file(directory):
+        return _inspect_gguf(directory)
     checkpoint = formats.read_checkpoint(directory)  # raises on invalid codes, scales, NaN/Inf, ...
     raw_config = formats.common.read_config(directory)
     fmt = formats.detect_format(raw_config, directory)
@@ -142,4 +144,31 @@ def inspect_checkpoint(path: str | Path) -> Report:
         file_bytes=sum(p.stat().st_size for p in directory.iterdir() if p.is_file()),
         scale_convention=convention,
         tokenizer_files=sorted(p.name for p in directory.iterdir() if p.name in formats.common.TOKENIZER_FILES),
+    )
+
+
+def _inspect_gguf(path: Path) -> Report:
+    """Validate and describe a GGUF file (bits per ternary weight from the stored tensor bytes)."""
+    import gguf
+
+    checkpoint = formats.read_gguf(path)  # raises on invalid blocks, NaN/Inf, unknown tensors
+    stored = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    architecture = formats.gguf.ARCHITECTURES[checkpoint.config["model_type"]]
+    names = [formats.gguf.gguf_tensor_name(f"{n}.weight", architecture) for n in checkpoint.ternary]
+    ternary_bytes = sum(stored[name] for name in names)
+    ternary_weights = sum(w.codes.numel() for w in checkpoint.ternary.values())
+    dense = sum(t.numel() for t in checkpoint.tensors.values())
+    config = checkpoint.config
+    return Report(
+        path=str(path),
+        format="gguf",
+        layout=checkpoint.layout,
+        architecture=", ".join(config.get("architectures") or ["unknown"]),
+        model_type=str(config.get("model_type", "unknown")),
+        parameters=dense + ternary_weights,
+        ternary_layers=len(checkpoint.ternary),
+        ternary_weights=ternary_weights,
+        dense_parameters=dense,
+        bits_per_linear_weight=8 * ternary_bytes / ternary_weights if ternary_weights else 0.0,
+        file_bytes=path.stat().st_size,
     )

@@ -13,6 +13,7 @@ from bittern.errors import UnknownFormatError
 from bittern.formats.bf16 import read_bf16, write_bf16
 from bittern.formats.common import CONFIG_FILE, MARKER_KEY, Checkpoint, TernaryWeight, read_config, read_tensors
 from bittern.formats.full import read_full
+from bittern.formats.gguf import is_gguf_file, read_gguf
 from bittern.formats.packed import SCALE_CONVENTIONS, is_packed, read_packed, write_packed
 from bittern.formats.prequantized import read_prequantized, write_prequantized
 
@@ -25,6 +26,7 @@ __all__ = [
     "TernaryWeight",
     "detect_format",
     "read_checkpoint",
+    "read_gguf",
     "write_bf16",
     "write_packed",
     "write_prequantized",
@@ -60,9 +62,12 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
 
     Supported: bittern's packed / bf16 / prequantized variants, Falcon-E style packed (LlamaForCausalLM +
     ``bitlinear``), microsoft 2B4T style packed (``autobitlinear`` offline), online (QAT) bitnet checkpoints
-    and plain full-precision Hugging Face checkpoints.
+    and plain full-precision Hugging Face checkpoints; a ``.gguf`` file (llama / bitnet, see
+    :func:`bittern.formats.gguf.read_gguf`) is read too.
     """
     directory = Path(directory)
+    if is_gguf_file(directory):
+        return read_gguf(directory)
     config = read_config(directory)
     fmt = detect_format(config, directory)
     tensors, files = read_tensors(directory)
