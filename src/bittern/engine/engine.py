@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bittern import devices
 from bittern.engine.decoder import Decoder, StaticKVCache
 from bittern.engine.graphs import CudaGraphDecodeStep, EagerDecodeStep
 from bittern.engine.sampling import Sampler, SamplingParams
@@ -33,7 +34,6 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_SEQ_LEN = 2048
 FINISH_CHECK_EVERY = 16
 """Without streaming or stop strings, the host checks every this many tokens whether all rows have ended."""
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -88,28 +88,9 @@ class GenerationResult:
         self.decode_tokens += other.decode_tokens
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch device; None: ``cuda`` when available, else ``cpu``."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r} is not a torch device ({exc})") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(resolved)!r} was asked for but CUDA is not available")
-    return resolved
-
-
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """``dtype`` (a torch dtype or its name); None: bfloat16 on a GPU, float32 on the CPU."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
+    return devices.resolve_dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -580,7 +561,7 @@ def load(
 
     if weights not in ("ternary", "dense"):
         raise ConfigError(f"weights must be 'ternary' or 'dense', not {weights!r}")
-    torch_device = resolve_device(device)
+    torch_device = devices.resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     directory = Path(path)
     tokenizer = _load_tokenizer(directory) if directory.is_dir() else None

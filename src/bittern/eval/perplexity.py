@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bittern import devices
 from bittern.errors import ConfigError, MissingFileError
 
 DEFAULT_WINDOW_CAP = 1024
@@ -38,7 +39,6 @@ DEFAULT_WINDOW_CAP = 1024
 PROGRESS_MIN_WINDOWS = 8
 """A progress bar is shown when there are more windows than this."""
 _TEXT_FIELD = "text"
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -325,28 +325,6 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r} is not a torch device ({exc})") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(resolved)!r} was asked for but CUDA is not available")
-    return resolved
-
-
 def evaluate_file(
     model_path: str | Path,
     data_path: str | Path,
@@ -393,8 +371,8 @@ def evaluate_file(
         _check_int("stride", stride, 1)
     if max_tokens is not None:
         _check_int("max_tokens", max_tokens, 2)
-    torch_dtype = _resolve_dtype(dtype)
-    torch_device = _resolve_device(device)
+    torch_dtype = devices.resolve_dtype(dtype, torch.float32)
+    torch_device = devices.resolve_device(device)
     text = read_text(data_path)  # the cheap checks first, then the tokenizer, then the model
     tokenizer = load_tokenizer(model_path)
     ids = tokenize(tokenizer, text)
