@@ -10,7 +10,7 @@ Registered ops (namespace ``bittern``):
   widening that feeds cuBLAS instead (the default).
 * ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
 * ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
-  decode kernel with fused activation quantization for up to 16 tokens, the prefill GEMM beyond.
+  decode kernel with fused activation quantization for up to 4 tokens, the prefill path beyond.
 
 Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
 breaking the graph, and since none of them synchronises with the host, CUDA graphs capture them (run them once

@@ -261,7 +261,7 @@ def packed_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The inference linear over packed weights: :func:`decode_linear` where it applies (up to 16 tokens,
+    """The inference linear over packed weights: :func:`decode_linear` where it applies (up to DECODE_MAX_M tokens,
     ``K % 4 == 0``), else :func:`prefill_linear`. ``[..., K]`` → ``[..., N]`` in ``out_dtype``, bit-identical to
     the reference."""
     k = x.shape[-1]
