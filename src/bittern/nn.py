@@ -267,3 +267,17 @@ class _PackedCodes:
 
     def unpack(self) -> torch.Tensor:
         return packing.unpack_ternary_rows(self.packed, self.rows)
+
+
+def project(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]``, with bias-free :class:`TernaryLinear` layers of one input (q/k/v,
+    gate/up) decoded in one kernel launch where :func:`bittern.kernels.packed_linear_group` applies: the same
+    numbers, fewer launches."""
+    if len(layers) > 1 and all(isinstance(layer, TernaryLinear) and layer.bias is None for layer in layers):
+        return kernels.packed_linear_group(
+            x,
+            [layer.packed_weight for layer in layers],
+            [layer.out_features for layer in layers],
+            [layer.weight_scale for layer in layers],
+        )
+    return [layer(x) for layer in layers]

@@ -133,3 +133,38 @@ def test_ternary_linear_runs_on_the_packed_kernels_and_still_trains_what_is_belo
         y.sum().backward()
     assert torch.equal(y.detach(), reference)
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("widths", [(10, 6, 6), (37, 9)])
+def test_grouped_decode_equals_each_layer(widths: tuple[int, ...], per_channel: bool) -> None:
+    generator = torch.Generator().manual_seed(len(widths))
+    x = (torch.randn(3, 36, generator=generator) * 2).to(DEVICE)
+    layers = [quant.ternarize(torch.randn(n, 36, generator=generator) * 0.02, per_channel) for n in widths]
+    packed_weights = [packing.pack_ternary_rows(codes).to(DEVICE) for codes, _ in layers]
+    scales = [scale.to(DEVICE) for _, scale in layers]
+    for config in ({"BR": 2, "BKW": 4}, {"BR": 4, "BKW": 16}):
+        ys = packed.decode_group(x, packed_weights, list(widths), scales, torch.float32, config=config)
+        for y, (codes, scale) in zip(ys, layers, strict=True):
+            assert torch.equal(y, quant.integer_linear(x, codes.to(DEVICE), scale.to(DEVICE)))
+
+
+def test_project_groups_packed_layers_and_matches_each_call() -> None:
+    from bittern.nn import project
+
+    generator = torch.Generator().manual_seed(7)
+    layers = [
+        TernaryLinear.from_codes(
+            torch.randint(-1, 2, (n, 32), generator=generator, dtype=torch.int8), torch.rand(1)
+        ).to(DEVICE)
+        for n in (16, 8, 8)
+    ]
+    x = torch.randn(2, 32, generator=generator).to(DEVICE)
+    with kernels.use_backend("triton"), torch.no_grad():
+        grouped = project(x, layers)
+        single = [layer(x) for layer in layers]
+    assert all(torch.equal(a, b) for a, b in zip(grouped, single, strict=True))
+    from bittern.kernels import ops
+
+    torch.library.opcheck(ops.packed_linear_group, (x, [la.packed_weight for la in layers], [16, 8, 8],
+                                                    [la.weight_scale for la in layers], torch.float32))  # fmt: skip

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bittern.errors import ConfigError
+from bittern.nn import project
 
 SUPPORTED_MODEL_TYPES = ("llama", "bitnet", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose decoder layer :class:`Decoder` reproduces."""
@@ -223,9 +224,10 @@ class Decoder:
                 # stacked along the query axis, so the mask repeats once per head of the group
                 masks[layer.sliding_window] = mask.repeat(1, 1, groups, 1)
             h = layer.input_norm(x)
-            q = layer.q_proj(h).view(batch, length, self.num_heads, self.head_dim)
-            k = layer.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim)
-            v = layer.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim)
+            q, k, v = project(h, [layer.q_proj, layer.k_proj, layer.v_proj])  # one launch when they are packed
+            q = q.view(batch, length, self.num_heads, self.head_dim)
+            k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+            v = v.view(batch, length, self.num_kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q = layer.q_norm(q)
             if layer.k_norm is not None:
@@ -249,7 +251,8 @@ class Decoder:
                 out = layer.attn_sub_norm(out)
             x = x + layer.o_proj(out)
             h = layer.post_norm(x)
-            h = layer.act(layer.gate_proj(h)) * layer.up_proj(h)
+            gate, up = project(h, [layer.gate_proj, layer.up_proj])
+            h = layer.act(gate) * up
             if layer.ffn_sub_norm is not None:
                 h = layer.ffn_sub_norm(h)
             x = x + layer.down_proj(h)

@@ -31,6 +31,9 @@ _backend: str | None = None  # None: read the environment variable
 # Looked up once (find_spec imports nothing): torch.compile cannot trace importlib, but reads a module global.
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
+DECODE_MAX_TOKENS = 4
+"""Token counts up to this run on the decode kernel (:mod:`bittern.kernels.packed`); more go to the prefill path."""
+
 
 def _check(name: str) -> str:
     if name not in BACKENDS:
@@ -166,6 +169,35 @@ def packed_linear(
         return _ops().packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
     codes = packing.unpack_ternary_rows(packed_weight, out_features)
     return integer_linear(x, codes, scale, bias, out_dtype)
+
+
+def packed_linear_group(
+    x: torch.Tensor,
+    packed_weights: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    out_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """:func:`packed_linear` of two or three bias-free layers on the same input ``x`` ``[..., K]``, without
+    gradients: one launch of the decode kernel on the Triton backend when it applies (at most
+    :data:`DECODE_MAX_TOKENS` tokens, ``K % 4 == 0``, the scales all per tensor or all per row),
+    one :func:`packed_linear` per layer otherwise. Each result equals that layer's :func:`packed_linear` exactly.
+    """
+    out_dtype = out_dtype or output_dtype(x)
+    k = x.shape[-1]
+    grouped = (
+        not (torch.is_grad_enabled() and x.requires_grad)
+        and 2 <= len(packed_weights) <= 3
+        and k % 4 == 0
+        and x.numel() // max(k, 1) <= DECODE_MAX_TOKENS
+        and len({s.numel() != 1 for s in scales}) == 1
+        and uses_triton(x)
+    )
+    if grouped:
+        return _ops().packed_linear_group(x, packed_weights, out_features, scales, out_dtype)
+    return [
+        packed_linear(x, w, n, s, None, out_dtype) for w, n, s in zip(packed_weights, out_features, scales, strict=True)
+    ]
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,8 @@ Registered ops (namespace ``bittern``):
   widening that feeds cuBLAS instead (the default).
 * ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
 * ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
-  decode kernel with fused activation quantization for up to 4 tokens, the prefill path beyond.
+  decode kernel with fused activation quantization for up to 4 tokens, the prefill path beyond;
+  ``packed_linear_group`` — the decode kernel for two or three layers of one input (q/k/v, gate/up) in one launch.
 
 Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
 breaking the graph, and since none of them synchronises with the host, CUDA graphs capture them (run them once
@@ -194,6 +195,24 @@ def packed_linear(
 @packed_linear.register_fake
 def _(x, packed_weight, out_features, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
+
+
+@torch.library.custom_op("bittern::packed_linear_group", mutates_args=())
+def packed_linear_group(
+    x: torch.Tensor,
+    packed_weights: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """Two or three bias-free packed layers on one input, decoded in one launch: ``[..., K]`` → ``[..., N_i]``."""
+    with _device_guard(x):
+        return packed.decode_group(x, packed_weights, out_features, scales, out_dtype)
+
+
+@packed_linear_group.register_fake
+def _(x, packed_weights, out_features, scales, out_dtype):  # type: ignore[no-untyped-def]
+    return [x.new_empty((*x.shape[:-1], n), dtype=out_dtype) for n in out_features]
 
 
 class _FrozenTernaryLinear(torch.autograd.Function):

@@ -32,10 +32,10 @@ import triton
 import triton.language as tl
 
 from bittern import packing, quant
-from bittern.kernels import interpreter, matmul, quantizers
+from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, quantizers
 from bittern.kernels.quantizers import _round_half_even
 
-DECODE_MAX_M = 4
+DECODE_MAX_M = DECODE_MAX_TOKENS
 """Token counts up to this use the decode kernel. It handles one token after another (the weights come from L1/L2
 after the first), so its cost grows with M: on the H100 the prefill path is faster from about 6 tokens."""
 
@@ -132,17 +132,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-@triton.jit(do_not_specialize=["M", "N", "R"])
-def _decode_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
-    M, N, R, stride_xm, stride_wr, stride_ym,
+@triton.jit
+def _decode_rows(
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym, block,
     K: tl.constexpr, KP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
     USE_ASM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
 ):  # fmt: skip
-    # one token after another; products accumulate elementwise in int32 and are reduced once per token
+    """Byte rows ``[block * BR, (block + 1) * BR)`` of one layer for every token: one token after another,
+    products accumulated elementwise in int32 and reduced once per token."""
     KW: tl.constexpr = K // 4
     TILES: tl.constexpr = (KW + BKW - 1) // BKW
-    rr = tl.program_id(0) * BR + tl.arange(0, BR)
+    rr = block * BR + tl.arange(0, BR)
     r_ok = rr < R
     w_rows = w_ptr + rr.to(tl.int64)[:, None] * stride_wr
     rj = tl.arange(0, BKW)
@@ -187,7 +187,42 @@ def _decode_kernel(
                   s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
 
 
+@triton.jit(do_not_specialize=["M", "N", "R"])
+def _decode_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    M, N, R, stride_xm, stride_wr, stride_ym,
+    K: tl.constexpr, KP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    USE_ASM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
+):  # fmt: skip
+    _decode_rows(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym, tl.program_id(0),
+                 K, KP, EPS, HAS_BIAS, PER_CHANNEL, USE_ASM, BR, BKW)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["M", "N0", "R0", "N1", "R1", "N2", "R2"])
+def _decode_group_kernel(
+    x_ptr, w0_ptr, s0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr,
+    M, N0, R0, N1, R1, N2, R2, stride_xm, stride_wr,
+    K: tl.constexpr, KP: tl.constexpr, EPS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    USE_ASM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
+):  # fmt: skip
+    # up to three layers of one input (q/k/v, gate/up) in one launch: the first blocks of programs take layer 0,
+    # the next layer 1, the rest layer 2 (a launch costs about as much as a small layer's whole product)
+    pid = tl.program_id(0)
+    blocks0 = tl.cdiv(R0, BR)
+    blocks1 = tl.cdiv(R1, BR)
+    if pid < blocks0:
+        _decode_rows(x_ptr, w0_ptr, s0_ptr, s0_ptr, y0_ptr, M, N0, R0, stride_xm, stride_wr, N0, pid,
+                     K, KP, EPS, False, PER_CHANNEL, USE_ASM, BR, BKW)  # fmt: skip
+    elif pid < blocks0 + blocks1:
+        _decode_rows(x_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, M, N1, R1, stride_xm, stride_wr, N1, pid - blocks0,
+                     K, KP, EPS, False, PER_CHANNEL, USE_ASM, BR, BKW)  # fmt: skip
+    else:
+        _decode_rows(x_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, M, N2, R2, stride_xm, stride_wr, N2,
+                     pid - blocks0 - blocks1, K, KP, EPS, False, PER_CHANNEL, USE_ASM, BR, BKW)  # fmt: skip
+
+
 _decode_tuned = triton.autotune(configs=_decode_configs(), key=["N", "K"])(_decode_kernel)
+_decode_group_tuned = triton.autotune(configs=_decode_configs(), key=["N0", "N1", "N2", "K"])(_decode_group_kernel)
 
 
 def decode_linear(
@@ -236,6 +271,67 @@ def decode_linear(
             warps = chosen.pop("num_warps", 4)
             _decode_kernel[(triton.cdiv(rows, chosen["BR"]),)](*args, **flags, **chosen, num_warps=warps)
     return y.to(out_dtype).reshape(*x.shape[:-1], n)
+
+
+def decode_group(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    out_dtype: torch.dtype,
+    config: dict[str, int] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`decode_linear` of two or three bias-free layers on the same input, in one launch.
+
+    Args:
+        x: ``[..., K]``, at most ``DECODE_MAX_M`` tokens, ``K % 4 == 0``.
+        packed, out_features, scales: per layer, as in :func:`decode_linear`; every scale per tensor, or every
+            scale per row.
+        out_dtype: dtype of the results. config: a fixed tile choice; for tests.
+
+    Returns:
+        One ``[..., N_i]`` tensor per layer, each equal to that layer's :func:`decode_linear` bit for bit.
+    """
+    if not 2 <= len(packed) <= 3 or not len(packed) == len(out_features) == len(scales):
+        raise ValueError(f"decode_group takes 2 or 3 layers with one packed weight, width and scale each; got "
+                         f"{len(packed)}, {len(out_features)} and {len(scales)}")  # fmt: skip
+    per_channel = {s.numel() != 1 for s in scales}
+    if len(per_channel) != 1:
+        raise ValueError("decode_group needs every layer's scale per tensor, or every layer's per row")
+    for weight, n, scale in zip(packed, out_features, scales, strict=True):
+        _check(x, weight, n, scale)
+    x2 = _rows(x)
+    m, k = x2.shape
+    if m > DECODE_MAX_M or k % 4 or k > DECODE_MAX_K:
+        raise ValueError(f"decode_group takes at most {DECODE_MAX_M} tokens and K % 4 == 0, K <= {DECODE_MAX_K}; "
+                         f"got {m} tokens of {k}")  # fmt: skip
+    words = [_rows(w).view(torch.int32) for w in packed]
+    rows = [w.shape[0] for w in packed]
+    ys = [torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device) for n in out_features]
+    if len(packed) == 2:  # a third layer of no rows: its programs are never launched
+        words.append(words[1])
+        rows.append(0)
+        scales = [*scales, scales[1]]
+        ys.append(ys[1])
+        widths = [*out_features, 0]
+    else:
+        widths = list(out_features)
+    if m:
+        args = (
+            x2, words[0], scales[0], ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2],
+            m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], x2.stride(0), words[0].stride(0),
+        )  # fmt: skip
+        flags = dict(K=k, KP=triton.next_power_of_2(k), EPS=quant.EPS, PER_CHANNEL=per_channel.pop(),
+                     USE_ASM=not interpreter.active())  # fmt: skip
+        if config is None:
+            grid = lambda meta: (sum(triton.cdiv(r, meta["BR"]) for r in rows),)  # noqa: E731
+            _decode_group_tuned[grid](*args, **flags)
+        else:
+            chosen = dict(config)
+            warps = chosen.pop("num_warps", 4)
+            grid = (sum(triton.cdiv(r, chosen["BR"]) for r in rows),)
+            _decode_group_kernel[grid](*args, **flags, **chosen, num_warps=warps)
+    return [y.to(out_dtype).reshape(*x.shape[:-1], n) for y, n in zip(ys, out_features, strict=False)]
 
 
 def prefill_linear(
