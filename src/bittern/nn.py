@@ -273,7 +273,8 @@ def project(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]``, with bias-free :class:`TernaryLinear` layers of one input (q/k/v,
     gate/up) decoded in one kernel launch where :func:`bittern.kernels.packed_linear_group` applies: the same
     numbers, fewer launches."""
-    if len(layers) > 1 and all(isinstance(layer, TernaryLinear) and layer.bias is None for layer in layers):
+    needs_grad = torch.is_grad_enabled() and x.requires_grad  # then each layer's own forward (and backward)
+    if len(layers) > 1 and not needs_grad and all(isinstance(la, TernaryLinear) and la.bias is None for la in layers):
         return kernels.packed_linear_group(
             x,
             [layer.packed_weight for layer in layers],
