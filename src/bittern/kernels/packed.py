@@ -225,6 +225,33 @@ _decode_tuned = triton.autotune(configs=_decode_configs(), key=["N", "K"])(_deco
 _decode_group_tuned = triton.autotune(configs=_decode_configs(), key=["N0", "N1", "N2", "K"])(_decode_group_kernel)
 
 
+def _decode_rows_of(x: torch.Tensor, caller: str) -> torch.Tensor:
+    """``x`` as ``[M, K]`` rows, checked against the decode kernel's limits (named for ``caller``'s error)."""
+    x2 = _rows(x)
+    m, k = x2.shape
+    if m > DECODE_MAX_M or k % 4 or k > DECODE_MAX_K:
+        raise ValueError(f"{caller} takes at most {DECODE_MAX_M} tokens and K % 4 == 0, K <= {DECODE_MAX_K}; "
+                         f"got {m} tokens of {k}")  # fmt: skip
+    return x2
+
+
+def _decode_flags(k: int, per_channel: bool) -> dict:
+    return dict(K=k, KP=triton.next_power_of_2(k), EPS=quant.EPS, PER_CHANNEL=per_channel,
+                USE_ASM=not interpreter.active())  # fmt: skip
+
+
+def _launch(kernel, tuned, byte_rows: list[int], args: tuple, flags: dict, config: dict[str, int] | None) -> None:  # type: ignore[no-untyped-def]
+    """Launch ``tuned`` (autotuned), or ``kernel`` with a fixed ``config`` (tests), one program per ``BR`` byte
+    rows of every layer in ``byte_rows``."""
+    if config is None:
+        tuned[lambda meta: (sum(triton.cdiv(r, meta["BR"]) for r in byte_rows),)](*args, **flags)
+    else:
+        chosen = dict(config)
+        warps = chosen.pop("num_warps", 4)
+        grid = (sum(triton.cdiv(r, chosen["BR"]) for r in byte_rows),)
+        kernel[grid](*args, **flags, **chosen, num_warps=warps)
+
+
 def decode_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -248,11 +275,8 @@ def decode_linear(
         ``[..., N]`` in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` bit for bit.
     """
     _check(x, packed, out_features, scale)
-    x2 = _rows(x)
+    x2 = _decode_rows_of(x, "decode_linear")
     m, k = x2.shape
-    if m > DECODE_MAX_M or k % 4 or k > DECODE_MAX_K:
-        raise ValueError(f"decode_linear takes at most {DECODE_MAX_M} tokens and K % 4 == 0, K <= {DECODE_MAX_K}; "
-                         f"got {m} tokens of {k}")  # fmt: skip
     words = _rows(packed).view(torch.int32)  # [R, K/4]; K % 4 == 0 keeps every row word-aligned
     n = out_features
     rows = packed.shape[0]
@@ -260,16 +284,8 @@ def decode_linear(
     if m and n:
         args = (x2, words, scale, bias if bias is not None else scale, y,
                 m, n, rows, x2.stride(0), words.stride(0), y.stride(0))  # fmt: skip
-        flags = dict(
-            K=k, KP=triton.next_power_of_2(k), EPS=quant.EPS, HAS_BIAS=bias is not None,
-            PER_CHANNEL=scale.numel() != 1, USE_ASM=not interpreter.active(),
-        )  # fmt: skip
-        if config is None:
-            _decode_tuned[lambda meta: (triton.cdiv(rows, meta["BR"]),)](*args, **flags)
-        else:
-            chosen = dict(config)
-            warps = chosen.pop("num_warps", 4)
-            _decode_kernel[(triton.cdiv(rows, chosen["BR"]),)](*args, **flags, **chosen, num_warps=warps)
+        flags = {**_decode_flags(k, scale.numel() != 1), "HAS_BIAS": bias is not None}
+        _launch(_decode_kernel, _decode_tuned, [rows], args, flags, config)
     return y.to(out_dtype).reshape(*x.shape[:-1], n)
 
 
@@ -300,11 +316,8 @@ def decode_group(
         raise ValueError("decode_group needs every layer's scale per tensor, or every layer's per row")
     for weight, n, scale in zip(packed, out_features, scales, strict=True):
         _check(x, weight, n, scale)
-    x2 = _rows(x)
+    x2 = _decode_rows_of(x, "decode_group")
     m, k = x2.shape
-    if m > DECODE_MAX_M or k % 4 or k > DECODE_MAX_K:
-        raise ValueError(f"decode_group takes at most {DECODE_MAX_M} tokens and K % 4 == 0, K <= {DECODE_MAX_K}; "
-                         f"got {m} tokens of {k}")  # fmt: skip
     words = [_rows(w).view(torch.int32) for w in packed]
     rows = [w.shape[0] for w in packed]
     ys = [torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device) for n in out_features]
@@ -321,16 +334,7 @@ def decode_group(
             x2, words[0], scales[0], ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2],
             m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], x2.stride(0), words[0].stride(0),
         )  # fmt: skip
-        flags = dict(K=k, KP=triton.next_power_of_2(k), EPS=quant.EPS, PER_CHANNEL=per_channel.pop(),
-                     USE_ASM=not interpreter.active())  # fmt: skip
-        if config is None:
-            grid = lambda meta: (sum(triton.cdiv(r, meta["BR"]) for r in rows),)  # noqa: E731
-            _decode_group_tuned[grid](*args, **flags)
-        else:
-            chosen = dict(config)
-            warps = chosen.pop("num_warps", 4)
-            grid = (sum(triton.cdiv(r, chosen["BR"]) for r in rows),)
-            _decode_group_kernel[grid](*args, **flags, **chosen, num_warps=warps)
+        _launch(_decode_group_kernel, _decode_group_tuned, rows, args, _decode_flags(k, per_channel.pop()), config)
     return [y.to(out_dtype).reshape(*x.shape[:-1], n) for y, n in zip(ys, out_features, strict=False)]
 
 
