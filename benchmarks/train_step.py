@@ -11,7 +11,10 @@ per variant:
   quantizers);
 * ``autobitlinear-eager``: the same with torch.compile disabled (its quantizers run eagerly);
 * ``bittern-reference``: ``bittern.to_bitlinear`` under ``bittern.kernels.use_backend("reference")``;
-* ``bittern-kernels``: the same under ``use_backend("triton")`` (backward products on cuBLAS, the default);
+* ``bittern-kernels``: the same under ``use_backend("triton")`` (the default backward: the forward's quantizer
+  passes also write the bf16 values the backward multiplies, and the backward is two cuBLAS products);
+* ``bittern-kernels-int8-bwd``: the same saving int8 activations and codes for backward, widened there
+  (``BITTERN_BACKWARD_GEMM=cublas-int8``: less memory, one more pass per product);
 * ``bittern-kernels-fused-bwd``: the same with Triton's fused backward products (``BITTERN_BACKWARD_GEMM=triton``).
 
 Each variant builds its model from the same seed, runs ``--warmup`` untimed then ``--steps`` timed training steps
@@ -60,6 +63,7 @@ VARIANTS = (
     "autobitlinear-eager",
     "bittern-reference",
     "bittern-kernels",
+    "bittern-kernels-int8-bwd",
     "bittern-kernels-fused-bwd",
 )
 PROJECTIONS = (
@@ -182,7 +186,12 @@ def make_variant(variant: str, config, seed: int, device: torch.device) -> tuple
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     assert swapped == expected, f"{variant}: {swapped} layers replaced, expected {expected}"
     model.to(device)  # a replacement layer may have created a buffer on the default device
-    backends = {"bittern-reference": "reference", "bittern-kernels": "triton", "bittern-kernels-fused-bwd": "fused"}
+    backends = {
+        "bittern-reference": "reference",
+        "bittern-kernels": "triton",
+        "bittern-kernels-int8-bwd": "cublas-int8",
+        "bittern-kernels-fused-bwd": "triton-backward",
+    }
     backend = {**backends, "autobitlinear-eager": "eager"}.get(variant)
     return model, backend
 
@@ -213,18 +222,20 @@ def backend_context(backend: str | None) -> contextlib.AbstractContextManager:
         return torch._dynamo.config.patch(disable=True)
     from bittern import kernels
 
-    if backend == "fused":  # the kernels with Triton's fused backward products instead of cuBLAS
-        return _fused_backward()
-
+    if backend == "cublas-int8":  # int8 saved for backward, widened there
+        return _kernels_with_backward("cublas-int8")
+    if backend == "triton-backward":  # Triton's fused backward products instead of cuBLAS
+        return _kernels_with_backward("triton")
     return kernels.use_backend(backend)
 
 
 @contextlib.contextmanager
-def _fused_backward():
+def _kernels_with_backward(mode: str):
+    """The kernels with ``BITTERN_BACKWARD_GEMM=mode`` (restored after)."""
     from bittern import kernels
 
     previous = os.environ.get("BITTERN_BACKWARD_GEMM")
-    os.environ["BITTERN_BACKWARD_GEMM"] = "triton"
+    os.environ["BITTERN_BACKWARD_GEMM"] = mode
     try:
         with kernels.use_backend("triton"):
             yield
@@ -373,7 +384,7 @@ def curve_agreement(args: argparse.Namespace, shape: dict, vocab: int) -> dict:
         }
     }
     runs = {}
-    for backend in ("reference", "triton", "fused"):
+    for backend in ("reference", "triton", "triton-backward"):
         try:
             runs[backend] = loss_curve(config, batches, backend, args)
         except Exception as exc:
@@ -383,7 +394,7 @@ def curve_agreement(args: argparse.Namespace, shape: dict, vocab: int) -> dict:
             return result
         print(f"curve {backend}: {runs[backend]['seconds']:.1f} s, loss {runs[backend]['losses'][0]:.4f} → "
               f"{runs[backend]['losses'][-1]:.4f}", flush=True)  # fmt: skip
-    ref, kern = runs["reference"]["losses"], runs["triton"]["losses"]
+    ref, kern, fused = runs["reference"]["losses"], runs["triton"]["losses"], runs["triton-backward"]["losses"]
     diffs = [abs(a - b) for a, b in zip(ref, kern, strict=True)]
     relative = [d / max(abs(a), 1e-12) for d, a in zip(diffs, ref, strict=True)]
     tail = diffs[-CURVE_TAIL:]
@@ -397,7 +408,7 @@ def curve_agreement(args: argparse.Namespace, shape: dict, vocab: int) -> dict:
             "last_n": len(tail),
             "reference": {"first": ref[0], "last": ref[-1], "seconds": runs["reference"]["seconds"], "losses": ref},
             "triton": {"first": kern[0], "last": kern[-1], "seconds": runs["triton"]["seconds"], "losses": kern},
-            "fused_backward": {"losses": runs["fused"]["losses"], "last": runs["fused"]["losses"][-1]},
+            "fused_backward": {"losses": fused, "last": fused[-1]},
         }
     )
     return result

@@ -29,7 +29,7 @@ def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).norm() / expected.norm().clamp(min=1e-30)).item()
 
 
-@pytest.mark.parametrize("backward_gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("backward_gemm", ops.BACKWARD_GEMMS)
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_training_linear_matches_the_reference(
@@ -62,6 +62,68 @@ def test_unknown_backward_gemm_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
         ops.ternary_linear(x, w, None, False, torch.float32).sum().backward()
 
 
+def test_layers_reading_one_input_quantize_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v on one tensor: one activation pass, and each output and gradient equals the layer's own reference;
+    an in-place write to the input makes the next layer quantize it again."""
+    from bittern.kernels import quantizers
+
+    calls = []
+    real = quantizers.quantize_activations_and_widen
+    monkeypatch.setattr(quantizers, "quantize_activations_and_widen", lambda x, w: calls.append(1) or real(x, w))
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 24, generator=generator).to(DEVICE).requires_grad_()
+    h = x * 1.0  # a non-leaf input, as a norm's output is
+    weights = [(torch.randn(n, 24, generator=generator) * 0.1).to(DEVICE).requires_grad_() for n in (16, 8, 8)]
+    outputs = [ops.ternary_linear(h, w, None, False, torch.float32) for w in weights]
+    assert len(calls) == 1
+    torch.cat(outputs, -1).square().sum().backward()
+    got = [x.grad] + [w.grad for w in weights]
+    for t in [x, *weights]:
+        t.grad = None
+    h = x * 1.0
+    expected_y = [quant.ternary_linear_ste(h, w) for w in weights]
+    torch.cat(expected_y, -1).square().sum().backward()
+    for y, e in zip(outputs, expected_y, strict=True):
+        assert torch.equal(y, e)
+    for g, e in zip(got, [x.grad] + [w.grad for w in weights], strict=True):
+        assert _relative(g, e) <= 1e-6
+
+    with torch.no_grad():
+        h = x * 1.0
+        before = ops.ternary_linear(h, weights[0], None, False, torch.float32)
+        h.mul_(2.0)  # same tensor object, new contents
+        after = ops.ternary_linear(h, weights[0], None, False, torch.float32)
+    assert len(calls) == 3
+    assert torch.equal(after, quant.ternary_linear_ste(h, weights[0]))
+    assert not torch.equal(after, before)
+
+
+def test_inference_mode_inputs_are_quantized_per_call() -> None:
+    """Inference tensors have no version counter to check a cached quantization against."""
+    _, w, _ = _leaves(5, 16, 32, seed=10, bias=False)
+    with torch.inference_mode():
+        x = torch.randn(5, 32, device=DEVICE)
+        first = ops.ternary_linear(x, w, None, False, torch.float32)
+        x.mul_(-3.0)
+        second = ops.ternary_linear(x, w, None, False, torch.float32)
+        expected = quant.ternary_linear_ste(x, w)
+    assert torch.equal(second, expected) and not torch.equal(first, second)
+
+
+def test_backward_modes_give_the_same_bf16_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Widened in the forward or after the fact, the backward multiplies the same values: equal bits."""
+    x, w, b = _leaves(6, 24, 40, seed=8)
+    grad_y = torch.randn(6, 24, generator=torch.Generator().manual_seed(9)).to(DEVICE, torch.bfloat16)
+    grads = {}
+    for mode in ("cublas", "cublas-int8"):
+        monkeypatch.setenv("BITTERN_BACKWARD_GEMM", mode)
+        ops.ternary_linear(x, w, b, False, torch.bfloat16).backward(grad_y)
+        grads[mode] = [x.grad, w.grad, b.grad]
+        x.grad = w.grad = b.grad = None
+    for got, expected in zip(grads["cublas"], grads["cublas-int8"], strict=True):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 def test_gradients_only_where_asked() -> None:
     x, w, _ = _leaves(5, 16, 32, seed=3, bias=False)
     frozen = w.detach()
@@ -83,7 +145,12 @@ def test_torch_library_consistency_checks() -> None:
     """opcheck: schema, fake (meta) implementations and AOT dispatch agree with each op. (Autograd is the
     autograd.Function around the ops, tested above and under torch.compile below.)"""
     x, w, b = (t.detach() for t in _leaves(6, 16, 32, seed=5))
-    torch.library.opcheck(torch.ops.bittern.ternary_linear.default, (x, w, b, False, torch.float32))
+    for widen in (None, torch.float32):
+        torch.library.opcheck(torch.ops.bittern.quantize_activations.default, (x, widen))
+        xq, act_scale = quant.quantize_activations(x)
+        for per_channel in (False, True):
+            args = (xq, act_scale, w, b, per_channel, torch.float32, widen)
+            torch.library.opcheck(torch.ops.bittern.quantized_linear.default, args)
     codes, scale = quant.ternarize(w)
     torch.library.opcheck(torch.ops.bittern.integer_linear.default, (x, codes, scale, None, torch.float32))
     xq, act_scale = quant.quantize_activations(x)

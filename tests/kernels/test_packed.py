@@ -111,10 +111,10 @@ def test_bad_operands_are_refused_with_the_reason() -> None:
 
 
 def test_packed_linear_op_passes_opcheck() -> None:
-    from bittern.kernels import ops
+    import bittern.kernels.ops  # noqa: F401  (registers torch.ops.bittern)
 
     x, _, weight, scale, bias = _operands(3, 12, 32, False, seed=9)
-    torch.library.opcheck(ops.packed_linear, (x, weight, 12, scale, bias, torch.float32))
+    torch.library.opcheck(torch.ops.bittern.packed_linear.default, (x, weight, 12, scale, bias, torch.float32))
 
 
 def test_ternary_linear_runs_on_the_packed_kernels_and_still_trains_what_is_below() -> None:
@@ -164,7 +164,7 @@ def test_project_groups_packed_layers_and_matches_each_call() -> None:
         grouped = project(x, layers)
         single = [layer(x) for layer in layers]
     assert all(torch.equal(a, b) for a, b in zip(grouped, single, strict=True))
-    from bittern.kernels import ops
+    import bittern.kernels.ops  # noqa: F401  (registers torch.ops.bittern)
 
-    torch.library.opcheck(ops.packed_linear_group, (x, [la.packed_weight for la in layers], [16, 8, 8],
-                                                    [la.weight_scale for la in layers], torch.float32))  # fmt: skip
+    args = (x, [la.packed_weight for la in layers], [16, 8, 8], [la.weight_scale for la in layers], torch.float32)
+    torch.library.opcheck(torch.ops.bittern.packed_linear_group.default, args)

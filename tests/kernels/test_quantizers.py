@@ -52,8 +52,9 @@ def test_activation_zero_rows_and_extremes() -> None:
     assert scale[0].item() == pytest.approx(1e-5) and xq[0].abs().sum().item() == 0
 
 
-def test_activation_rows_longer_than_one_pass() -> None:
-    k = quantizers.ACT_SINGLE_PASS_MAX_K + 300  # the two-pass path with a ragged tail
+@pytest.mark.parametrize("pieces", [2, 8])  # 8: rows over 4096 are read in wider pieces
+def test_activation_rows_of_several_pieces(pieces: int) -> None:
+    k = pieces * quantizers.ACT_BLOCK_K + 300  # a ragged tail
     x = _randn(2, k, seed=5, dtype=torch.bfloat16, scale=2.0)
     xq, scale = quantizers.quantize_activations(x)
     ref_xq, ref_scale = quant.quantize_activations(x)
@@ -107,6 +108,43 @@ def test_scale_is_order_independent() -> None:
     weight = _randn(257, 300, seed=9, scale=0.05)
     assert torch.equal(quantizers.weight_scale(weight), quantizers.weight_scale(weight.flip(0).contiguous()))
     assert torch.equal(quantizers.weight_scale(weight.t()), quant.weight_scale(weight))  # non-contiguous input
+
+
+@pytest.mark.parametrize("widen", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 70), (3, 5, 129)])
+def test_activations_widened_in_the_same_pass_equal_the_dequantized_reference(
+    shape: tuple[int, ...], widen: torch.dtype
+) -> None:
+    x = _randn(*shape, seed=3, dtype=torch.bfloat16, scale=2.0)
+    xq, scale, x_hat = quantizers.quantize_activations_and_widen(x, widen)
+    ref_xq, ref_scale = quant.quantize_activations(x)
+    assert torch.equal(xq, ref_xq) and torch.equal(scale, ref_scale)
+    assert x_hat.dtype == widen and x_hat.shape == x.shape
+    assert torch.equal(x_hat, quant.dequantize_activations(ref_xq, ref_scale, widen))
+    assert quantizers.quantize_activations_and_widen(x, None)[2] is None
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("widen", [torch.float32, torch.bfloat16])
+def test_weight_widened_in_the_codes_pass_equals_the_dequantized_reference(
+    per_channel: bool, widen: torch.dtype
+) -> None:
+    weight = _randn(45, 70, seed=4, scale=0.02)
+    codes, scale, w_hat = quantizers.ternarize_and_widen(weight, per_channel, widen)
+    ref_codes, ref_scale = quant.ternarize(weight, per_channel)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+    assert w_hat.dtype == widen and torch.equal(w_hat, quant.dequantize_weight(ref_codes, ref_scale, widen))
+
+
+def test_codes_programs_that_reduce_many_partials_cover_the_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small blocks force 625 partial sums, so each codes program covers several blocks (the large-weight case)."""
+    monkeypatch.setattr(quantizers, "_SUM_BLOCK", 16)
+    monkeypatch.setattr(quantizers, "_SUM_CHUNKS", 1)
+    monkeypatch.setattr(quantizers, "_CODES_BLOCK", 64)
+    weight = _randn(100, 100, seed=5, scale=0.03)
+    codes, scale = quantizers.ternarize(weight)
+    ref_codes, ref_scale = quant.ternarize(weight)
+    assert torch.equal(scale, ref_scale) and torch.equal(codes, ref_codes)
 
 
 # --- dequantizers (the backward's widening passes) -------------------------------------------------------------

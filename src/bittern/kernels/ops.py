@@ -2,20 +2,21 @@
 
 Registered ops (namespace ``bittern``):
 
-* ``ternary_linear`` — the training forward: quantize activations, ternarize the latent weight, int8 product,
-  fused rescale. Returns ``y`` and, for the backward pass, ``xq`` (int8), ``a``, the codes (int8) and ``s``:
-  the layer keeps one byte per activation and per weight for backward, where a bf16 layer keeps two.
+* ``quantize_activations`` and ``quantized_linear`` — the training forward: per-token int8 activations (once per
+  input tensor: q/k/v and gate/up share them), then the latent weight's ternary codes and the int8 product with
+  a fused rescale. Both can also write, in the same passes, the dequantized values the backward multiplies
+  (:func:`backward_gemm`).
 * ``ternary_linear_grad_input`` / ``ternary_linear_grad_weight`` — the straight-through backward products,
   fused (``BITTERN_BACKWARD_GEMM=triton``); ``dequantize_activations`` / ``dequantize_weight`` — the one-pass
-  widening that feeds cuBLAS instead (the default).
+  widening of int8 tensors saved for backward (``cublas-int8``).
 * ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
 * ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
   decode kernel with fused activation quantization for up to 4 tokens, the prefill path beyond;
   ``packed_linear_group`` — the decode kernel for two or three layers of one input (q/k/v, gate/up) in one launch.
 
 Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
-breaking the graph, and since none of them synchronises with the host, CUDA graphs capture them (run them once
-before capturing: the first call of a shape autotunes).
+breaking the graph (eager calls skip the dispatcher: :class:`_CustomOp`), and since none of them synchronises
+with the host, CUDA graphs capture them (run them once before capturing: the first call of a shape autotunes).
 
 Importing this module imports Triton; :mod:`bittern.kernels` does so lazily, on first use.
 """
@@ -23,23 +24,32 @@ Importing this module imports Triton; :mod:`bittern.kernels` does so lazily, on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
+import weakref
 
 import torch
 
 from bittern import quant
 from bittern.kernels import matmul, packed, quantizers
 
-BACKWARD_GEMMS = ("cublas", "triton")
+BACKWARD_GEMMS = ("cublas", "cublas-int8", "triton")
 
 
 def backward_gemm() -> str:
-    """Which library runs the two backward products: ``$BITTERN_BACKWARD_GEMM``, ``cublas`` by default.
+    """How the training linear's backward runs: ``$BITTERN_BACKWARD_GEMM``, ``cublas`` by default.
 
-    ``cublas``: the codes and ``xq * a / 127`` are widened to the gradient's dtype (one Triton pass each, the
-    values of :mod:`bittern.quant`'s dequantizers) and multiplied by torch (cuBLAS). ``triton``: the fused
-    kernels of :mod:`bittern.kernels.matmul`, which widen on chip and write no copy. Measured on an H100
-    (BENCHMARKS.md), cuBLAS is faster at the 2B4T shapes.
+    * ``cublas``: the forward's quantizer passes also write what the backward multiplies, in the gradient's
+      dtype (``xq * a / 127`` per input, ``Wt * s`` per weight, :mod:`bittern.quant`'s dequantized values), and
+      the backward is two cuBLAS products, as bf16's is. It saves a two-byte copy per activation and weight, as
+      bf16 autocast does (q/k/v and gate/up share one copy of their input). Fastest on an H100 (BENCHMARKS.md).
+    * ``cublas-int8``: saves the int8 ``xq`` and codes (one byte each) and widens them in the backward, one
+      Triton pass each, before cuBLAS: less memory, one more pass per product.
+    * ``triton``: the fused kernels of :mod:`bittern.kernels.matmul`, which widen the int8 tensors on chip and
+      write no copy.
+
+    Read at each forward (the choice is saved for that forward's backward).
     """
     value = os.environ.get("BITTERN_BACKWARD_GEMM", "cublas") or "cublas"
     if value not in BACKWARD_GEMMS:
@@ -47,42 +57,182 @@ def backward_gemm() -> str:
     return value
 
 
-_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
 def _device_guard(t: torch.Tensor):
     """Launch on ``t``'s GPU even when another one is current (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@torch.library.custom_op("bittern::ternary_linear", mutates_args=())
-def ternary_linear_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool, out_dtype: torch.dtype
-) -> _Outputs:
-    """``x`` ``[..., K]``, latent ``weight`` ``[N, K]`` → ``(y [..., N] out_dtype, xq int8 [M, K], a f32 [M, 1],
-    codes int8 [N, K], s f32 [1] or [N])`` with ``M`` the number of tokens."""
+class _CustomOp:
+    """A ``torch.library`` custom op that eager calls bypass: while torch.compile traces, calls go to the op (one
+    graph node, with its fake implementation); otherwise straight to the Python implementation. Measured on an
+    H100, the dispatcher's round trip through ``torch.library`` cost more host time per training step than the
+    kernels it launched took on the GPU, so the step waited on the host.
+    """
+
+    def __init__(self, name: str, fn) -> None:  # type: ignore[no-untyped-def]
+        self.impl = fn
+        self.op = torch.library.custom_op(name, fn, mutates_args=())
+        functools.update_wrapper(self, fn)
+
+    def register_fake(self, fake):  # type: ignore[no-untyped-def]
+        self.op.register_fake(fake)
+        return fake
+
+    def __call__(self, *args):  # type: ignore[no-untyped-def]
+        return (self.op if torch.compiler.is_compiling() else self.impl)(*args)
+
+
+def _custom_op(name: str):  # type: ignore[no-untyped-def]
+    """Decorator: ``fn`` registered as the functional custom op ``name`` (see :class:`_CustomOp`)."""
+    return lambda fn: _CustomOp(name, fn)
+
+
+def _nothing(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder for an output that was not asked for (a custom op cannot return None): empty, ``[0]``."""
+    return like.new_empty((0,))
+
+
+@_custom_op("bittern::quantize_activations")
+def quantize_activations(x: torch.Tensor, widen: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` ``[..., K]`` → ``(xq int8 [M, K], a f32 [M, 1], xq * a / 127 [M, K] in widen, or [0])``."""
     with _device_guard(x):
-        xq, act_scale = quantizers.quantize_activations(x)
-        codes, scale = quantizers.ternarize(weight, per_channel)
-        y = matmul.int8_ternary_linear(xq, act_scale, codes, scale, bias, out_dtype)
+        xq, act_scale, x_hat = quantizers.quantize_activations_and_widen(x, widen)
     k = x.shape[-1]
-    return y, xq.reshape(-1, k), act_scale.reshape(-1, 1), codes, scale
+    return xq.reshape(-1, k), act_scale.reshape(-1, 1), _nothing(xq) if x_hat is None else x_hat.reshape(-1, k)
 
 
-@ternary_linear_forward.register_fake
-def _(x, weight, bias, per_channel, out_dtype):  # type: ignore[no-untyped-def]
-    n, k = weight.shape
+@quantize_activations.register_fake
+def _(x, widen):  # type: ignore[no-untyped-def]
+    k = x.shape[-1]
     m = x.numel() // k if k else 0
+    x_hat = x.new_empty((m, k), dtype=widen) if widen is not None else x.new_empty((0,), dtype=torch.int8)
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m, 1), dtype=torch.float32), x_hat
+
+
+@_custom_op("bittern::quantized_linear")
+def quantized_linear(
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    per_channel: bool,
+    out_dtype: torch.dtype,
+    widen: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training forward from quantized activations: ``xq`` int8 ``[M, K]``, ``a`` ``[M, 1]``, latent ``weight``
+    ``[N, K]`` → ``(y [M, N] out_dtype, codes int8 [N, K], s f32 [1] or [N], Wt * s [N, K] in widen, or [0])``."""
+    with _device_guard(xq):
+        codes, scale, w_hat = quantizers.ternarize_and_widen(weight, per_channel, widen)
+        y = matmul.int8_ternary_linear(xq, act_scale, codes, scale, bias, out_dtype)
+    return y, codes, scale, _nothing(codes) if w_hat is None else w_hat
+
+
+@quantized_linear.register_fake
+def _(xq, act_scale, weight, bias, per_channel, out_dtype, widen):  # type: ignore[no-untyped-def]
+    n, k = weight.shape
+    w_hat = weight.new_empty((n, k), dtype=widen) if widen is not None else weight.new_empty((0,), dtype=torch.int8)
     return (
-        x.new_empty((*x.shape[:-1], n), dtype=out_dtype),
-        x.new_empty((m, k), dtype=torch.int8),
-        x.new_empty((m, 1), dtype=torch.float32),
+        xq.new_empty((xq.shape[0], n), dtype=out_dtype),
         weight.new_empty((n, k), dtype=torch.int8),
         weight.new_empty((n if per_channel else 1,), dtype=torch.float32),
+        w_hat,
     )
 
 
-@torch.library.custom_op("bittern::ternary_linear_grad_input", mutates_args=())
+class _SharedQuantization(threading.local):
+    """The last input quantized by the training linear and its results, so that layers reading the same tensor
+    (q/k/v, gate/up) quantize it once. An entry lives as long as its input: a weak reference drops it when the
+    input is freed, and a changed ``_version`` (an in-place write) makes it stale."""
+
+    def __init__(self) -> None:
+        self.entry: tuple | None = None
+
+    def lookup(self, x: torch.Tensor, widen: torch.dtype | None):  # type: ignore[no-untyped-def]
+        entry = self.entry
+        if entry is None:
+            return None
+        ref, version, cached_widen, results = entry
+        if ref() is x and version == x._version and (widen is None or cached_widen == widen):
+            return results
+        return None
+
+    def store(self, x: torch.Tensor, widen: torch.dtype | None, results: tuple) -> None:
+        def drop(dead_ref, holder=self) -> None:  # type: ignore[no-untyped-def]
+            if holder.entry is not None and holder.entry[0] is dead_ref:
+                holder.entry = None
+
+        self.entry = (weakref.ref(x, drop), x._version, widen, results)
+
+
+_shared = _SharedQuantization()
+
+
+def _quantized_activations(x: torch.Tensor, widen: torch.dtype | None):  # type: ignore[no-untyped-def]
+    """``(xq, a, x_hat)`` of ``x``, quantized once for all the layers that read it (:class:`_SharedQuantization`).
+
+    Under torch.compile the op is traced instead (a Python cache cannot be), once per layer; so is it under
+    ``torch.inference_mode`` and while a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return quantize_activations(x, widen)
+    if x.is_inference() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # inference tensors keep no version counter; a CUDA graph must capture its own quantization (a cached
+        # result from before the capture would be replayed stale)
+        return quantize_activations.impl(x, widen)
+    results = _shared.lookup(x, widen)
+    if results is None:
+        results = quantize_activations.impl(x, widen)
+        _shared.store(x, widen, results)
+    return results
+
+
+def _already_widened(t: torch.Tensor, _scale: torch.Tensor, _dtype: torch.dtype) -> torch.Tensor:
+    return t
+
+
+class _TernaryLinear(torch.autograd.Function):
+    """Autograd around the ops: forward by ``bittern::quantize_activations`` and ``bittern::quantized_linear``,
+    backward by the straight-through products (:func:`backward_gemm` says which).
+
+    A plain ``autograd.Function`` rather than the ops' ``register_autograd``: the generated backward of an op
+    with extra outputs copied those outputs (``empty`` + ``set_`` + ``copy_`` per saved tensor, seen in the
+    profiler), and dynamo traces this class as well.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, per_channel, out_dtype):  # type: ignore[override]
+        mode = backward_gemm()
+        widened = mode == "cublas"
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        xq, act_scale, x_hat = _quantized_activations(x, out_dtype if widened and needs_w else None)
+        y, codes, scale, w_hat = quantized_linear(
+            xq, act_scale, weight, bias, per_channel, out_dtype, out_dtype if widened and needs_x else None
+        )
+        if widened:  # what the two products read, already in the gradient's dtype
+            ctx.save_for_backward(x_hat if needs_w else None, None, w_hat if needs_x else None, None)
+        else:
+            ctx.save_for_backward(xq, act_scale, codes, scale)
+        ctx.mode = mode
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        if ctx.mode == "triton":
+            products = (grad_input, grad_weight)
+        else:  # cuBLAS, on the copies the forward widened, or after one widening pass each
+            if ctx.mode == "cublas":
+                widen_weight = widen_activations = _already_widened
+            else:
+                widen_weight, widen_activations = dequantize_weight, dequantize_activations
+            products = (
+                functools.partial(quant.dense_grad_input, widen=widen_weight),
+                functools.partial(quant.dense_grad_weight, widen=widen_activations),
+            )
+        grads = quant.ste_gradients(grad_y, *ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3], *products)
+        return (*grads, None, None)
+
+
+@_custom_op("bittern::ternary_linear_grad_input")
 def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``grad_y [..., N] @ (codes * s)`` → ``[..., K]`` in ``dtype``."""
     with _device_guard(grad_y):
@@ -94,7 +244,7 @@ def _(grad_y, codes, scale, dtype):  # type: ignore[no-untyped-def]
     return grad_y.new_empty((*grad_y.shape[:-1], codes.shape[1]), dtype=dtype)
 
 
-@torch.library.custom_op("bittern::ternary_linear_grad_weight", mutates_args=())
+@_custom_op("bittern::ternary_linear_grad_weight")
 def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``grad_yᵀ @ (xq * a / 127)`` over all tokens → ``[N, K]`` in ``dtype``."""
     with _device_guard(grad_y):
@@ -106,7 +256,7 @@ def _(grad_y, xq, act_scale, dtype):  # type: ignore[no-untyped-def]
     return grad_y.new_empty((grad_y.shape[-1], xq.shape[-1]), dtype=dtype)
 
 
-@torch.library.custom_op("bittern::dequantize_activations", mutates_args=())
+@_custom_op("bittern::dequantize_activations")
 def dequantize_activations(xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``xq * a / 127`` in ``dtype``, one pass: int8 ``[M, K]``, float32 ``[M, 1]`` → ``[M, K]``."""
     with _device_guard(xq):
@@ -118,7 +268,7 @@ def _(xq, act_scale, dtype):  # type: ignore[no-untyped-def]
     return xq.new_empty(xq.shape, dtype=dtype)
 
 
-@torch.library.custom_op("bittern::dequantize_weight", mutates_args=())
+@_custom_op("bittern::dequantize_weight")
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``codes * s`` in ``dtype``, one pass: int8 ``[N, K]``, float32 ``[1]`` or ``[N]`` → ``[N, K]``."""
     with _device_guard(codes):
@@ -130,40 +280,7 @@ def _(codes, scale, dtype):  # type: ignore[no-untyped-def]
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
-class _TernaryLinear(torch.autograd.Function):
-    """Autograd around the ops: forward by ``bittern::ternary_linear``, backward by the straight-through products.
-
-    A plain ``autograd.Function`` rather than the op's ``register_autograd``: the generated backward of an op
-    with extra outputs copied those outputs (``empty`` + ``set_`` + ``copy_`` per saved tensor, seen in the
-    profiler), and dynamo traces this class as well.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, per_channel, out_dtype):  # type: ignore[override]
-        y, xq, act_scale, codes, scale = ternary_linear_forward(x, weight, bias, per_channel, out_dtype)
-        ctx.save_for_backward(xq, act_scale, codes, scale)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        if backward_gemm() == "cublas":  # widen in one Triton pass each, multiply on cuBLAS
-            products = (_widened_grad_input, _widened_grad_weight)
-        else:  # the fused Triton products
-            products = (grad_input, grad_weight)
-        grads = quant.ste_gradients(grad_y, *ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3], *products)
-        return (*grads, None, None)
-
-
-def _widened_grad_input(grad_y, codes, scale, dtype):  # type: ignore[no-untyped-def]
-    return quant.dense_grad_input(grad_y, codes, scale, dtype, widen=dequantize_weight)
-
-
-def _widened_grad_weight(grad_y, xq, act_scale, dtype):  # type: ignore[no-untyped-def]
-    return quant.dense_grad_weight(grad_y, xq, act_scale, dtype, widen=dequantize_activations)
-
-
-@torch.library.custom_op("bittern::integer_linear", mutates_args=())
+@_custom_op("bittern::integer_linear")
 def integer_linear(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -178,7 +295,7 @@ def _(x, codes, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
     return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("bittern::packed_linear", mutates_args=())
+@_custom_op("bittern::packed_linear")
 def packed_linear(
     x: torch.Tensor,
     packed_weight: torch.Tensor,
@@ -197,7 +314,7 @@ def _(x, packed_weight, out_features, scale, bias, out_dtype):  # type: ignore[n
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
 
 
-@torch.library.custom_op("bittern::packed_linear_group", mutates_args=())
+@_custom_op("bittern::packed_linear_group")
 def packed_linear_group(
     x: torch.Tensor,
     packed_weights: list[torch.Tensor],

@@ -27,12 +27,13 @@ from bittern.kernels import interpreter
 # 1.5 * 2**23: v + M - M rounds a float32 |v| < 2**22 to an integer, half to even
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 
-ACT_SINGLE_PASS_MAX_K = 16384
-"""Up to this row length a token's activations stay in registers: one read of ``x``. Longer rows read it twice."""
+ACT_BLOCK_K = 512
+"""The activation quantizer reads a token's row in pieces of this many elements (1024 for rows over 4096)."""
 
 _SUM_BLOCK = 4096
 _SUM_CHUNKS = 16  # each program of the |W| sum covers 64 Ki elements; a 2560 x 6912 weight needs 270 partials
-_CODES_BLOCK = 4096
+_CODES_BLOCK = 1024  # with 4 blocks per program and 8 warps: 2.5-2.7 TB/s on an H100 (4096-wide blocks: 0.7-1.1)
+_MEAN_BLOCK = 1024  # float64 lanes of the partial-sum reduction
 
 
 @triton.jit
@@ -40,35 +41,47 @@ def _round_half_even(v):
     return (v + _ROUND_MAGIC) - _ROUND_MAGIC
 
 
+@triton.jit
+def _act_codes(x, amax):
+    q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
+    return tl.minimum(tl.maximum(q, -128.0), 127.0)
+
+
+@triton.jit
+def _store_act_row(xq_row, xhat_row, offs, mask, q, amax, WIDEN: tl.constexpr):
+    tl.store(xq_row + offs, q.to(tl.int8), mask=mask)
+    if WIDEN:  # xq * a / 127, the value quant.dequantize_activations gives
+        xhat = tl.math.div_rn(q * amax, tl.full(q.shape, 127.0, tl.float32))
+        tl.store(xhat_row + offs, xhat.to(xhat_row.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["K"])
 def _act_quant_kernel(
-    x_ptr, xq_ptr, scale_ptr, K, stride_x, EPS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr
-):
+    x_ptr, xq_ptr, scale_ptr, xhat_ptr, K, stride_x, EPS: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr
+):  # fmt: skip
+    # One token per program, two passes over its row in BLOCK_K pieces: the absmax, then the codes (the second
+    # read hits L2). Measured on an H100 this streams at 2.1-2.6 TB/s, where one pass over the whole row held in
+    # registers (padded to a power of two) managed 0.5-1.7 TB/s.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     xq_row = xq_ptr + row * K
-    if SINGLE_PASS:
-        offs = tl.arange(0, BLOCK_K)
+    xhat_row = xhat_ptr + row * K
+    running = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        offs = start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        running = tl.maximum(running, tl.abs(x))
+    amax = tl.maximum(tl.max(running, axis=0), EPS)
+    for start in range(0, K, BLOCK_K):
+        offs = start + tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS)
         q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
         tl.store(xq_row + offs, q.to(tl.int8), mask=mask)
-    else:
-        running = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            offs = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            running = tl.maximum(running, tl.abs(x))
-        amax = tl.maximum(tl.max(running, axis=0), EPS)
-        for start in range(0, K, BLOCK_K):
-            offs = start + tl.arange(0, BLOCK_K)
-            mask = offs < K
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
-            q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-            tl.store(xq_row + offs, q.to(tl.int8), mask=mask)
+        if WIDEN:  # xq * a / 127, the value quant.dequantize_activations gives
+            xhat = tl.math.div_rn(q * amax, tl.full(q.shape, 127.0, tl.float32))
+            tl.store(xhat_row + offs, xhat.to(xhat_row.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, amax)
 
 
@@ -84,14 +97,20 @@ def _abs_sum_partials_kernel(w_ptr, partial_ptr, numel, BLOCK: tl.constexpr, CHU
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
-@triton.jit(do_not_specialize=["num_partials", "numel"])
-def _mean_from_partials_kernel(partial_ptr, scale_ptr, num_partials, numel, EPS: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _mean_of_partials(partial_ptr, num_partials, numel, EPS: tl.constexpr, BLOCK: tl.constexpr):
+    """``max(Σ partials / numel, EPS)`` rounded to float32 once; the same order of additions wherever it runs."""
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, num_partials, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offs, mask=offs < num_partials, other=0.0)
     mean = tl.sum(acc, axis=0) / numel.to(tl.float64)  # float64 division is IEEE (div.rn.f64)
-    tl.store(scale_ptr, tl.maximum(mean.to(tl.float32), EPS))
+    return tl.maximum(mean.to(tl.float32), EPS)
+
+
+@triton.jit(do_not_specialize=["num_partials", "numel"])
+def _mean_from_partials_kernel(partial_ptr, scale_ptr, num_partials, numel, EPS: tl.constexpr, BLOCK: tl.constexpr):
+    tl.store(scale_ptr, _mean_of_partials(partial_ptr, num_partials, numel, EPS, BLOCK))
 
 
 @triton.jit(do_not_specialize=["K"])
@@ -106,20 +125,35 @@ def _row_abs_mean_kernel(w_ptr, scale_ptr, K, stride_w, EPS: tl.constexpr, BLOCK
     tl.store(scale_ptr + row, tl.maximum(mean.to(tl.float32), EPS))
 
 
-@triton.jit(do_not_specialize=["numel", "K"])
-def _ternary_codes_kernel(w_ptr, scale_ptr, codes_ptr, numel, K, PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["numel", "K", "num_partials"])
+def _ternary_codes_kernel(
+    w_ptr, scale_ptr, codes_ptr, what_ptr, partial_ptr, numel, K, num_partials, EPS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, FROM_PARTIALS: tl.constexpr, WIDEN: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNKS: tl.constexpr, MEAN_BLOCK: tl.constexpr,
+):  # fmt: skip
+    # FROM_PARTIALS: every program reduces the |W| partial sums itself, in _mean_from_partials_kernel's order
+    # (the same bits), and program 0 stores the scale: one launch fewer than a separate mean kernel.
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PER_CHANNEL:
-        s = tl.load(scale_ptr + offs // K, mask=mask, other=1.0)
-    else:
-        s = tl.load(scale_ptr)
-    q = tl.math.div_rn(w, s)
-    q = _round_half_even(tl.minimum(tl.maximum(q, -2.0), 2.0))  # the clamp keeps the rounding trick exact
-    q = tl.minimum(tl.maximum(q, -1.0), 1.0)
-    tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)
+    if FROM_PARTIALS:
+        s_tensor = _mean_of_partials(partial_ptr, num_partials, numel, EPS, MEAN_BLOCK)
+        if pid == 0:
+            tl.store(scale_ptr, s_tensor)
+    elif not PER_CHANNEL:
+        s_tensor = tl.load(scale_ptr)
+    for chunk in range(CHUNKS):
+        offs = (pid * CHUNKS + chunk) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PER_CHANNEL:
+            s = tl.load(scale_ptr + offs // K, mask=mask, other=1.0)
+        else:
+            s = s_tensor
+        q = tl.math.div_rn(w, s)
+        q = _round_half_even(tl.minimum(tl.maximum(q, -2.0), 2.0))  # the clamp keeps the rounding trick exact
+        q = tl.minimum(tl.maximum(q, -1.0), 1.0)
+        tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)
+        if WIDEN:  # codes * s, the value quant.dequantize_weight gives
+            tl.store(what_ptr + offs, (q * s).to(what_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["K"])
@@ -163,13 +197,25 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`bittern.quant.quantize_activations`, one program per token.
+    """Triton twin of :func:`bittern.quant.quantize_activations`, one program per token: ``x`` ``[..., K]``
+    float32, float16 or bfloat16 → ``(xq int8 [..., K], a float32 [..., 1])``, bit-identical to the reference."""
+    xq, scale, _ = quantize_activations_and_widen(x, None)
+    return xq, scale
+
+
+def quantize_activations_and_widen(
+    x: torch.Tensor, widen: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_activations`, optionally writing the dequantized activations in the same pass.
 
     Args:
         x: ``[..., K]`` float32, float16 or bfloat16 (the last dimension must be contiguous).
+        widen: also write ``xq * a / 127`` in this dtype in the same pass (the value of
+            :func:`bittern.quant.dequantize_activations`: what the backward's ``grad_W`` product reads), or None.
 
     Returns:
-        ``xq``: int8 ``[..., K]``; ``a``: float32 ``[..., 1]``; bit-identical to the reference.
+        ``xq``: int8 ``[..., K]``; ``a``: float32 ``[..., 1]``; the widened ``[..., K]`` or None. All bit-identical
+        to the reference.
     """
     k = x.shape[-1]
     rows = x.reshape(-1, k)
@@ -178,53 +224,92 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = rows.shape[0]
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    x_hat = None if widen is None else torch.empty((m, k), dtype=interpreter.store_dtype(widen), device=x.device)
     if m > 0 and k > 0:
-        single = k <= ACT_SINGLE_PASS_MAX_K
-        block = triton.next_power_of_2(k) if single else 4096
-        warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+        block, warps = (ACT_BLOCK_K, 4) if k <= 4096 else (2 * ACT_BLOCK_K, 8)  # the H100's best of a sweep
         _act_quant_kernel[(m,)](
-            rows, xq, scale, k, rows.stride(0), EPS=quant.EPS, BLOCK_K=block, SINGLE_PASS=single, num_warps=warps
-        )
-    return xq.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+            rows, xq, scale, xq if x_hat is None else x_hat, k, rows.stride(0), EPS=quant.EPS, BLOCK_K=block,
+            WIDEN=x_hat is not None, num_warps=warps,
+        )  # fmt: skip
+    if x_hat is not None:
+        x_hat = x_hat.to(widen).reshape(x.shape)
+    return xq.reshape(x.shape), scale.reshape(*x.shape[:-1], 1), x_hat
+
+
+def _abs_sum_partials(w: torch.Tensor) -> torch.Tensor:
+    """float64 partial sums of ``|W|`` over fixed blocks of a contiguous weight (``cdiv(numel, 64 Ki)`` of them)."""
+    numel = w.numel()
+    num_partials = max(1, triton.cdiv(numel, _SUM_BLOCK * _SUM_CHUNKS))
+    partials = torch.empty(num_partials, dtype=torch.float64, device=w.device)
+    _abs_sum_partials_kernel[(num_partials,)](w, partials, numel, BLOCK=_SUM_BLOCK, CHUNKS=_SUM_CHUNKS, num_warps=8)
+    return partials
+
+
+def _contiguous_detached(weight: torch.Tensor) -> torch.Tensor:
+    w = weight.detach()
+    return w if w.is_contiguous() else w.contiguous()
 
 
 def weight_scale(weight: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     """Triton twin of :func:`bittern.quant.weight_scale`: float32 ``[1]`` or ``[N]``, kept on the device."""
-    w = weight.detach()
-    if not w.is_contiguous():
-        w = w.contiguous()
+    w = _contiguous_detached(weight)
     n, k = w.shape
     if per_channel:
         scale = torch.empty(n, dtype=torch.float32, device=w.device)
         _row_abs_mean_kernel[(n,)](w, scale, k, w.stride(0), EPS=quant.EPS, BLOCK=1024)
         return scale
-    numel = w.numel()
-    per_program = _SUM_BLOCK * _SUM_CHUNKS
-    num_partials = max(1, triton.cdiv(numel, per_program))
-    partials = torch.empty(num_partials, dtype=torch.float64, device=w.device)
-    _abs_sum_partials_kernel[(num_partials,)](w, partials, numel, BLOCK=_SUM_BLOCK, CHUNKS=_SUM_CHUNKS, num_warps=8)
+    partials = _abs_sum_partials(w)
     scale = torch.empty(1, dtype=torch.float32, device=w.device)
-    _mean_from_partials_kernel[(1,)](partials, scale, num_partials, numel, EPS=quant.EPS, BLOCK=1024)
+    _mean_from_partials_kernel[(1,)](partials, scale, partials.numel(), w.numel(), EPS=quant.EPS, BLOCK=_MEAN_BLOCK)
     return scale
+
+
+def _launch_codes(
+    w: torch.Tensor, scale: torch.Tensor, per_channel: bool, partials: torch.Tensor | None, widen: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The codes pass (and the widened ``codes * s``); with ``partials`` it also reduces them into ``scale``."""
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    w_hat = None if widen is None else torch.empty(w.shape, dtype=interpreter.store_dtype(widen), device=w.device)
+    numel = w.numel()
+    if numel:
+        num_partials = 0 if partials is None else partials.numel()
+        # 4 blocks per program; more when every program re-reads many partial sums, so that this re-read stays
+        # a small share of its work (a 2560 x 6912 weight has 270 partials, a 128256 x 2560 one 5010)
+        chunks = max(4, min(64, triton.next_power_of_2(triton.cdiv(num_partials, 128))))
+        grid = (triton.cdiv(numel, _CODES_BLOCK * chunks),)
+        _ternary_codes_kernel[grid](
+            w, scale, codes, codes if w_hat is None else w_hat, scale if partials is None else partials, numel,
+            w.shape[1], num_partials, EPS=quant.EPS, PER_CHANNEL=per_channel, FROM_PARTIALS=partials is not None,
+            WIDEN=w_hat is not None, BLOCK=_CODES_BLOCK, CHUNKS=chunks, MEAN_BLOCK=_MEAN_BLOCK, num_warps=8,
+        )  # fmt: skip
+    return codes, None if w_hat is None else w_hat.to(widen)
 
 
 def ternary_codes(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Triton twin of :func:`bittern.quant.ternary_codes`: int8 ``[N, K]`` in {-1, 0, 1}."""
-    w = weight.detach()
-    if not w.is_contiguous():
-        w = w.contiguous()
-    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    numel = w.numel()
-    if numel:
-        grid = (triton.cdiv(numel, _CODES_BLOCK),)
-        per_channel = scale.numel() != 1
-        _ternary_codes_kernel[grid](
-            w, scale, codes, numel, w.shape[1], PER_CHANNEL=per_channel, BLOCK=_CODES_BLOCK, num_warps=8
-        )
-    return codes
+    return _launch_codes(_contiguous_detached(weight), scale, scale.numel() != 1, None, None)[0]
 
 
 def ternarize(weight: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`bittern.quant.ternarize`: ``(codes int8 [N, K], s float32 [1] or [N])``."""
-    scale = weight_scale(weight, per_channel)
-    return ternary_codes(weight, scale), scale
+    codes, scale, _ = ternarize_and_widen(weight, per_channel, None)
+    return codes, scale
+
+
+def ternarize_and_widen(
+    weight: torch.Tensor, per_channel: bool, widen: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`ternarize`, optionally writing ``codes * s``: ``(codes int8 [N, K], s float32 [1] or [N], widened)``.
+
+    Two launches per tensor (the ``|W|`` partial sums, then the codes, whose programs reduce the partials to
+    ``s`` themselves), two per row scale. ``widen``: also write ``codes * s`` in this dtype in the codes pass
+    (:func:`bittern.quant.dequantize_weight`'s value, what the backward's ``grad_x`` product reads), or None.
+    """
+    w = _contiguous_detached(weight)
+    if per_channel or not w.numel():
+        scale = weight_scale(w, per_channel)
+        codes, w_hat = _launch_codes(w, scale, per_channel, None, widen)
+    else:
+        scale = torch.empty(1, dtype=torch.float32, device=w.device)
+        codes, w_hat = _launch_codes(w, scale, False, _abs_sum_partials(w), widen)
+    return codes, scale, w_hat
