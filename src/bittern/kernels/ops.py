@@ -59,7 +59,9 @@ def backward_gemm() -> str:
 
 def _device_guard(t: torch.Tensor):
     """Launch on ``t``'s GPU even when another one is current (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 class _CustomOp:
