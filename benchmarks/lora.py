@@ -20,18 +20,33 @@ counter is reset after the model is built).
 
 Part 2 (``--quality``): a small real task with local data. A ternary model (the ``--quality-preset``, ``small`` by
 default) is pretrained from scratch on the standard library's docstrings (``--base DIR``: a packed checkpoint with
-its tokenizer instead), then fine-tuned on Python's ``help()`` topics (every 10th topic held out), the same
-batches for every arm: (a) full fine-tuning of its latent weights, (b) LoRA on the packed base, (c) the adapter
-merged and re-ternarized (``bittern.peft.merge_lora``: the packed layer's latent plus ``ΔW``, nearest rounding),
-(c') the same with stochastic rounding at the base's scale (``rounding="stochastic"``), (c'') the naive merge that
-ternarizes ``Wt·s + ΔW`` by ``mean|·|`` (for contrast: it shrinks every scale), (d) the merge (c) + a short heal
-(``bittern.peft.heal``) from the unrounded merged latents of (c) and from the stochastic merge (c'), once per
-``--heal-lr`` value (the packed base's latents sit at their codes' centres, so how far a short heal moves them
-depends on the learning rate more than a fine-tuning run from trained latents does).
-Reported: the held-out loss (mean NLL, nats/token) on the held-out topics of each, and the goals' ratios.
+its tokenizer instead), then fine-tuned on Python's ``help()`` topics, sorted by name and split by topic: every
+10th from the 6th is held out, every 10th from the 1st is the validation split (taken from the training topics,
+disjoint from the held-out ones; before it existed, its 8 topics were trained on too), the rest is trained on,
+the same batches for every run:
+
+(a) full fine-tuning of its latent weights, once per ``--q-full-lr``;
+(b) LoRA on the packed base, once per ``--rank`` and ``--q-lora-lr``;
+(c) the adapter of the selected LoRA run merged and re-ternarized (``bittern.peft.merge_lora``: the packed layer's
+    latent plus ``ΔW``, nearest rounding), (c') the same with stochastic rounding at the base's scale
+    (``rounding="stochastic"``), (c'') the naive merge that ternarizes ``Wt·s + ΔW`` by ``mean|·|`` (for contrast:
+    it shrinks every scale);
+(d) a short heal (``bittern.peft.heal``, ``--heal-steps``) from the unrounded merged latents of (c) and from the
+    stochastic merge (c'), once per ``--heal-lr`` and ``--heal-distill`` weight ``w``: the heal minimizes
+    ``w · KL(LoRA ‖ merged) + (1 - w) · cross-entropy``, the selected LoRA model (frozen) as the teacher; ``w = 0``
+    is the plain cross-entropy heal.
+
+Selection: in each arm (a), (b) and (d), the run with the lowest validation loss is selected; every run's
+validation and held-out losses are reported, and the goal ratios (LoRA / full <= 1.05, merged + heal / LoRA <=
+1.02) are the held-out losses of the selected runs, so no choice is made on the held-out topics. Losses are mean
+NLL in nats/token over disjoint ``--q-seq-len`` windows; merges and heals also report the mean per-token
+``KL(LoRA ‖ model)`` on the held-out windows. A progress line per run shows where a long run is, ``--json`` is
+rewritten after every run, and ``--q-max-minutes`` skips the heal runs that would likely end past a time limit
+(reported as skipped). Runs: ``len(q-full-lr) + len(rank) · len(q-lora-lr)`` fine-tunings of ``--ft-steps`` and
+``2 · len(heal-lr) · len(heal-distill)`` heals of ``--heal-steps`` (defaults: 6 x 60 and 12 x 40 steps).
 
     python benchmarks/lora.py [--num-layers 30] [--batch-size 1] [--seq-len 2048] [--rank 16]
-        [--arms full,lora,full-ckpt,lora-ckpt] [--quality] [--json out.json]
+        [--arms full,lora,full-ckpt,lora-ckpt | --skip-part1] [--quality] [--json out.json]
 
 ``--device cpu`` is a dry run with tiny shapes (wall-clock timing, no memory figures) to check the script end to
 end on a machine without a GPU.
@@ -58,6 +73,7 @@ from torch import nn
 ARMS = ("full", "lora", "full-ckpt", "lora-ckpt")
 CPU_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 CPU_VOCAB = 256
+QUALITY_SPLITS = ("train", "validation", "held_out")
 
 
 # --- shared ---------------------------------------------------------------------------------------------------
@@ -243,9 +259,16 @@ def memory_part(args: argparse.Namespace, device: torch.device) -> dict:
 # --- part 2: quality on a real task -----------------------------------------------------------------------------
 
 
+def topic_split(index: int) -> str:
+    """Which split ``help()`` topic number ``index`` (sorted by name) belongs to: every 10th topic from the 6th is
+    ``held_out``, every 10th from the 1st is ``validation`` (for choosing learning rates, ranks and heal settings),
+    the rest is ``train``."""
+    return {5: "held_out", 0: "validation"}.get(index % 10, "train")
+
+
 def quality_data(args: argparse.Namespace, tokenizer) -> dict[str, torch.Tensor]:
-    """Token streams: ``pretrain`` (stdlib docstrings), ``train`` and ``held_out`` (help() topics, every 10th held
-    out). int64 ``[T]`` each, on the CPU."""
+    """Token streams: ``pretrain`` (stdlib docstrings), ``train``, ``validation`` and ``held_out`` (help() topics,
+    see :func:`topic_split`). int64 ``[T]`` each, on the CPU."""
     from bittern.train.corpus import pydoc_topics, stdlib_docstrings
 
     def stream(documents: list[str]) -> torch.Tensor:
@@ -257,11 +280,11 @@ def quality_data(args: argparse.Namespace, tokenizer) -> dict[str, torch.Tensor]
         return torch.tensor(ids, dtype=torch.long)
 
     topics = pydoc_topics()
-    return {
-        "pretrain": stream(stdlib_docstrings(args.docstring_modules)) if args.base is None else torch.empty(0),
-        "train": stream([t for i, t in enumerate(topics) if i % 10 != 5]),
-        "held_out": stream([t for i, t in enumerate(topics) if i % 10 == 5]),
-    }
+    split = {name: [t for i, t in enumerate(topics) if topic_split(i) == name] for name in QUALITY_SPLITS}
+    data = {name: stream(documents) for name, documents in split.items()}
+    data["pretrain"] = stream(stdlib_docstrings(args.docstring_modules)) if args.base is None else torch.empty(0)
+    data["topics"] = {name: len(documents) for name, documents in split.items()}
+    return data
 
 
 def batches(stream: torch.Tensor, steps: int, batch: int, seq_len: int, seed: int) -> list[torch.Tensor]:
@@ -288,9 +311,9 @@ def fit(
     desc: str,
     evaluate=None,
     every: int = 0,
-) -> tuple[list[float], list[tuple[int, float]]]:
-    """AdamW over ``data`` with 5% warmup and linear decay to 0: the loss of every step, and ``(step,
-    evaluate(model))`` every ``every`` steps and at the end when ``evaluate`` is given."""
+) -> tuple[list[float], list[dict]]:
+    """AdamW over ``data`` with 5% warmup and linear decay to 0: the loss of every step, and ``{"step": step,
+    **evaluate(model)}`` every ``every`` steps and at the end when ``evaluate`` is given."""
     from tqdm.auto import tqdm
 
     params = trainable(model)
@@ -305,7 +328,7 @@ def fit(
         losses.append(train_step(model, optimizer, ids.to(device)))
         schedule.step()
         if evaluate is not None and ((every and step % every == 0) or step == len(data)):
-            curve.append((step, evaluate(model)))
+            curve.append({"step": step, **evaluate(model)})
             model.train()
     del optimizer
     return [float(v) for v in torch.stack(losses).float().cpu()], curve
@@ -340,7 +363,8 @@ def naive_merge(peft_model) -> nn.Module:
 
 
 def pretrained_base(args: argparse.Namespace, device: torch.device):
-    """``(model with BitLinear latents, tokenizer, pretraining losses)``: trained here, or loaded from ``--base``."""
+    """``(model with BitLinear latents, tokenizer, pretraining losses, data)``: trained here, or loaded from
+    ``--base`` (data None then)."""
     import bittern
     from bittern.train.presets import get_preset
     from bittern.train.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -364,91 +388,206 @@ def pretrained_base(args: argparse.Namespace, device: torch.device):
     return model, tokenizer, losses, data
 
 
-def quality_part(args: argparse.Namespace, device: torch.device) -> dict:
-    import bittern
-    from bittern.peft import heal, merge_lora
+class Progress:
+    """One line per finished run: ``[quality k/n, elapsed] what``; the partial result is written each time."""
 
-    begin = time.perf_counter()
+    def __init__(self, total: int, publish) -> None:
+        self.total, self.done, self.publish = total, 0, publish
+        self.begin = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.begin
+
+    def __call__(self, text: str) -> None:
+        self.done += 1
+        print(f"[quality {self.done}/{self.total}, {self.elapsed() / 60:.1f} min] {text}", flush=True)
+        self.publish()
+
+
+def select(rows: dict[str, dict], names: list[str]) -> str | None:
+    """The name among ``names`` with the lowest validation loss (rows that ran), marked ``selected``."""
+    ran = [name for name in names if "validation_loss" in rows[name]]
+    if not ran:
+        return None
+    best = min(ran, key=lambda name: rows[name]["validation_loss"])
+    rows[best]["selected"] = True
+    return best
+
+
+def heal_name(start: str, lr: float, weight: float) -> str:
+    return f"{start}+heal lr {lr:g}" + (f" distill {weight:g}" if weight else "")
+
+
+def quality_part(args: argparse.Namespace, device: torch.device, out: dict, publish) -> dict:
+    """Fill ``out`` (config, rows, selected runs, ratios) run by run, calling ``publish()`` after each."""
+    import bittern
+    from bittern.peft import distillation_kl, heal, merge_lora
+
+    heal_starts = ("merged-stochastic", "merged")  # the better start first: a time limit drops the other's runs
+    heal_runs = [(s, w, lr) for s in heal_starts for w in args.heal_distill for lr in args.heal_lr]
+    ft_runs = len(args.q_full_lr) + len(args.q_lora_lr) * len(args.ranks)
+    progress = Progress((args.base is None) + 1 + ft_runs + 3 + len(heal_runs), publish)
+    limit = args.q_max_minutes * 60 if args.q_max_minutes else math.inf
+    rows: dict[str, dict] = {}
+    out.update(config={}, rows=rows)
+
     base, tokenizer, pretrain_losses, data = pretrained_base(args, device)
     data = data or quality_data(args, tokenizer)
+    out["pretrain_final_loss"] = pretrain_losses[-1] if pretrain_losses else None
+    if args.base is None:
+        progress(f"pretrained {args.pretrain_steps} steps, final loss {pretrain_losses[-1]:.3f}")
     ft = batches(data["train"], args.ft_steps, args.q_batch_size, args.q_seq_len, args.seed + 1)
-    held = data["held_out"]
-    seq = args.q_seq_len
+    validation, held, seq = data["validation"], data["held_out"], args.q_seq_len
+    out["config"] = {
+        "base": args.base or f"{args.quality_preset} preset ({args.q_layers or 'all'} layers) pretrained here",
+        "vocab_size": len(tokenizer),
+        "pretrain_steps": 0 if args.base else args.pretrain_steps,
+        "pretrain_tokens_available": int(data["pretrain"].numel()),
+        "ft_steps": args.ft_steps,
+        "heal_steps": args.heal_steps,
+        "batch_size": args.q_batch_size,
+        "pretrain_batch_size": args.pretrain_batch_size,
+        "seq_len": seq,
+        "topics": data["topics"],
+        "split": "help() topics sorted by name: index % 10 == 5 held out, index % 10 == 0 validation, the rest train",
+        "ft_train_tokens_available": int(data["train"].numel()),
+        "validation_tokens": int(validation.numel()),
+        "held_out_tokens": int(held.numel()),
+        "ranks": args.ranks,
+        "alpha": args.alpha if args.alpha is not None else "2 * rank",
+        "lr": {"pretrain": args.pretrain_lr, "full": args.q_full_lr, "lora": args.q_lora_lr, "heal": args.heal_lr},
+        "heal_distill_weights": args.heal_distill,
+        "max_minutes": args.q_max_minutes or None,
+        "selection": "per arm, the run with the lowest validation loss; goal ratios are held-out losses of those runs",
+    }
+
+    def losses_of(model: nn.Module) -> dict[str, float]:  # a BitLinear model computes what its packed form computes
+        return {
+            "validation_loss": held_out_loss(model, validation, seq),
+            "held_out_loss": held_out_loss(model, held, seq),
+        }
+
+    def summary(row: dict) -> str:
+        return f"validation {row['validation_loss']:.4f}, held-out {row['held_out_loss']:.4f}"
+
     base.eval()
     packed_base = bittern.to_ternary(copy.deepcopy(base)).eval()
-    rows: dict[str, dict] = {"base": {"held_out_loss": held_out_loss(packed_base, held, seq)}}
+    rows["base"] = {"arm": "base", **losses_of(packed_base)}
     del packed_base
-
-    def evaluate(model: nn.Module) -> float:  # a BitLinear model computes what its packed form computes
-        return held_out_loss(model, held, seq)
+    progress(f"base: {summary(rows['base'])}")
 
     every = max(args.ft_steps // 5, 1)
-    full = full_model(copy.deepcopy(base))
-    started = time.perf_counter()
-    losses, curve = fit(full, ft, args.q_full_lr, device, "full fine-tuning", evaluate, every)
-    rows["full"] = {"train_losses": losses, "held_out_curve": curve, "seconds": time.perf_counter() - started}
-    rows["full"]["held_out_loss"] = held_out_loss(bittern.to_ternary(full).eval(), held, seq)
-    del full
-    free(device)
+    for lr in args.q_full_lr:
+        name = f"full lr {lr:g}"
+        full = full_model(copy.deepcopy(base))
+        started = time.perf_counter()
+        losses, curve = fit(full, ft, lr, device, name, losses_of, every)
+        row = {"arm": "full", "lr": lr, "train_losses": losses, "curve": curve}
+        row.update(losses_of(bittern.to_ternary(full).eval()), seconds=time.perf_counter() - started)
+        rows[name] = row
+        del full
+        free(device)
+        progress(f"{name}: {summary(row)} ({row['seconds']:.0f} s)")
 
-    lora = lora_model(copy.deepcopy(base), args.rank, args.alpha, None)
-    started = time.perf_counter()
-    losses, curve = fit(lora, ft, args.q_lora_lr, device, "LoRA", evaluate, every)
-    rows["lora"] = {"train_losses": losses, "held_out_curve": curve, "seconds": time.perf_counter() - started}
-    lora.eval()
-    rows["lora"]["held_out_loss"] = held_out_loss(lora, held, seq)
-    rows["lora"]["trainable_params"] = count(trainable(lora))
-    rows["merged-naive"] = {"held_out_loss": held_out_loss(naive_merge(lora).eval(), held, seq)}
-    stochastic = merge_lora(copy.deepcopy(lora), rounding="stochastic", seed=args.seed)
-    rows["merged-stochastic"] = {"held_out_loss": held_out_loss(stochastic.eval(), held, seq)}
-    latent = merge_lora(lora, layers="bitlinear")
-    rows["merged"] = {"held_out_loss": held_out_loss(bittern.to_ternary(copy.deepcopy(latent)).eval(), held, seq)}
-    heal_data = ft[: args.heal_steps]
-    starts = {"merged": latent, "merged-stochastic": stochastic}
-    for start, merged in starts.items():
-        for lr in args.heal_lr:
+    teacher, teacher_name = None, None  # the LoRA run with the lowest validation loss so far
+    for rank in args.ranks:
+        for lr in args.q_lora_lr:
+            name = f"lora r{rank} lr {lr:g}"
+            lora = lora_model(copy.deepcopy(base), rank, args.alpha, None)
             started = time.perf_counter()
-            healed = heal(copy.deepcopy(merged), heal_data, steps=args.heal_steps, lr=lr)
-            row = {"start": start, "lr": lr, "train_losses": healed.losses, "seconds": time.perf_counter() - started}
-            row["held_out_loss"] = held_out_loss(healed.model, held, seq)
-            rows[f"{start}+heal lr {lr:g}"] = row
-            del healed
+            losses, curve = fit(lora, ft, lr, device, name, losses_of, every)
+            lora.eval()
+            row = {"arm": "lora", "rank": rank, "lr": lr, "train_losses": losses, "curve": curve}
+            row.update(losses_of(lora), seconds=time.perf_counter() - started, trainable_params=count(trainable(lora)))
+            rows[name] = row
+            if teacher is None or row["validation_loss"] < rows[teacher_name]["validation_loss"]:
+                teacher, teacher_name = lora.requires_grad_(False), name
+            del lora
             free(device)
-    del latent, stochastic, starts, merged, base
-    free(device)
-    healed_rows = [row for row in rows.values() if "start" in row]
+            progress(f"{name}: {summary(row)} ({row['seconds']:.0f} s)")
+    del base
+    selected = {
+        "full": select(rows, [n for n, r in rows.items() if r["arm"] == "full"]),
+        "lora": select(rows, [n for n, r in rows.items() if r["arm"] == "lora"]),
+    }
+    assert selected["lora"] == teacher_name
+    out["selected"] = selected
 
+    held_blocks = held[: held.numel() // seq * seq].view(-1, seq).split(8)
+
+    def kl_to_lora(model: nn.Module) -> float:  # mean KL(LoRA ‖ model) per token over full held-out windows
+        return distillation_kl(model, teacher, held_blocks)
+
+    starts = {}
+    for name in ("merged-naive", "merged-stochastic", "merged"):
+        if name == "merged-naive":
+            merged = naive_merge(teacher)
+        elif name == "merged-stochastic":
+            merged = merge_lora(copy.deepcopy(teacher), rounding="stochastic", seed=args.seed)
+        else:  # the unrounded merged latents: a heal start; packed, the nearest-rounding merge
+            merged = merge_lora(copy.deepcopy(teacher), layers="bitlinear")
+        packed = bittern.to_ternary(copy.deepcopy(merged)).eval() if name == "merged" else merged.eval()
+        rows[name] = {"arm": "merge", **losses_of(packed), "held_out_kl_to_lora": kl_to_lora(packed)}
+        if name in heal_starts:
+            starts[name] = merged
+        del packed, merged
+        progress(f"{name}: {summary(rows[name])}, KL to LoRA {rows[name]['held_out_kl_to_lora']:.4f}")
+
+    heal_data = ft[: args.heal_steps]
+    longest = 0.0  # of the heal runs so far
+    for start, weight, lr in heal_runs:
+        name = heal_name(start, lr, weight)
+        if progress.elapsed() + longest > limit:  # the next heal would likely end past --q-max-minutes
+            rows[name] = {"arm": "heal", "start": start, "lr": lr, "distill_weight": weight}
+            rows[name]["skipped"] = "skipped: time limit"
+            progress(f"{name}: skipped (--q-max-minutes {args.q_max_minutes:g})")
+            continue
+        started = time.perf_counter()
+        healed = heal(copy.deepcopy(starts[start]), heal_data, steps=args.heal_steps, lr=lr,
+                      teacher=teacher if weight else None, distill_weight=weight, progress=True)  # fmt: skip
+        row = {"arm": "heal", "start": start, "lr": lr, "distill_weight": weight, "train_losses": healed.losses,
+               "ce_losses": healed.ce_losses, "kl_losses": healed.kl_losses}  # fmt: skip
+        row.update(losses_of(healed.model), held_out_kl_to_lora=kl_to_lora(healed.model))
+        row["seconds"] = time.perf_counter() - started
+        longest = max(longest, row["seconds"])
+        rows[name] = row
+        del healed
+        free(device)
+        progress(f"{name}: {summary(row)}, KL to LoRA {row['held_out_kl_to_lora']:.4f} ({row['seconds']:.0f} s)")
+    starts.clear()
+    teacher = None  # frees the LoRA models
+    free(device)
+
+    heal_names = [n for n, r in rows.items() if r["arm"] == "heal"]
+    selected["heal"] = select(rows, heal_names)
+    lora_row, full_row = rows[selected["lora"]], rows[selected["full"]]
+    for row in rows.values():
+        if "held_out_loss" in row:
+            row["held_out_vs_lora"] = row["held_out_loss"] / lora_row["held_out_loss"]
+            row["validation_vs_lora"] = row["validation_loss"] / lora_row["validation_loss"]
     ratios = {
-        "lora_vs_full": rows["lora"]["held_out_loss"] / rows["full"]["held_out_loss"],
-        "healed_vs_lora": {
-            f"{row['start']}, lr {row['lr']:g}": row["held_out_loss"] / rows["lora"]["held_out_loss"]
-            for row in healed_rows
-        },
-        "merged_vs_lora": rows["merged"]["held_out_loss"] / rows["lora"]["held_out_loss"],
-        "stochastic_vs_lora": rows["merged-stochastic"]["held_out_loss"] / rows["lora"]["held_out_loss"],
+        "lora_vs_full": lora_row["held_out_loss"] / full_row["held_out_loss"],
+        "lora_vs_full_validation": lora_row["validation_loss"] / full_row["validation_loss"],
+        "merged_vs_lora": rows["merged"]["held_out_vs_lora"],
+        "stochastic_vs_lora": rows["merged-stochastic"]["held_out_vs_lora"],
+        "naive_vs_lora": rows["merged-naive"]["held_out_vs_lora"],
+        "healed_vs_lora": rows[selected["heal"]]["held_out_vs_lora"] if selected["heal"] else None,
+        "healed_vs_lora_validation": rows[selected["heal"]]["validation_vs_lora"] if selected["heal"] else None,
+        "healed_vs_lora_per_distill_weight": {},  # the validation-selected heal among those of each weight
     }
-    return {
-        "config": {
-            "base": args.base or f"{args.quality_preset} preset ({args.q_layers or 'all'} layers) pretrained here",
-            "vocab_size": len(tokenizer),
-            "pretrain_steps": 0 if args.base else args.pretrain_steps,
-            "pretrain_tokens_available": int(data["pretrain"].numel()),
-            "ft_steps": args.ft_steps,
-            "heal_steps": args.heal_steps,
-            "batch_size": args.q_batch_size,
-            "pretrain_batch_size": args.pretrain_batch_size,
-            "seq_len": seq,
-            "ft_train_tokens_available": int(data["train"].numel()),
-            "held_out_tokens": int(held.numel()),
-            "rank": args.rank,
-            "alpha": args.alpha if args.alpha is not None else 2 * args.rank,
-            "lr": {"pretrain": args.pretrain_lr, "full": args.q_full_lr, "lora": args.q_lora_lr, "heal": args.heal_lr},
-        },
-        "pretrain_final_loss": pretrain_losses[-1] if pretrain_losses else None,
-        "rows": rows,
-        "ratios": ratios,
-        "seconds": time.perf_counter() - begin,
-    }
+    for weight in args.heal_distill:
+        names = [n for n in heal_names if rows[n]["distill_weight"] == weight and "validation_loss" in rows[n]]
+        if names:
+            best = min(names, key=lambda n: rows[n]["validation_loss"])
+            ratios["healed_vs_lora_per_distill_weight"][f"{weight:g}"] = {
+                "run": best,
+                "held_out_vs_lora": rows[best]["held_out_vs_lora"],
+                "validation_vs_lora": rows[best]["validation_vs_lora"],
+            }
+    out["ratios"] = ratios
+    out["seconds"] = progress.elapsed()
+    publish()
+    return out
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -491,31 +630,79 @@ def print_tables(results: dict) -> None:
             )
     quality = results.get("quality")
     if quality:
-        if "error" in quality:
-            print(f"\nquality: failed: {quality['error']}")
-            return
-        c = quality["config"]
-        print(f"\nquality: {c['base']}; fine-tuned {c['ft_steps']} steps of {c['batch_size']} x {c['seq_len']} tokens "
-              f"on help() topics, held-out {c['held_out_tokens']:,} tokens; heal {c['heal_steps']} steps")  # fmt: skip
-        print("| model | held-out loss (nats/token) | perplexity |")
-        print("|---|---:|---:|")
-        for name, row in quality["rows"].items():
-            loss = row["held_out_loss"]
-            print(f"| {name} | {loss:.4f} | {math.exp(loss):.2f} |")
-        r = quality["ratios"]
-        print(f"LoRA / full: {r['lora_vs_full']:.3f} (goal <= 1.05); merged / LoRA: {r['merged_vs_lora']:.3f} "
-              f"(stochastic rounding: {r['stochastic_vs_lora']:.3f}); "
-              "merged+heal / LoRA: " + ", ".join(f"{v:.3f} ({k})" for k, v in r["healed_vs_lora"].items())
-              + " (goal <= 1.02)")  # fmt: skip
+        print_quality(quality)
+
+
+def print_quality(quality: dict) -> None:
+    if "error" in quality:
+        print(f"\nquality: failed: {quality['error']}")
+    c, rows = quality.get("config"), quality.get("rows")
+    if not c or not rows:
+        return
+    t = c["topics"]
+    print(
+        f"\nquality: {c['base']}; fine-tuned {c['ft_steps']} steps of {c['batch_size']} x {c['seq_len']} tokens on "
+        f"{t['train']} help() topics; validation {t['validation']} topics ({c['validation_tokens']:,} tokens), "
+        f"held-out {t['held_out']} topics ({c['held_out_tokens']:,} tokens); heal {c['heal_steps']} steps"
+    )
+    print("Each arm's learning rate (LoRA: and rank) and the heal setting are chosen by validation loss (validation "
+          "topics are split off the training topics, apart from the held-out ones); '(selected)' marks them, and the "
+          "goal ratios below are held-out losses of the selected runs. vs LoRA: against the selected LoRA run; "
+          "KL to LoRA: mean KL(LoRA ‖ model) per held-out token.")  # fmt: skip
+    print("| run | validation loss | held-out loss (nats/token) | held-out ppl | held-out vs LoRA | KL to LoRA | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        label = f"{name} (selected)" if row.get("selected") else name
+        if "held_out_loss" not in row:
+            print(f"| {label} | {row.get('skipped', 'not run')} | | | | | |")
+            continue
+        loss = row["held_out_loss"]
+        print(f"| {label} | {row['validation_loss']:.4f} | {loss:.4f} | {math.exp(loss):.2f} | "
+              f"{fmt(row.get('held_out_vs_lora'), '.3f')} | {fmt(row.get('held_out_kl_to_lora'), '.4f')} | "
+              f"{fmt(row.get('seconds'), '.0f')} |")  # fmt: skip
+    r, chosen = quality.get("ratios"), quality.get("selected", {})
+    if not r:
+        return
+    print(f"LoRA / full, validation-selected ({chosen['lora']} vs {chosen['full']}): {r['lora_vs_full']:.3f} held-out "
+          f"(goal <= 1.05; {r['lora_vs_full_validation']:.3f} on validation)")  # fmt: skip
+    print(f"merged / LoRA: nearest {r['merged_vs_lora']:.3f}, stochastic rounding {r['stochastic_vs_lora']:.3f}, "
+          f"naive {r['naive_vs_lora']:.3f}")  # fmt: skip
+    if r["healed_vs_lora"] is not None:
+        print(f"merged+heal / LoRA, validation-selected ({chosen['heal']}): {r['healed_vs_lora']:.3f} held-out "
+              f"(goal <= 1.02; {r['healed_vs_lora_validation']:.3f} on validation)")  # fmt: skip
+        per_weight = r["healed_vs_lora_per_distill_weight"]
+        print("  per distill weight, validation-selected within each: " + "; ".join(
+            f"{w}: {v['held_out_vs_lora']:.3f} ({v['run']})" for w, v in per_weight.items()))  # fmt: skip
+
+
+def comma_list(kind, low: float | None = None, high: float | None = None):
+    """An argparse type: a comma list of ``kind`` values within [low, high], duplicates dropped, order kept."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a comma list of {kind.__name__} values: {text!r}") from exc
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        for value in values:
+            if (low is not None and not value >= low) or (high is not None and not value <= high):
+                raise argparse.ArgumentTypeError(f"{value} lies outside [{low}, {high}]")
+        return list(dict.fromkeys(values))
+
+    return parse
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: tiny-shape dry run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--rank", type=comma_list(int, 1), default=[16],
+                        help="LoRA rank(s), comma list (default 16): part 1 measures the first, part 2 fine-tunes a "
+                        "LoRA per rank and learning rate")  # fmt: skip
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
     part1 = parser.add_argument_group("part 1: memory and step time")
+    part1.add_argument("--skip-part1", action="store_true", help="run no part 1 arm (the same as --arms '')")
     part1.add_argument("--num-layers", type=int, default=30, help="decoder blocks of the 2b4t shape (default 30: all)")
     part1.add_argument("--batch-size", type=int, default=1)
     part1.add_argument("--seq-len", type=int, default=2048)
@@ -536,34 +723,50 @@ def main() -> None:
     part2.add_argument("--pretrain-steps", type=int, default=600)
     part2.add_argument("--pretrain-batch-size", type=int, default=32)
     part2.add_argument("--pretrain-lr", type=float, default=1.5e-3)
-    part2.add_argument("--ft-steps", type=int, default=60, help="fine-tuning steps of full FT and of LoRA")
-    part2.add_argument("--heal-steps", type=int, default=20)
+    part2.add_argument("--ft-steps", type=int, default=60, help="fine-tuning steps of every full FT and LoRA run")
+    part2.add_argument("--heal-steps", type=int, default=40, help="steps of every heal run (default 40)")
     part2.add_argument("--q-batch-size", type=int, default=16, help="fine-tuning and heal batch size")
     part2.add_argument("--q-seq-len", type=int, default=256)
-    part2.add_argument("--q-full-lr", type=float, default=3e-4, help="full fine-tuning peak learning rate")
-    part2.add_argument("--q-lora-lr", type=float, default=2e-3, help="LoRA peak learning rate")
-    part2.add_argument(
-        "--heal-lr",
-        type=lambda text: [float(v) for v in text.split(",")],
-        default=[3e-4, 1e-3, 3e-3],
-        help="heal peak learning rates, comma list: one heal from the same merge per value (default 3e-4,1e-3,3e-3)",
-    )
-    parser.add_argument("--json")
+    part2.add_argument("--q-full-lr", type=comma_list(float, 0), default=[1e-4, 3e-4, 1e-3],
+                       help="full fine-tuning peak learning rates, comma list: one run each, the best on validation "
+                       "selected (default 1e-4,3e-4,1e-3)")  # fmt: skip
+    part2.add_argument("--q-lora-lr", type=comma_list(float, 0), default=[1e-3, 3e-3, 1e-2],
+                       help="LoRA peak learning rates, comma list: one run per value and rank, the best on validation "
+                       "selected (default 1e-3,3e-3,1e-2)")  # fmt: skip
+    part2.add_argument("--heal-lr", type=comma_list(float, 0), default=[3e-4, 1e-3, 3e-3],
+                       help="heal peak learning rates, comma list: one heal per start, value and distill weight "
+                       "(default 3e-4,1e-3,3e-3)")  # fmt: skip
+    part2.add_argument("--heal-distill", type=comma_list(float, 0.0, 1.0), default=[0.0, 1.0],
+                       help="heal distillation weights w in [0, 1], comma list: each heal minimizes "
+                       "w * KL(LoRA || merged) + (1 - w) * cross-entropy; 0: the plain heal (default 0,1)")  # fmt: skip
+    part2.add_argument("--q-max-minutes", type=float, default=0.0,
+                       help="time limit of part 2 in minutes: a heal run that would likely end past it is skipped "
+                       "and reported so (default 0: none)")  # fmt: skip
+    parser.add_argument("--json", help="write every result here (part 2: rewritten after every run)")
     args = parser.parse_args()
-    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    args.arms = [] if args.skip_part1 else [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if not args.arms and not args.quality:
+        parser.error("nothing to run: part 1 is skipped and --quality is not given")
+    for name in ("ft_steps", "heal_steps", "pretrain_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     args.frozen_dtype = torch.bfloat16 if args.lora_frozen_dtype == "bfloat16" else None
+    args.ranks = args.rank
     if args.device == "cpu":
         args.num_layers, args.batch_size, args.seq_len, args.steps, args.warmup = 1, 2, 32, 2, 1
         args.quality_preset, args.q_layers, args.vocab_size, args.docstring_modules = "tiny", 1, 320, 30
-        args.pretrain_steps, args.ft_steps, args.heal_steps = min(args.pretrain_steps, 10), min(args.ft_steps, 10), 3
-        args.q_batch_size, args.pretrain_batch_size, args.q_seq_len, args.rank = 4, 4, 64, min(args.rank, 4)
+        args.pretrain_steps, args.ft_steps = min(args.pretrain_steps, 10), min(args.ft_steps, 10)
+        args.heal_steps = min(args.heal_steps, 3)
+        args.q_batch_size, args.pretrain_batch_size, args.q_seq_len = 4, 4, 64
+        args.ranks = list(dict.fromkeys(min(rank, 4) for rank in args.ranks))
     elif not torch.cuda.is_available():
         parser.error("no CUDA GPU here; use --device cpu for a dry run")
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
+    args.rank = args.ranks[0]  # part 1
     device = torch.device(args.device)
     results: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()}, dry run)",
@@ -580,11 +783,12 @@ def main() -> None:
         results["memory"] = memory_part(args, device)
         write()
     if args.quality:
+        results["quality"] = {}
         try:
-            results["quality"] = quality_part(args, device)
-        except Exception as exc:
+            quality_part(args, device, results["quality"], write)
+        except Exception as exc:  # keep the runs that finished
             traceback.print_exc()
-            results["quality"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            results["quality"]["error"] = f"{type(exc).__name__}: {exc}"[:500]
         write()
     print_tables(results)
 
