@@ -25,10 +25,11 @@ of those is the "back-to-back" step time, in which the host's launch time overla
 instead of starting on an idle GPU.
 
 Part 2 (``--curve-steps``, 0 to skip): a small bittern model trained three times from the same seed on the same
-batches of a learnable synthetic sequence (next token = (7 * token + 3) mod 1024, a ``--curve-noise`` share of
-tokens random) — on the reference backend, on the kernels, and on the kernels with the fused Triton backward — and
-the agreement of the reference and kernel loss curves. (The task's loss falls sharply once the pattern is found, at
-a step that varies from run to run even for one path: compare several runs, see BENCHMARKS.md.)
+batches — on the reference backend, on the kernels, and on the kernels with the fused Triton backward — and the
+agreement of the reference and kernel loss curves. ``--curve-data text`` (the default): natural text, the UTF-8
+bytes of Python's ``help()`` topics, where the loss falls smoothly. ``synthetic``: a learnable sequence (next token
+= (7 * token + 3) mod 1024, a ``--curve-noise`` share of tokens random), whose loss falls sharply once the pattern
+is found, at a step that varies from run to run even for one path (see BENCHMARKS.md).
 
 onebitllms is not a dependency: install its wheel for the benchmark only
 (``pip install --no-deps onebitllms==0.0.4``); the variant is skipped, with the reason, when it is missing.
@@ -353,6 +354,17 @@ def curve_batches(steps: int, batch: int, seq_len: int, subset: int, noise: floa
     return batches
 
 
+def text_batches(steps: int, batch: int, seq_len: int, seed: int) -> list[torch.Tensor]:
+    """Per-step batches of natural text: UTF-8 bytes (token ids 0-255) of Python's ``help()`` topics (the embedded
+    corpus, :func:`bittern.train.corpus.default_corpus`), blocks at seeded random offsets. CPU, int64."""
+    from bittern.train.corpus import default_corpus
+
+    data = torch.frombuffer(bytearray("\n\n".join(default_corpus(docstrings=False)).encode()), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, data.numel() - seq_len, (steps, batch), generator=generator)
+    return [torch.stack([data[s : s + seq_len] for s in row.tolist()]).long() for row in starts]
+
+
 def loss_curve(config, batches: list[torch.Tensor], backend: str, args: argparse.Namespace) -> dict:
     """Train a bittern model from ``args.seed`` on ``batches`` under ``backend``; the loss of every step."""
     import bittern
@@ -383,14 +395,19 @@ def curve_agreement(args: argparse.Namespace, shape: dict, vocab: int) -> dict:
         max(args.curve_seq_len, 128),
     )
     subset = min(CURVE_VOCAB_SUBSET, vocab)
-    batches = curve_batches(args.curve_steps, args.curve_batch_size, args.curve_seq_len, subset, args.curve_noise, 1)
+    if args.curve_data == "text":
+        batches = text_batches(args.curve_steps, args.curve_batch_size, args.curve_seq_len, 1)
+    else:
+        size = (args.curve_steps, args.curve_batch_size, args.curve_seq_len)
+        batches = curve_batches(*size, subset, args.curve_noise, 1)
     result: dict = {
         "config": {
             "num_layers": args.curve_layers,
             **shape,
             "vocab_size": vocab,
-            "vocab_subset": subset,
-            "noise": args.curve_noise,
+            "data": args.curve_data,
+            "vocab_subset": subset if args.curve_data == "synthetic" else 256,
+            "noise": args.curve_noise if args.curve_data == "synthetic" else None,
             "batch_size": args.curve_batch_size,
             "seq_len": args.curve_seq_len,
             "steps": args.curve_steps,
@@ -477,7 +494,8 @@ def print_table(results: dict) -> None:
     else:
         c = curve["config"]
         print(
-            f"\nloss-curve agreement, reference vs triton backend ({c['steps']} steps, {c['num_layers']} layers, "
+            f"\nloss-curve agreement on {c['data']} data, reference vs triton backend ({c['steps']} steps, "
+            f"{c['num_layers']} layers, "
             f"hidden {c['hidden_size']}, batch {c['batch_size']} x seq {c['seq_len']}): "
             f"max |Δloss| {curve['max_abs_diff']:.3e} (step {curve['max_abs_diff_step']}), "
             f"max rel {curve['max_rel_diff']:.3e}, "
@@ -504,6 +522,8 @@ def main() -> None:
     parser.add_argument("--curve-batch-size", type=int, default=8)
     parser.add_argument("--curve-seq-len", type=int, default=512)
     parser.add_argument("--curve-lr", type=float, default=1e-3)
+    parser.add_argument("--curve-data", default="text", choices=("text", "synthetic"),
+                        help="text: bytes of Python's help() topics; synthetic: the sequence task")  # fmt: skip
     parser.add_argument("--curve-noise", type=float, default=0.1, help="share of random tokens in the curve data")
     parser.add_argument("--profile", default="", help="comma list of variants to profile for 2 extra steps")
     parser.add_argument("--json")
