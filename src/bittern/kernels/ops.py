@@ -80,8 +80,8 @@ class _CustomOp:
         self.op.register_fake(fake)
         return fake
 
-    def __call__(self, *args):  # type: ignore[no-untyped-def]
-        return (self.op if torch.compiler.is_compiling() else self.impl)(*args)
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return (self.op if torch.compiler.is_compiling() else self.impl)(*args, **kwargs)
 
 
 def _custom_op(name: str):  # type: ignore[no-untyped-def]
