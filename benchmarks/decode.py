@@ -34,7 +34,6 @@ size.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.metadata
 import json
 import math
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import free
 from torch import nn
 
 ROWS = ("bittern-ternary", "bittern-dense", "transformers-bf16", "transformers-packed")
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             import bittern
 
             bittern.to_linear(model)  # nn.Linear holding Wt * s in the model's dtype
-            _free(device)
+            free(device)
             if "bittern-dense" in rows:
                 engine = Engine(model, None, **engine_options)
                 for batch in batch_sizes:
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     figures = bench_hf(model, prompts[batch], args.hf_new_tokens, args.runs)
                     record("transformers-bf16", model, batch, figures)
         del model
-        _free(device)
+        free(device)
         if "transformers-packed" in rows:
             from transformers import AutoModelForCausalLM
 
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for batch in batch_sizes:
                 record("transformers-packed", hf, batch, bench_hf(hf, prompts[batch], args.hf_new_tokens, args.runs))
             del hf
-            _free(device)
+            free(device)
     for entry in results:
         for base in ("bittern-dense", "transformers-bf16"):
             ref = next((r for r in results if r["row"] == base and r["batch"] == entry["batch"]), None)
@@ -252,12 +252,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _default_dtype(device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "float32"
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _environment(device: torch.device) -> dict[str, Any]:

@@ -55,10 +55,7 @@ end on a machine without a GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import gc
-import importlib.metadata
 import json
 import math
 import platform
@@ -68,6 +65,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from common import autocast, fmt, free, ratio, versions
 from torch import nn
 
 ARMS = ("full", "lora", "full-ckpt", "lora-ckpt")
@@ -77,18 +75,6 @@ QUALITY_SPLITS = ("train", "validation", "held_out")
 
 
 # --- shared ---------------------------------------------------------------------------------------------------
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -593,24 +579,6 @@ def quality_part(args: argparse.Namespace, device: torch.device, out: dict, publ
 # --- report -------------------------------------------------------------------------------------------------------
 
 
-def ratio(value: float | None, base: float | None) -> float | None:
-    return None if value is None or not base else value / base
-
-
-def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("triton", "transformers", "peft", "bittern"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
-
-
 def print_tables(results: dict) -> None:
     memory = results.get("memory")
     if memory:
@@ -770,7 +738,7 @@ def main() -> None:
     device = torch.device(args.device)
     results: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()}, dry run)",
-        "versions": versions(),
+        "versions": versions(("triton", "transformers", "peft", "bittern")),
         "memory": None,
         "quality": None,
     }

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import importlib.metadata
 import itertools
 import json
 import os
@@ -59,6 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import autocast, fmt, free, ratio, versions
 from torch import nn
 
 VARIANTS = (
@@ -201,12 +200,6 @@ def make_variant(variant: str, config, seed: int, device: torch.device) -> tuple
     return model, backend
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
 
@@ -249,12 +242,6 @@ def _kernels_with_backward(mode: str):
             os.environ.pop("BITTERN_BACKWARD_GEMM")
         else:
             os.environ["BITTERN_BACKWARD_GEMM"] = previous
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def measure(variant: str, config, ids: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -445,24 +432,6 @@ def curve_agreement(args: argparse.Namespace, shape: dict, vocab: int) -> dict:
     return result
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("triton", "transformers", "bittern", "onebitllms"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
-
-
-def ratio(value: float | None, base: float | None) -> float | None:
-    return None if value is None or not base else value / base
-
-
-def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
-
-
 def print_table(results: dict) -> None:
     config = results["config"]
     print(
@@ -568,7 +537,7 @@ def main() -> None:
     ids = ids.to(device)
     results: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()}, dry run)",
-        "versions": versions(),
+        "versions": versions(("triton", "transformers", "bittern", "onebitllms")),
         "config": {
             "num_layers": args.num_layers,
             **shape,

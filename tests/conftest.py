@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,6 +33,25 @@ _COMMON = dict(
     max_position_embeddings=256,
     initializer_range=0.02,
 )
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread: the tests' shapes are tiny, and two threads on a shared 2-core machine spend
+    their time waiting for each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """:func:`one_thread` for a whole test module: ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    with one_thread():
+        yield
 
 
 def tiny_config(arch: str, **overrides):

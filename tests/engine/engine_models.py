@@ -8,14 +8,12 @@ TernaryLinear. The BitNet model ties its head to the embeddings (as 2B4T does); 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from conftest import tiny_model
+from conftest import one_thread, tiny_model
 
 import bittern
 
@@ -25,18 +23,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread: these shapes are tiny, and two threads on a shared 2-core machine spend
-    their time waiting for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @functools.lru_cache(maxsize=1)

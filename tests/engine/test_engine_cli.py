@@ -6,16 +6,12 @@ import io
 from pathlib import Path
 
 import pytest
-from engine_models import one_thread, tokenizer, trained_model
+from engine_models import tokenizer, trained_model
 
 import bittern
 from bittern.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model, token_batch
-from engine_models import one_thread, save_variants, synthetic_tokens, trained_model
+from engine_models import save_variants, synthetic_tokens, trained_model
 
 import bittern
 from bittern.engine import Engine
 from bittern.errors import ConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

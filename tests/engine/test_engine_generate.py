@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from engine_models import one_thread, synthetic_tokens, tokenizer, trained_model
+from engine_models import synthetic_tokens, tokenizer, trained_model
 
 from bittern.engine import Engine
 from bittern.errors import ConfigError, MissingFileError
@@ -15,10 +15,7 @@ from bittern.errors import ConfigError, MissingFileError
 NEW = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "bitnet"])

@@ -30,12 +30,7 @@ CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endofte
 TINY = dict(preset="tiny", num_layers=1, vocab_size=300, seq_len=32, batch_size=4, progress=False, eval_tokens=2048)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

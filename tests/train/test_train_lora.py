@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_model
 
 import bittern
@@ -20,13 +19,7 @@ from bittern.train.callbacks import read_metrics
 from bittern.train.corpus import pydoc_topics
 from bittern.train.tokenizer import train_bpe_tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,51 @@
+"""Helpers the benchmark scripts share (run a script as ``python benchmarks/NAME.py``: its folder is on the path).
+
+Not part of the package: these only format, free memory and report versions for the scripts here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.metadata
+import math
+import platform
+
+import torch
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU (how the training benchmarks run), nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def free(device: torch.device) -> None:
+    """Drop unreferenced tensors and hand cached GPU memory back, so the next arm's peak starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    """``value / base``, or None when either is missing (or ``base`` is 0)."""
+    return None if value is None or not base else value / base
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """``value`` formatted by ``spec`` (plus ``suffix``), ``n/a`` for None or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:{spec}}{suffix}"
+
+
+def versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    """Python's, torch's and each installed package's version (None where not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in packages:
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
