@@ -15,7 +15,8 @@ from bittern.kernels import packed
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (tokens M, outputs N, inputs K); the decode kernel needs K % 4 == 0
 DECODE_SHAPES = [(1, 1, 4), (1, 10, 40), (3, 64, 100), (4, 37, 72), (2, 130, 36)]
-PREFILL_SHAPES = [(17, 10, 40), (40, 50, 96), (65, 33, 17), (2, 9, 30)]
+# up to 32 tokens the split-K product (K = 200: four slices of K under the interpreter's tile), beyond unpack + GEMM
+PREFILL_SHAPES = [(17, 10, 40), (40, 50, 96), (65, 33, 17), (2, 9, 30), (33, 150, 70), (9, 70, 200), (32, 5, 12)]
 # forced tile choices: several word tiles, a ragged last tile, wide and narrow byte-row blocks
 DECODE_CONFIGS = [{"BR": 2, "BKW": 4}, {"BR": 4, "BKW": 16}, {"BR": 16, "BKW": 2}, {"BR": 1, "BKW": 64}]
 
@@ -80,7 +81,8 @@ def test_extreme_values_accumulate_exactly() -> None:
 
 
 def test_unpack_kernel_matches_the_layout() -> None:
-    for n, k in ((1, 1), (10, 33), (37, 300)):
+    # 150 outputs: 38 byte rows, so the last block of 16 has rows past R whose n = r + qR is still < N
+    for n, k in ((1, 1), (10, 33), (37, 300), (150, 70)):
         codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
         assert torch.equal(packed.unpack(packing.pack_ternary_rows(codes).to(DEVICE), n).cpu(), codes)
 
@@ -149,7 +151,44 @@ def test_grouped_decode_equals_each_layer(widths: tuple[int, ...], per_channel: 
             assert torch.equal(y, quant.integer_linear(x, codes.to(DEVICE), scale.to(DEVICE)))
 
 
-def test_project_groups_packed_layers_and_matches_each_call() -> None:
+@pytest.mark.parametrize("tokens", [5, 40])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("widths", [(10, 6, 6), (37, 9), (130, 70)])
+def test_grouped_prefill_equals_each_layer(widths: tuple[int, ...], per_channel: bool, tokens: int) -> None:
+    # K = 70: not a multiple of 4 nor of the reduction tile; 130 and 70 outputs span several byte-row blocks
+    generator = torch.Generator().manual_seed(tokens + len(widths))
+    x = (torch.randn(tokens, 70, generator=generator) * 2).to(DEVICE)
+    layers = [quant.ternarize(torch.randn(n, 70, generator=generator) * 0.02, per_channel) for n in widths]
+    packed_weights = [packing.pack_ternary_rows(codes).to(DEVICE) for codes, _ in layers]
+    scales = [scale.to(DEVICE) for _, scale in layers]
+    ys = packed.prefill_group(x, packed_weights, list(widths), scales, torch.float32)
+    assert len(ys) == len(widths)
+    for y, (codes, scale) in zip(ys, layers, strict=True):
+        assert torch.equal(y, quant.integer_linear(x, codes.to(DEVICE), scale.to(DEVICE)))
+
+
+def test_split_k_workspace_is_left_zeroed_between_calls() -> None:
+    # the split-K product adds partial sums into a workspace that every launch must leave zeroed
+    from bittern.kernels import packed_gemm
+
+    x, codes, weight, scale, bias = _operands(12, 70, 200, False, seed=8)
+    expected = quant.integer_linear(x, codes, scale, bias)
+    for _ in range(3):
+        assert torch.equal(packed.prefill_linear(x, weight, 70, scale, bias, torch.float32), expected)
+    workspace, counters = packed_gemm._workspaces[x.device]
+    assert not workspace.any() and not counters.any()
+
+
+def test_grouped_prefill_refuses_mixed_scales() -> None:
+    x, _, weight, scale, _ = _operands(8, 8, 16, False, seed=3)
+    with pytest.raises(ValueError, match="per tensor, or every layer's per row"):
+        packed.prefill_group(x, [weight, weight], [8, 8], [scale, scale.expand(8).contiguous()], torch.float32)
+    with pytest.raises(ValueError, match="2 or 3 layers"):
+        packed.prefill_group(x, [weight], [8], [scale], torch.float32)
+
+
+@pytest.mark.parametrize("tokens", [2, 9])
+def test_project_groups_packed_layers_and_matches_each_call(tokens: int) -> None:
     from bittern.nn import project
 
     generator = torch.Generator().manual_seed(7)
@@ -159,7 +198,7 @@ def test_project_groups_packed_layers_and_matches_each_call() -> None:
         ).to(DEVICE)
         for n in (16, 8, 8)
     ]
-    x = torch.randn(2, 32, generator=generator).to(DEVICE)
+    x = torch.randn(tokens, 32, generator=generator).to(DEVICE)  # 2: the decode kernel; 9: the prefill product
     with kernels.use_backend("triton"), torch.no_grad():
         grouped = project(x, layers)
         single = [layer(x) for layer in layers]

@@ -179,17 +179,15 @@ def packed_linear_group(
     out_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """:func:`packed_linear` of two or three bias-free layers on the same input ``x`` ``[..., K]``, without
-    gradients: one launch of the decode kernel on the Triton backend when it applies (at most
-    :data:`DECODE_MAX_TOKENS` tokens, ``K % 4 == 0``, the scales all per tensor or all per row),
-    one :func:`packed_linear` per layer otherwise. Each result equals that layer's :func:`packed_linear` exactly.
+    gradients: on the Triton backend (the scales all per tensor or all per row) one launch for every layer — the
+    decode kernel up to :data:`DECODE_MAX_TOKENS` tokens with ``K % 4 == 0``, else the activations quantized once
+    and one launch of the on-chip-unpacking tensor-core product; one :func:`packed_linear` per layer otherwise.
+    Each result equals that layer's :func:`packed_linear` exactly.
     """
     out_dtype = out_dtype or output_dtype(x)
-    k = x.shape[-1]
     grouped = (
         not (torch.is_grad_enabled() and x.requires_grad)
         and 2 <= len(packed_weights) <= 3
-        and k % 4 == 0
-        and x.numel() // max(k, 1) <= DECODE_MAX_TOKENS
         and len({s.numel() != 1 for s in scales}) == 1
         and uses_triton(x)
     )

@@ -12,7 +12,7 @@ Registered ops (namespace ``bittern``):
 * ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
 * ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
   decode kernel with fused activation quantization for up to 4 tokens, the prefill path beyond;
-  ``packed_linear_group`` — the decode kernel for two or three layers of one input (q/k/v, gate/up) in one launch.
+  ``packed_linear_group`` — two or three layers of one input (q/k/v, gate/up) in one launch.
 
 Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
 breaking the graph (eager calls skip the dispatcher: :class:`_CustomOp`), and since none of them synchronises
@@ -324,9 +324,11 @@ def packed_linear_group(
     scales: list[torch.Tensor],
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
-    """Two or three bias-free packed layers on one input, decoded in one launch: ``[..., K]`` → ``[..., N_i]``."""
+    """Two or three bias-free packed layers on one input in one launch: ``[..., K]`` → ``[..., N_i]``."""
     with _device_guard(x):
-        return packed.decode_group(x, packed_weights, out_features, scales, out_dtype)
+        if packed.decode_applies(x):
+            return packed.decode_group(x, packed_weights, out_features, scales, out_dtype)
+        return packed.prefill_group(x, packed_weights, out_features, scales, out_dtype)
 
 
 @packed_linear_group.register_fake

@@ -14,9 +14,12 @@
   ``sum_k xq_k (c_k - 1) = sum_k xq_k c_k - sum_k xq_k``, the ``- 1`` is one row sum per token, not a
   subtraction per weight. ``K`` is a compile-time constant: the loop over ``K`` unrolls and a program issues
   all its loads at once — at batch 1 the product is bound by memory latency, not arithmetic.
-* :func:`prefill_linear` (everything else): the codes unpacked to int8 in one pass (:func:`unpack`), the
-  activations quantized by :func:`bittern.kernels.quantizers.quantize_activations`, and the int8 tensor-core
-  GEMM of :mod:`bittern.kernels.matmul`.
+* :func:`prefill_linear` (everything else): the activations quantized by
+  :func:`bittern.kernels.quantizers.quantize_activations`; then, up to 32 tokens (a batch of decode steps), the
+  split-K tensor-core product of :mod:`bittern.kernels.packed_gemm`, which unpacks the codes on chip; beyond, the
+  codes unpacked to int8 in one pass (:func:`unpack`) and the int8 tensor-core GEMM of
+  :mod:`bittern.kernels.matmul`. :func:`prefill_group` serves two or three layers of one input with one
+  quantization (and, up to 32 tokens, one launch).
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
 output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
@@ -32,7 +35,7 @@ import triton
 import triton.language as tl
 
 from bittern import packing, quant
-from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, quantizers
+from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers
 from bittern.kernels.quantizers import _round_half_even
 
 DECODE_MAX_M = DECODE_MAX_TOKENS
@@ -96,12 +99,13 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 def _unpack_kernel(w_ptr, codes_ptr, N, K, R, BR: tl.constexpr, BK: tl.constexpr):
     rr = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    k_ok = cols[None, :] < K
-    b = tl.load(w_ptr + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=(rr[:, None] < R) & k_ok, other=0)
+    ok = (rr[:, None] < R) & (cols[None, :] < K)
+    b = tl.load(w_ptr + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=ok, other=0)
     for q in tl.static_range(4):
         n = rr + q * R
         out = codes_ptr + n.to(tl.int64)[:, None] * K + cols[None, :]
-        tl.store(out, _field(b, q) - 1, mask=(n[:, None] < N) & k_ok)
+        # rows past R belong to no byte row of this layer (n may still be < N: they must not be written)
+        tl.store(out, _field(b, q) - 1, mask=ok & (n[:, None] < N))
 
 
 def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -124,6 +128,18 @@ def _check(x: torch.Tensor, packed: torch.Tensor, out_features: int, scale: torc
         raise ValueError(f"input has {x.shape[-1]} features but the packed weight has {packed.shape[1]}")
     if scale.numel() not in (1, out_features):
         raise ValueError(f"weight scale has {scale.numel()} values; expected 1 or {out_features}")
+
+
+def _check_group(
+    x: torch.Tensor, packed: list[torch.Tensor], out_features: list[int], scales: list[torch.Tensor], caller: str
+) -> None:
+    if not 2 <= len(packed) <= 3 or not len(packed) == len(out_features) == len(scales):
+        raise ValueError(f"{caller} takes 2 or 3 layers with one packed weight, width and scale each; got "
+                         f"{len(packed)}, {len(out_features)} and {len(scales)}")  # fmt: skip
+    if len({s.numel() != 1 for s in scales}) != 1:
+        raise ValueError(f"{caller} needs every layer's scale per tensor, or every layer's per row")
+    for weight, n, scale in zip(packed, out_features, scales, strict=True):
+        _check(x, weight, n, scale)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -308,14 +324,8 @@ def decode_group(
     Returns:
         One ``[..., N_i]`` tensor per layer, each equal to that layer's :func:`decode_linear` bit for bit.
     """
-    if not 2 <= len(packed) <= 3 or not len(packed) == len(out_features) == len(scales):
-        raise ValueError(f"decode_group takes 2 or 3 layers with one packed weight, width and scale each; got "
-                         f"{len(packed)}, {len(out_features)} and {len(scales)}")  # fmt: skip
+    _check_group(x, packed, out_features, scales, "decode_group")
     per_channel = {s.numel() != 1 for s in scales}
-    if len(per_channel) != 1:
-        raise ValueError("decode_group needs every layer's scale per tensor, or every layer's per row")
-    for weight, n, scale in zip(packed, out_features, scales, strict=True):
-        _check(x, weight, n, scale)
     x2 = _decode_rows_of(x, "decode_group")
     m, k = x2.shape
     words = [_rows(w).view(torch.int32) for w in packed]
@@ -346,11 +356,45 @@ def prefill_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Any number of tokens: codes unpacked in one pass, activations quantized, the int8 GEMM of
-    :mod:`bittern.kernels.matmul`. Shapes and result as :func:`decode_linear`."""
+    """Any number of tokens: the activations quantized per token, then up to
+    :data:`~bittern.kernels.packed_gemm.SKINNY_MAX_M` tokens the split-K tensor-core product of
+    :mod:`bittern.kernels.packed_gemm` (codes unpacked on chip), beyond that the codes unpacked in one pass and the
+    int8 GEMM of :mod:`bittern.kernels.matmul`. Shapes and result as :func:`decode_linear`."""
     _check(x, packed, out_features, scale)
     xq, act_scale = quantizers.quantize_activations(x)
-    return matmul.int8_ternary_linear(xq, act_scale, unpack(packed, out_features), scale, bias, out_dtype)
+    return _quantized_products(xq, act_scale, [packed], [out_features], [scale], bias, out_dtype)[0]
+
+
+def prefill_group(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """:func:`prefill_linear` of two or three bias-free layers on the same input, the activations quantized once
+    (and up to :data:`~bittern.kernels.packed_gemm.SKINNY_MAX_M` tokens, one launch for every layer). Arguments
+    and results as :func:`decode_group` (any number of tokens, any K)."""
+    _check_group(x, packed, out_features, scales, "prefill_group")
+    xq, act_scale = quantizers.quantize_activations(x)
+    return _quantized_products(xq, act_scale, packed, out_features, scales, None, out_dtype)
+
+
+def _quantized_products(
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    packed: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    if xq.numel() // max(xq.shape[-1], 1) <= packed_gemm.SKINNY_MAX_M:
+        return packed_gemm.skinny_gemm(xq, act_scale, packed, out_features, scales, bias, out_dtype)
+    return [
+        matmul.int8_ternary_linear(xq, act_scale, unpack(w, n), s, bias if i == 0 else None, out_dtype)
+        for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))
+    ]
 
 
 def packed_linear(
@@ -364,8 +408,13 @@ def packed_linear(
     """The inference linear over packed weights: :func:`decode_linear` where it applies (up to DECODE_MAX_M tokens,
     ``K % 4 == 0``), else :func:`prefill_linear`. ``[..., K]`` → ``[..., N]`` in ``out_dtype``, bit-identical to
     the reference."""
-    k = x.shape[-1]
-    tokens = x.numel() // max(k, 1)
-    if tokens <= DECODE_MAX_M and k % 4 == 0 and k <= DECODE_MAX_K:
+    if decode_applies(x):
         return decode_linear(x, packed, out_features, scale, bias, out_dtype)
     return prefill_linear(x, packed, out_features, scale, bias, out_dtype)
+
+
+def decode_applies(x: torch.Tensor) -> bool:
+    """Whether the decode kernel takes ``x [..., K]``: at most :data:`DECODE_MAX_M` tokens, ``K % 4 == 0`` and
+    ``K <= DECODE_MAX_K``."""
+    k = x.shape[-1]
+    return x.numel() // max(k, 1) <= DECODE_MAX_M and k % 4 == 0 and k <= DECODE_MAX_K
