@@ -4,7 +4,10 @@ Part 1 (memory and step time): the ``2b4t-shape`` preset (BitNet b1.58 2B4T dime
 sub-norms and relu², hidden 2560, intermediate 6912, 20/5 heads, vocab 128256, tied embeddings) with
 ``--num-layers`` decoder blocks (all 30 by default: 2.1 B linear weights, the size where the optimizer state of
 full fine-tuning matters; fewer layers and longer batches let the LM head's logits, the same in both arms, weigh
-more), random weights, one fixed batch of random tokens, bf16 autocast, fused AdamW. Arms:
+more), random weights, one fixed batch of random tokens, bf16 autocast, fused AdamW. Every arm (and every fit of
+part 2) computes its loss the same way, by ``bittern.train.losses``: in chunks of ``--loss-chunk`` tokens whose LM-head
+logits the backward recomputes instead of keeping (1024 by default; 0: transformers' own loss, which holds the float32
+logits of every token and their gradients, several GiB of the peak at vocab 128256). Arms:
 
 * ``full``: full fine-tuning the onebitllms way: every decoder linear a :class:`bittern.BitLinear` with float32
   latent weights, every parameter (embeddings and norms too) trained, with gradients and AdamW state;
@@ -45,11 +48,11 @@ rewritten after every run, and ``--q-max-minutes`` skips the heal runs that woul
 (reported as skipped). Runs: ``len(q-full-lr) + len(rank) · len(q-lora-lr)`` fine-tunings of ``--ft-steps`` and
 ``2 · len(heal-lr) · len(heal-distill)`` heals of ``--heal-steps`` (defaults: 6 x 60 and 12 x 40 steps).
 
-    python benchmarks/lora.py [--num-layers 30] [--batch-size 1] [--seq-len 2048] [--rank 16]
+    python benchmarks/lora.py [--num-layers 30] [--batch-size 1] [--seq-len 2048] [--rank 16] [--loss-chunk 1024]
         [--arms full,lora,full-ckpt,lora-ckpt | --skip-part1] [--quality] [--json out.json]
 
-``--device cpu`` is a dry run with tiny shapes (wall-clock timing, no memory figures) to check the script end to
-end on a machine without a GPU.
+``--device cpu`` is a dry run with tiny shapes (wall-clock timing, no memory figures; chunks of at most 16 tokens)
+to check the script end to end on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -85,9 +88,13 @@ def make_optimizer(params: list[nn.Parameter], lr: float, device: torch.device, 
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=device.type == "cuda")
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> torch.Tensor:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, loss_chunk: int) -> torch.Tensor:
+    """One AdamW step on ``ids`` (int64 ``[B, T]``, its own labels); the loss through ``bittern.train.losses``:
+    ``loss_chunk`` tokens per checkpointed LM-head chunk, 0 for transformers' loss over the full logits."""
+    from bittern.train.losses import causal_lm_loss
+
     with autocast(ids.device):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = causal_lm_loss(model, ids, ids, loss_chunk)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable(model), 1.0)
     optimizer.step()
@@ -116,6 +123,11 @@ def lora_model(model: nn.Module, rank: int, alpha: float | None, frozen_dtype: t
 
 def count(params: list[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
+
+
+def loss_label(loss_chunk: int) -> str:
+    """How the runs computed their loss, for the table headers."""
+    return f"loss in {loss_chunk}-token chunks" if loss_chunk else "loss over full logits (transformers)"
 
 
 # --- part 1: memory and step time -------------------------------------------------------------------------------
@@ -170,13 +182,13 @@ def measure(arm: str, config, ids: torch.Tensor, args: argparse.Namespace) -> di
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            losses.append(train_step(model, optimizer, ids))
+            losses.append(train_step(model, optimizer, ids, args.loss_chunk))
             end.record()
             end.synchronize()
             elapsed = start.elapsed_time(end)
         else:
             begin = time.perf_counter()
-            losses.append(train_step(model, optimizer, ids))
+            losses.append(train_step(model, optimizer, ids, args.loss_chunk))
             elapsed = (time.perf_counter() - begin) * 1e3
         if step >= args.warmup:
             times_ms.append(elapsed)
@@ -219,6 +231,7 @@ def memory_part(args: argparse.Namespace, device: torch.device) -> dict:
             "rank": args.rank,
             "lora_frozen_dtype": str(args.frozen_dtype).replace("torch.", "") if args.frozen_dtype else "float32",
             "autocast": "bfloat16" if device.type == "cuda" else None,
+            "loss_chunk": args.loss_chunk,
         },
         "arms": [],
     }
@@ -295,11 +308,13 @@ def fit(
     lr: float,
     device: torch.device,
     desc: str,
+    loss_chunk: int,
     evaluate=None,
     every: int = 0,
 ) -> tuple[list[float], list[dict]]:
-    """AdamW over ``data`` with 5% warmup and linear decay to 0: the loss of every step, and ``{"step": step,
-    **evaluate(model)}`` every ``every`` steps and at the end when ``evaluate`` is given."""
+    """AdamW over ``data`` with 5% warmup and linear decay to 0 (the loss as :func:`train_step` computes it with
+    ``loss_chunk``): the loss of every step, and ``{"step": step, **evaluate(model)}`` every ``every`` steps and at
+    the end when ``evaluate`` is given."""
     from tqdm.auto import tqdm
 
     params = trainable(model)
@@ -311,7 +326,7 @@ def fit(
     model.train()
     losses, curve = [], []
     for step, ids in enumerate(tqdm(data, desc=desc, unit="step", dynamic_ncols=True), start=1):
-        losses.append(train_step(model, optimizer, ids.to(device)))
+        losses.append(train_step(model, optimizer, ids.to(device), loss_chunk))
         schedule.step()
         if evaluate is not None and ((every and step % every == 0) or step == len(data)):
             curve.append({"step": step, **evaluate(model)})
@@ -370,7 +385,7 @@ def pretrained_base(args: argparse.Namespace, device: torch.device):
     torch.manual_seed(args.seed)
     model = full_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device))
     steps = batches(data["pretrain"], args.pretrain_steps, args.pretrain_batch_size, args.q_seq_len, args.seed)
-    losses, _ = fit(model, steps, args.pretrain_lr, device, "pretrain on docstrings")
+    losses, _ = fit(model, steps, args.pretrain_lr, device, "pretrain on docstrings", args.loss_chunk)
     return model, tokenizer, losses, data
 
 
@@ -443,6 +458,7 @@ def quality_part(args: argparse.Namespace, device: torch.device, out: dict, publ
         "alpha": args.alpha if args.alpha is not None else "2 * rank",
         "lr": {"pretrain": args.pretrain_lr, "full": args.q_full_lr, "lora": args.q_lora_lr, "heal": args.heal_lr},
         "heal_distill_weights": args.heal_distill,
+        "loss_chunk": args.loss_chunk,
         "max_minutes": args.q_max_minutes or None,
         "selection": "per arm, the run with the lowest validation loss; goal ratios are held-out losses of those runs",
     }
@@ -467,7 +483,7 @@ def quality_part(args: argparse.Namespace, device: torch.device, out: dict, publ
         name = f"full lr {lr:g}"
         full = full_model(copy.deepcopy(base))
         started = time.perf_counter()
-        losses, curve = fit(full, ft, lr, device, name, losses_of, every)
+        losses, curve = fit(full, ft, lr, device, name, args.loss_chunk, losses_of, every)
         row = {"arm": "full", "lr": lr, "train_losses": losses, "curve": curve}
         row.update(losses_of(bittern.to_ternary(full).eval()), seconds=time.perf_counter() - started)
         rows[name] = row
@@ -481,7 +497,7 @@ def quality_part(args: argparse.Namespace, device: torch.device, out: dict, publ
             name = f"lora r{rank} lr {lr:g}"
             lora = lora_model(copy.deepcopy(base), rank, args.alpha, None)
             started = time.perf_counter()
-            losses, curve = fit(lora, ft, lr, device, name, losses_of, every)
+            losses, curve = fit(lora, ft, lr, device, name, args.loss_chunk, losses_of, every)
             lora.eval()
             row = {"arm": "lora", "rank": rank, "lr": lr, "train_losses": losses, "curve": curve}
             row.update(losses_of(lora), seconds=time.perf_counter() - started, trainable_params=count(trainable(lora)))
@@ -584,7 +600,8 @@ def print_tables(results: dict) -> None:
     if memory:
         c = memory["config"]
         print(f"\n2b4t-shape ({c['num_layers']} layers, vocab {c['vocab_size']}), batch {c['batch_size']} x seq "
-              f"{c['seq_len']}, LoRA rank {c['rank']} on every ternary layer, {results['device']}")  # fmt: skip
+              f"{c['seq_len']}, LoRA rank {c['rank']} on every ternary layer, {loss_label(c['loss_chunk'])}, "
+              f"{results['device']}")  # fmt: skip
         print("| arm | trainable params | step ms (median) | tokens/s | peak GiB | memory vs full | time vs full |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for row in memory["arms"]:
@@ -611,7 +628,8 @@ def print_quality(quality: dict) -> None:
     print(
         f"\nquality: {c['base']}; fine-tuned {c['ft_steps']} steps of {c['batch_size']} x {c['seq_len']} tokens on "
         f"{t['train']} help() topics; validation {t['validation']} topics ({c['validation_tokens']:,} tokens), "
-        f"held-out {t['held_out']} topics ({c['held_out_tokens']:,} tokens); heal {c['heal_steps']} steps"
+        f"held-out {t['held_out']} topics ({c['held_out_tokens']:,} tokens); heal {c['heal_steps']} steps; "
+        f"{loss_label(c['loss_chunk'])} (heals: bittern.peft.heal's own)"
     )
     print("Each arm's learning rate (LoRA: and rank) and the heal setting are chosen by validation loss (validation "
           "topics are split off the training topics, apart from the held-out ones); '(selected)' marks them, and the "
@@ -669,6 +687,9 @@ def main() -> None:
                         help="LoRA rank(s), comma list (default 16): part 1 measures the first, part 2 fine-tunes a "
                         "LoRA per rank and learning rate")  # fmt: skip
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
+    parser.add_argument("--loss-chunk", type=int, default=1024, metavar="N",
+                        help="tokens per chunk of the loss of every arm and fit (LM-head logits recomputed in the "
+                        "backward, not kept); 0: transformers' loss over the full logits (default 1024)")  # fmt: skip
     part1 = parser.add_argument_group("part 1: memory and step time")
     part1.add_argument("--skip-part1", action="store_true", help="run no part 1 arm (the same as --arms '')")
     part1.add_argument("--num-layers", type=int, default=30, help="decoder blocks of the 2b4t shape (default 30: all)")
@@ -721,6 +742,8 @@ def main() -> None:
     for name in ("ft_steps", "heal_steps", "pretrain_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.loss_chunk < 0:
+        parser.error("--loss-chunk must be >= 0 (0: transformers' loss)")
     args.frozen_dtype = torch.bfloat16 if args.lora_frozen_dtype == "bfloat16" else None
     args.ranks = args.rank
     if args.device == "cpu":
@@ -730,6 +753,7 @@ def main() -> None:
         args.heal_steps = min(args.heal_steps, 3)
         args.q_batch_size, args.pretrain_batch_size, args.q_seq_len = 4, 4, 64
         args.ranks = list(dict.fromkeys(min(rank, 4) for rank in args.ranks))
+        args.loss_chunk = min(args.loss_chunk, 16)  # several chunks per batch of the tiny shapes
     elif not torch.cuda.is_available():
         parser.error("no CUDA GPU here; use --device cpu for a dry run")
     else:

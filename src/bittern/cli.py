@@ -274,6 +274,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of steps in the final decay")
     opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
     opt.add_argument("--seed", type=int, default=0, help="seed of the model, data order and tokenizer")
+    opt.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compute the loss N tokens at a time, recomputing each chunk's LM-head logits in the backward instead "
+        "of keeping them: the loss then holds O(N x vocab) floats instead of O(batch x seq-len x vocab) (float32 "
+        "logits and their gradients: GiBs at a 128k vocabulary, most of a LoRA run's peak), for one extra LM-head "
+        "product per step; the same loss and gradients up to rounding. Text data only; not with --distill-weight "
+        "(it needs the full logits) or --fsdp (default 0: transformers' loss over the full logits)",
+    )
     conv = parser.add_argument_group("conversion of a full-precision model")
     conv.add_argument(
         "--lambda-schedule",
@@ -571,6 +582,7 @@ def _run(args: argparse.Namespace) -> int:
             log_every=args.log_every,
             seed=args.seed,
             fsdp=args.fsdp,
+            loss_chunk=args.loss_chunk,
             lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha,
             lora_targets=list(args.lora_targets),

@@ -33,17 +33,21 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "ddp-loss-chunk"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     engine: str, text_dir: Path, tmp_path: Path
 ) -> None:
+    """ddp-loss-chunk: both runs with --loss-chunk (the LM head runs after DDP's forward, and the loss is scaled
+    as Trainer scales transformers' loss)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "bittern.cli"]
-    args = _train_args(tmp_path / "ddp", text_dir, batch_size=2) + (["--fsdp"] if engine == "fsdp2" else [])
+    extra = {"ddp": [], "fsdp2": ["--fsdp"], "ddp-loss-chunk": ["--loss-chunk", "24"]}[engine]
+    args = _train_args(tmp_path / "ddp", text_dir, batch_size=2) + extra
     ddp = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = [sys.executable, "-m", "bittern.cli", *_train_args(tmp_path / "single", text_dir, batch_size=4)]
+    single += extra if engine == "ddp-loss-chunk" else []
     subprocess.run(single, env=env, check=True, capture_output=True)
 
     ddp_losses, single_losses = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")

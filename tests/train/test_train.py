@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, token_batch
 
 import bittern
 from bittern.errors import ConfigError
@@ -88,6 +88,9 @@ def test_a_sound_configuration_validates() -> None:
         ({"gguf_file": "model.gguf"}, "--gguf-file"),
         ({"eval_every": 0}, "--eval-every"),
         ({"num_layers": 0}, "--num-layers"),
+        ({"loss_chunk": -1}, "--loss-chunk must be >= 0"),
+        ({"loss_chunk": 64, "fsdp": True}, "--loss-chunk does not support --fsdp"),
+        ({"loss_chunk": 64, "preset": None, "model": "some/dir", "distill_weight": 1.0}, "--loss-chunk cannot be"),
     ],
 )
 def test_each_bad_setting_is_refused_naming_the_option(settings: dict, message: str) -> None:
@@ -106,6 +109,12 @@ def test_differences_ignore_resume_neutral_settings() -> None:
     changed = TrainConfig(out="a", preset="tiny", data=["x", "y"], lr=2e-3, seq_len=64)
     assert changed.differences(stored) == ["seq_len: 256 → 64", "lr: 0.0015 → 0.002"]
     assert TrainConfig(out="a", preset="tiny", data=["x"]).differences(stored) == ["data: ['x', 'y'] → ['x']"]
+
+
+def test_a_run_stored_before_loss_chunk_existed_resumes_with_any_chunk() -> None:
+    stored = TrainConfig(out="a", preset="tiny").as_dict()
+    del stored["loss_chunk"]  # run_config.json of an older bittern
+    assert TrainConfig(out="a", preset="tiny", loss_chunk=256).differences(stored) == []
 
 
 # -- distillation and the weight-decay callback -------------------------------------------------------------
@@ -351,6 +360,60 @@ def test_chat_data_fine_tunes_through_trl(chat_files: dict[str, Path], tmp_path:
     assert (out / "tokenizer" / "chat_template.jinja").is_file() or "chat_template" in (
         out / "tokenizer" / "tokenizer_config.json"
     ).read_text(encoding="utf-8")
+
+
+def test_chunked_loss_trains_like_transformers_loss(text_dir: Path, tmp_path: Path) -> None:
+    """--loss-chunk: the same training and held-out losses, with gradient accumulation (the summed loss divided by
+    the accumulated batch's token count) and 32-token sequences in chunks of 24 (chunks straddle sequences)."""
+    losses, held_out = {}, {}
+    for chunk in (0, 24):
+        out = tmp_path / f"chunk{chunk}"
+        config = TrainConfig(out=str(out), data=[str(text_dir)], steps=6, grad_accum=2, lr=3e-3, log_every=1,
+                             eval_every=3, export=False, loss_chunk=chunk, **TINY)  # fmt: skip
+        train(config)
+        losses[chunk] = _losses(out)
+        held_out[chunk] = [r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert sorted(losses[24]) == [1, 2, 3, 4, 5, 6] and len(held_out[24]) == 2
+    # the first step is the same model on the same batch; later steps may flip a ternary code on rounding noise
+    assert losses[24][1] == pytest.approx(losses[0][1], rel=1e-5)
+    assert losses[24] == pytest.approx(losses[0], rel=1e-3)
+    assert held_out[24] == pytest.approx(held_out[0], rel=1e-3)
+
+
+def test_chunked_loss_runs_the_head_under_the_trainers_autocast(tmp_path: Path) -> None:
+    """bf16 mixed precision (accelerate's autocast, on the CPU here): every chunk's head product is a bf16 one,
+    as the full head's is without chunks, and the losses agree."""
+    from transformers import TrainingArguments
+
+    from bittern.train.trainer import TernaryTrainer
+
+    ids = token_batch(batch=8, length=33)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    losses, heads = {}, {}
+    for chunk in (0, 24):
+        model = bittern.to_bitlinear(tiny_model("bitnet", tie_word_embeddings=True)).train()
+        args = TrainingArguments(output_dir=str(tmp_path / str(chunk)), max_steps=2, per_device_train_batch_size=4,
+                                 logging_steps=1, report_to="none", use_cpu=True, bf16=True, save_strategy="no",
+                                 disable_tqdm=True)  # fmt: skip
+        trainer = TernaryTrainer(model=model, args=args, train_dataset=data, loss_chunk=chunk)
+        seen: set = set()
+        hook = model.lm_head.register_forward_hook(lambda m, a, out, seen=seen: seen.add((out.shape[0], out.dtype)))
+        trainer.train()
+        hook.remove()
+        losses[chunk] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        heads[chunk] = seen
+    assert heads[0] == {(4, torch.bfloat16)}  # [4, 33, 256] logits at once
+    assert heads[24] == {(4, torch.bfloat16), (24, torch.bfloat16), (12, torch.bfloat16)}  # [4, 1, 256], chunks
+    assert len(losses[24]) == 2 and losses[24] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_chunked_loss_is_refused_for_chat_data(chat_files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "sft"
+    config = TrainConfig(out=str(out), data=[str(chat_files["data"])], tokenizer=str(chat_files["chat"]), steps=2,
+                         loss_chunk=64, **TINY)  # fmt: skip
+    with pytest.raises(ConfigError, match="--loss-chunk applies to text data"):
+        train(config)
+    assert not (out / RUN_CONFIG).exists(), "a refused command leaves no run behind"
 
 
 def test_chat_data_needs_a_tokenizer_with_a_chat_template(chat_files: dict[str, Path], tmp_path: Path) -> None:

@@ -118,3 +118,19 @@ def test_an_interrupted_lora_run_resumes_with_the_same_losses(
     resumed = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
     assert len(uninterrupted) == 8
     assert resumed == uninterrupted
+
+
+def test_lora_with_a_chunked_loss_trains_like_transformers_loss(
+    packed_base: Path, text_dir: Path, tmp_path: Path
+) -> None:
+    """--loss-chunk through the PeftModel (frozen packed base and head): the same losses, the base untouched."""
+    losses = {}
+    for chunk in ("0", "24"):
+        out = tmp_path / f"chunk{chunk}"
+        argv = ["train", "--out", str(out), "--model", str(packed_base), "--data", str(text_dir), "--lora-rank", "4"]
+        argv += ["--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--steps", "5", "--lr", "1e-2"]
+        argv += ["--log-every", "1", "--loss-chunk", chunk, "--no-export", "--quiet"]
+        assert main(argv) == 0
+        losses[chunk] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses["24"]) == 5
+    assert losses["24"] == pytest.approx(losses["0"], rel=1e-4)

@@ -10,8 +10,10 @@ from bittern.errors import ConfigError
 from bittern.train.presets import get_preset
 from bittern.train.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
 
-#: Settings that do not change the numbers of a run: changing them does not block a resume.
-RESUME_NEUTRAL = ("out", "progress", "export", "eval_every", "save_every", "log_every")
+#: Settings that do not change the numbers of a run: changing them does not block a resume. ``loss_chunk`` changes
+#: only how the loss is computed (the same value and gradients up to float rounding), not what is trained; a run
+#: stored before it existed resumes too.
+RESUME_NEUTRAL = ("out", "progress", "export", "eval_every", "save_every", "log_every", "loss_chunk")
 
 
 @dataclass
@@ -22,7 +24,9 @@ class TrainConfig:
     checkpoint → conversion (λ warmup, optional distillation from the frozen original); ``model`` pointing at a
     bittern variant (prequantized, packed, bf16) or a Falcon-E / 2B4T checkpoint → continued training or
     fine-tuning. Chat data (jsonl with ``messages``) trains through TRL's ``SFTTrainer``. ``lora_rank`` trains
-    LoRA adapters on the ternary ``model`` loaded packed and frozen (:mod:`bittern.train.lora`).
+    LoRA adapters on the ternary ``model`` loaded packed and frozen (:mod:`bittern.train.lora`). ``loss_chunk``
+    computes the language-model loss that many tokens at a time without keeping the full logits
+    (:mod:`bittern.train.losses`; 0: transformers' loss).
     """
 
     out: str
@@ -53,6 +57,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     fsdp: bool = False
+    loss_chunk: int = 0
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=list)
@@ -106,11 +111,25 @@ class TrainConfig:
             raise ConfigError("--distill-weight needs a full-precision --model as teacher; a preset has none")
         if not 0.0 < self.eval_fraction < 0.5:
             raise ConfigError(f"--eval-fraction must lie in (0, 0.5), got {self.eval_fraction}")
+        self._validate_loss_chunk()
         self._validate_lora()
         for name in ("eval_every", "save_every", "num_layers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+    def _validate_loss_chunk(self) -> None:
+        if self.loss_chunk < 0:
+            raise ConfigError(f"--loss-chunk must be >= 0 (0: transformers' loss), got {self.loss_chunk}")
+        if self.loss_chunk and self.distill_weight > 0:
+            raise ConfigError(
+                "--loss-chunk cannot be combined with --distill-weight: distillation compares the student's full "
+                "logits with the teacher's, which the chunked loss never builds; drop one of them"
+            )
+        if self.loss_chunk and self.fsdp:
+            raise ConfigError(
+                "--loss-chunk does not support --fsdp (the LM head runs outside FSDP's forward); use DDP or drop it"
+            )
 
     def _validate_lora(self) -> None:
         if self.lora_rank is None:

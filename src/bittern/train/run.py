@@ -331,6 +331,11 @@ def train(config: TrainConfig) -> TrainResult:
         data = _chat_data(config, corpus, tokenizer) if corpus.is_chat else _text_data(config, corpus, tokenizer)
         if config.lora_heal_steps and corpus.is_chat:
             raise ConfigError("--lora-heal-steps trains on text blocks; chat data is not supported for healing")
+        if config.loss_chunk and corpus.is_chat:
+            raise ConfigError(
+                "--loss-chunk applies to text data: chat data trains through TRL's SFTTrainer, whose loss already "
+                "projects the LM head in chunks without the full logits; drop --loss-chunk"
+            )
     except BitternError:
         if not resuming and _is_main_process():
             # refused before training: leave no run behind that would refuse the corrected command
@@ -361,6 +366,7 @@ def train(config: TrainConfig) -> TrainResult:
         teacher=teacher,
         distill_weight=config.distill_weight,
         distill_temperature=config.distill_temperature,
+        loss_chunk=config.loss_chunk,
         **extra,
     )
     trainer.remove_callback(PrinterCallback)  # our MetricsWriter and ProgressBar report instead

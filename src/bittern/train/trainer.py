@@ -3,6 +3,8 @@
 * the learning-rate schedules of :mod:`bittern.train.schedules`;
 * optional logit distillation from a frozen full-precision teacher: ``loss = CE + w · T² · KL(teacher ‖ student)``
   at temperature ``T``, averaged over the predicted tokens;
+* optionally (``loss_chunk``) the language-model loss in chunks of tokens whose logits the backward recomputes
+  instead of keeping (:mod:`bittern.train.losses`), so no ``[tokens, vocab]`` logits are held;
 * atomic checkpoints: every rank writes into ``<run>/checkpoints/.staging/checkpoint-N``, then rank 0 renames
   it into place, so a killed run leaves either a whole checkpoint or none.
 """
@@ -20,6 +22,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from bittern.train.losses import chunked_causal_lm_loss, final_hidden_states, output_head
 from bittern.train.schedules import lr_lambda
 
 STAGING = ".staging"
@@ -56,8 +59,11 @@ class TernaryTrainingMixin:
         teacher: nn.Module | None = None,
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
+        loss_chunk: int = 0,
         **kwargs: Any,
     ) -> None:
+        if loss_chunk and teacher is not None and distill_weight > 0:
+            raise ValueError("loss_chunk cannot be combined with distillation, which needs the full logits")
         super().__init__(*args, **kwargs)
         self.bittern_schedule = schedule
         self.bittern_decay_fraction = decay_fraction
@@ -65,6 +71,7 @@ class TernaryTrainingMixin:
         self.teacher = teacher
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
+        self.loss_chunk = loss_chunk
         self._write_staging = False
         self._distill_sums = [0.0, 0.0, 0]  # cross-entropy sum, KL sum, micro-batches since the last log
         if teacher is not None and distill_weight > 0:
@@ -84,6 +91,8 @@ class TernaryTrainingMixin:
 
     # -- distillation -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_chunk:
+            return self._chunked_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.teacher is None or self.distill_weight <= 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**inputs)
@@ -97,6 +106,28 @@ class TernaryTrainingMixin:
             self._distill_sums[0] += float(outputs.loss.detach())
             self._distill_sums[1] += float(kl.detach())
             self._distill_sums[2] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    # -- chunked loss -----------------------------------------------------------------------------------
+    def _chunked_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """What ``Trainer.compute_loss`` computes for a causal LM, with the loss in ``loss_chunk``-token chunks.
+
+        The forward runs through ``model`` (DDP and accelerate's autocast act as usual) with ``logits_to_keep=1``;
+        the head then projects the final hidden states chunk by chunk under the same autocast. As in
+        ``Trainer.compute_loss``: the sum is divided by ``num_items_in_batch`` (the counted targets of the whole
+        accumulated batch) when the model takes loss keyword arguments, and multiplied by the number of processes
+        when tokens are averaged across devices (DDP then averages the gradients). The returned outputs hold the
+        logits of each row's last position only.
+        """
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        divisor = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        hidden, outputs = final_hidden_states(model, **inputs)
+        with self.accelerator.autocast():
+            head = output_head(model)
+            loss = chunked_causal_lm_loss(hidden, head, labels, self.loss_chunk, num_items_in_batch=divisor)
+        if self.args.average_tokens_across_devices and divisor is not None:
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
