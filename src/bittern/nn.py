@@ -202,8 +202,8 @@ class TernaryLinear(nn.Module):
         return self.packed_weight
 
     def codes(self) -> torch.Tensor:
-        """The ternary codes, int8 ``[N, K]``."""
-        return packing.unpack_ternary_rows(self.packed_weight, self.out_features)
+        """The ternary codes, int8 ``[N, K]`` (unpacked in one Triton pass on the Triton backend)."""
+        return kernels.unpack_codes(self.packed_weight, self.out_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``Wt * s`` as a dense ``[N, K]`` tensor of ``dtype``."""
@@ -266,7 +266,7 @@ class _PackedCodes:
         self.rows = rows
 
     def unpack(self) -> torch.Tensor:
-        return packing.unpack_ternary_rows(self.packed, self.rows)
+        return kernels.unpack_codes(self.packed, self.rows)
 
 
 def project(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:

@@ -87,6 +87,14 @@ def test_unpack_kernel_matches_the_layout() -> None:
         assert torch.equal(packed.unpack(packing.pack_ternary_rows(codes).to(DEVICE), n).cpu(), codes)
 
 
+def test_unpack_codes_on_either_backend_equals_the_layout() -> None:
+    codes = torch.randint(-1, 2, (150, 70), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    weight = packing.pack_ternary_rows(codes).to(DEVICE)
+    for name in ("reference", "triton"):
+        with kernels.use_backend(name):
+            assert torch.equal(kernels.unpack_codes(weight, 150).cpu(), codes)
+
+
 def test_dispatch_picks_decode_or_prefill_and_keeps_leading_dimensions() -> None:
     x, codes, weight, scale, bias = _operands(24, 20, 48, False, seed=2)
     with kernels.use_backend("triton"):

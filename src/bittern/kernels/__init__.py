@@ -167,8 +167,15 @@ def packed_linear(
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if not needs_grad and uses_triton(x):
         return _ops().packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
-    codes = packing.unpack_ternary_rows(packed_weight, out_features)
-    return integer_linear(x, codes, scale, bias, out_dtype)
+    return integer_linear(x, unpack_codes(packed_weight, out_features), scale, bias, out_dtype)
+
+
+def unpack_codes(packed_weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    """:func:`bittern.packing.unpack_ternary_rows` (uint8 ``[ceil(N/4), K]`` → int8 codes ``[N, K]``), in one Triton
+    pass on the Triton backend outside torch.compile (the PyTorch version makes several passes and temporaries)."""
+    if not torch.compiler.is_compiling() and uses_triton(packed_weight):
+        return _ops().unpack_codes(packed_weight, out_features)
+    return packing.unpack_ternary_rows(packed_weight, out_features)
 
 
 def packed_linear_group(

@@ -336,6 +336,12 @@ def _(x, packed_weights, out_features, scales, out_dtype):  # type: ignore[no-un
     return [x.new_empty((*x.shape[:-1], n), dtype=out_dtype) for n in out_features]
 
 
+def unpack_codes(packed_weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The int8 codes ``[N, K]`` of a packed weight in one Triton pass, on the weight's GPU (eager only)."""
+    with _device_guard(packed_weight):
+        return packed.unpack(packed_weight, out_features)
+
+
 class _FrozenTernaryLinear(torch.autograd.Function):
     """Fixed codes: forward by ``bittern::integer_linear``; ``grad_x = grad_y @ (Wt * s)`` by the fused
     ``ternary_linear_grad_input`` kernel, which widens the int8 codes on chip (no dense copy of the weight)."""
