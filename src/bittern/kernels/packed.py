@@ -36,6 +36,8 @@ import triton.language as tl
 
 from bittern import packing, quant
 from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers
+from bittern.kernels.matmul import _rows
+from bittern.kernels.packed_gemm import _epilogue
 from bittern.kernels.quantizers import _round_half_even
 
 DECODE_MAX_M = DECODE_MAX_TOKENS
@@ -61,23 +63,6 @@ def _decode_configs() -> list[triton.Config]:
 def _field(packed_bytes, Q: tl.constexpr):
     """The ``Q``-th 2-bit field of each byte as int8 ``code + 1`` in {0, 1, 2}."""
     return ((packed_bytes >> (2 * Q)) & 3).to(tl.int8)
-
-
-@triton.jit
-def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym,
-              HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):  # fmt: skip
-    """``y = acc * s * a / 127 (+ bias)`` in the reference's float32 order, stored for the valid rows/columns."""
-    y = acc.to(tl.float32)
-    if PER_CHANNEL:
-        y = y * tl.load(s_ptr + n, mask=n_ok, other=1.0)[None, :]
-    else:
-        y = y * tl.load(s_ptr)
-    y = y * act_scale[:, None]
-    y = tl.math.div_rn(y, tl.full(y.shape, 127.0, tl.float32))
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + n[None, :]
-    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -140,12 +125,6 @@ def _check_group(
         raise ValueError(f"{caller} needs every layer's scale per tensor, or every layer's per row")
     for weight, n, scale in zip(packed, out_features, scales, strict=True):
         _check(x, weight, n, scale)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``[rows, last]`` with a contiguous last dimension (copied only if needed)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 @triton.jit

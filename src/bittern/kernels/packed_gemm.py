@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from bittern.kernels import interpreter
+from bittern.kernels.matmul import _rows
 
 SKINNY_MAX_M = 32
 """The most tokens this kernel takes (one tile of tokens)."""
@@ -57,23 +58,30 @@ def _codes(packed_bytes, Q: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym,
+              HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):  # fmt: skip
+    """``y = acc * s * a / 127 (+ bias)`` in the reference's float32 order, stored for the valid rows/columns."""
+    y = acc.to(tl.float32)
+    if PER_CHANNEL:
+        y = y * tl.load(s_ptr + n, mask=n_ok, other=1.0)[None, :]
+    else:
+        y = y * tl.load(s_ptr)
+    y = y * act_scale[:, None]
+    y = tl.math.div_rn(y, tl.full(y.shape, 127.0, tl.float32))
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + n[None, :]
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _finish(acc, ws, cell, rm, n, m_ok, n_ok, act_scale, s_ptr, bias_ptr, y_ptr, stride_ym, last,
             HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):  # fmt: skip
-    """Add ``acc`` into the workspace; if ``last``, take the whole sum (leaving zeros) and store
-    ``y = sum * s * a / 127 (+ bias)`` in the reference's float32 order."""
+    """If ``last``: the tile's whole sum (the workspace's, swapped for zeros, plus ``acc``) through
+    :func:`_epilogue`."""
     if last:
         total = tl.atomic_xchg(ws + cell, tl.zeros_like(acc), sem="relaxed") + acc
-        y = total.to(tl.float32)
-        if PER_CHANNEL:
-            y = y * tl.load(s_ptr + n, mask=n_ok, other=1.0)[None, :]
-        else:
-            y = y * tl.load(s_ptr)
-        y = y * act_scale[:, None]
-        y = tl.math.div_rn(y, tl.full(y.shape, 127.0, tl.float32))
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + n[None, :]
-        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        _epilogue(total, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
 
 
 @triton.jit
@@ -179,11 +187,6 @@ def _workspace(device: torch.device, ints: int, tiles: int) -> tuple[torch.Tenso
                                                                                  device=device))  # fmt: skip
         _workspaces[device] = held
     return held
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def skinny_gemm(
