@@ -4,10 +4,20 @@ The stack is every projection of ``--layers`` decoder blocks (30 in 2B4T: 210 la
 2560x2560, k and v 640x2560, gate and up 6912x2560, down 2560x6912 (N x K), each with its own random weights.
 For ``M`` tokens (default 1, 16, 512 and 4096) the stack runs, per variant:
 
-* ``bittern``: :class:`bittern.nn.TernaryLinear` on the Triton kernels — for M <= 16 the dp4a decode kernel
-  reading the 2-bit packed weights in place with the activation quantization fused in; beyond, the codes
-  unpacked in one pass and the int8 tensor-core GEMM; exact int32 accumulation, bf16 output;
+* ``bittern``: :class:`bittern.nn.TernaryLinear` on the Triton kernels — up to 4 tokens the dp4a decode kernel
+  reading the 2-bit packed weights in place with the activation quantization fused in, launched inside
+  :func:`bittern.kernels.static_weights` (on Hopper, programmatic dependent launch: each layer's weight read
+  overlaps the kernel before it); 5–32 tokens the split-K tensor-core kernel that unpacks on chip; beyond, the
+  codes unpacked in one pass and the int8 tensor-core GEMM; exact int32 accumulation, bf16 output;
+* ``bittern-serial``: the same without :func:`~bittern.kernels.static_weights` (each kernel waits for the one
+  before it to finish before it starts);
+* ``bittern-grouped``: as ``bittern``, with q/k/v and gate/up each one launch on one activation quantization
+  (:func:`bittern.nn.project`, as the engine runs them);
+* ``bittern-int8in`` (up to 4 tokens): the decode kernel given each input already quantized (int8 and its
+  scale, made once per input outside the pass) — what the engine's compiled decode step hands it, inductor having
+  fused the quantization into the norm before the projection; the kernel's own cost without the quantization;
 * ``bf16``: ``nn.Linear`` in bf16 with the same ternary values (cuBLAS);
+* ``bf16-grouped``: the bf16 weights of q/k/v and of gate/up concatenated, one GEMM each (what bf16 engines do);
 * ``transformers``: ``transformers.integrations.bitnet.BitLinear`` (the packed layer stock transformers loads
   ``bitnet`` checkpoints into; it unpacks its weights on every call).
 
@@ -25,6 +35,7 @@ the pass achieves (bytes of weights and activations read and written / time, aga
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -45,7 +56,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bittern import kernels, packing, quant  # noqa: E402
-from bittern.nn import TernaryLinear  # noqa: E402
+from bittern.nn import TernaryLinear, project  # noqa: E402
 
 # (name, N outputs, K inputs) per decoder block, 2B4T
 PROJECTIONS = [
@@ -58,7 +69,11 @@ PROJECTIONS = [
     ("down", 2560, 6912),
 ]
 TINY_PROJECTIONS = [("q", 64, 64), ("k", 16, 64), ("down", 64, 96)]
-VARIANTS = ("bittern", "bf16", "transformers")
+VARIANTS = ("bittern", "bittern-serial", "bittern-grouped", "bittern-int8in", "bf16", "bf16-grouped", "transformers")
+GROUPS = (("q", "k", "v"), ("gate", "up"))
+"""Projections of one input that the grouped variants run together."""
+BUILT = ("bittern", "bf16", "transformers")
+"""The variants with layers of their own; the others reuse these weights."""
 
 
 def random_codes(n: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -71,7 +86,7 @@ def build_layers(projections, blocks: int, device: torch.device, seed: int) -> d
     from transformers.integrations.bitnet import BitLinear as HFBitLinear
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    layers: dict[str, list[nn.Module]] = {v: [] for v in VARIANTS}
+    layers: dict[str, list[nn.Module]] = {v: [] for v in BUILT}
     for _ in range(blocks):
         for _, n, k in projections:
             codes = random_codes(n, k, generator, device)
@@ -89,12 +104,66 @@ def build_layers(projections, blocks: int, device: torch.device, seed: int) -> d
     return layers
 
 
-def stack_pass(layers: list[nn.Module], inputs: dict[int, torch.Tensor]) -> Callable[[], None]:
-    """One pass over every layer, each fed the input of its width (outputs are discarded)."""
+Step = tuple[Callable[[torch.Tensor], object], int]
+"""One call of a pass over the stack, and the width of the input it takes."""
+
+
+def steps_of(variant: str, layers: dict[str, list[nn.Module]], projections) -> list[Step]:
+    """The calls of one pass over the stack for ``variant``: one per layer, or one per group of layers of one
+    input (:data:`GROUPS`) for the grouped variants."""
+    base = variant.split("-")[0]
+    stack = layers[base]
+    if not variant.endswith("-grouped"):
+        return [(layer, layer.in_features) for layer in stack]
+    names = [name for name, _, _ in projections]
+    steps: list[Step] = []
+    for start in range(0, len(stack), len(projections)):
+        block = dict(zip(names, stack[start : start + len(projections)], strict=True))
+        done: set[str] = set()
+        for name in names:
+            if name in done:
+                continue
+            group = next((g for g in GROUPS if name in g), (name,))
+            members = [block[n] for n in group if n in block]
+            done.update(n for n in group if n in block)
+            steps.append((_grouped_call(base, members), members[0].in_features))
+    return steps
+
+
+def prequantized_steps(stack: list[nn.Module], inputs: dict[int, torch.Tensor]) -> list[Step]:
+    """``bittern-int8in``: each layer's decode kernel fed its input quantized beforehand (once per width)."""
+    from bittern.kernels import packed
+
+    quantized = {k: quant.quantize_activations(x) for k, x in inputs.items()}
+
+    def call_of(layer: TernaryLinear) -> Callable[[torch.Tensor], object]:
+        xq, act_scale = quantized[layer.in_features]
+        return lambda _x: packed.decode_linear(xq, layer.packed_weight, layer.out_features, layer.weight_scale,
+                                               None, torch.bfloat16, act_scale=act_scale)  # fmt: skip
+
+    return [(call_of(layer), layer.in_features) for layer in stack]
+
+
+def _grouped_call(base: str, members: list[nn.Module]) -> Callable[[torch.Tensor], object]:
+    if len(members) == 1:
+        return members[0]
+    if base == "bittern":
+        return lambda x: project(x, members)
+    fused = nn.Linear(members[0].in_features, sum(m.out_features for m in members), bias=False,
+                      device=members[0].weight.device, dtype=members[0].weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in members]))
+    return fused
+
+
+def stack_pass(steps: list[Step], inputs: dict[int, torch.Tensor], static: bool) -> Callable[[], None]:
+    """One pass over every step, each fed the input of its width (outputs are discarded); ``static``: inside
+    :func:`bittern.kernels.static_weights`."""
 
     def run() -> None:
-        for layer in layers:
-            layer(inputs[layer.in_features])
+        with kernels.static_weights() if static else contextlib.nullcontext():
+            for call, width in steps:
+                call(inputs[width])
 
     return run
 
@@ -147,7 +216,7 @@ def bytes_moved(variant: str, projections, blocks: int, tokens: int) -> int:
     """Weights read once plus bf16 activations read and written, for one pass over the stack."""
     total = 0
     for _, n, k in projections:
-        weight = packing.packed_rows(n) * k if variant != "bf16" else 2 * n * k
+        weight = 2 * n * k if variant.startswith("bf16") else packing.packed_rows(n) * k
         total += blocks * (weight + 2 * tokens * (n + k))
     return total
 
@@ -158,7 +227,8 @@ def check_agreement(layers: dict[str, list[nn.Module]], x: torch.Tensor) -> dict
         truth = layers["bittern"][0](x).float()
     out = {}
     for variant, stack in layers.items():
-        y = stack[0](x).float()
+        with kernels.static_weights():
+            y = stack[0](x).float()
         out[variant] = ((y - truth).norm() / truth.norm()).item()
     return out
 
@@ -184,6 +254,9 @@ def main() -> None:
     blocks = 1 if tiny else args.layers
     tokens_list = [1, 20] if tiny else [int(t) for t in args.tokens.split(",")]
     variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     repeats = 2 if tiny else args.repeats
 
     layers = build_layers(projections, blocks, device, args.seed)
@@ -206,7 +279,14 @@ def main() -> None:
             agreement = check_agreement(layers, inputs[projections[0][2]])
             row = {"tokens": tokens, "agreement_vs_reference": agreement}
             for variant in variants:
-                ms, mode = time_pass(stack_pass(layers[variant], inputs), device, args.warmup, repeats)
+                if variant == "bittern-int8in":
+                    if tokens > kernels.DECODE_MAX_TOKENS:
+                        continue  # beyond the decode kernel, every path quantizes its input itself
+                    steps = prequantized_steps(layers["bittern"], inputs)
+                else:
+                    steps = steps_of(variant, layers, projections)
+                run = stack_pass(steps, inputs, static=variant != "bittern-serial")
+                ms, mode = time_pass(run, device, args.warmup, repeats)
                 moved = bytes_moved(variant, projections, blocks, tokens)
                 row[variant] = {
                     "ms": ms,
@@ -215,7 +295,7 @@ def main() -> None:
                     "share_of_copy_bandwidth": None if bandwidth is None else moved / (ms * 1e-3) / bandwidth,
                 }
             results["rows"].append(row)
-            print(f"M={tokens}: " + ", ".join(f"{v} {row[v]['ms']:.3f} ms" for v in variants), flush=True)
+            print(f"M={tokens}: " + ", ".join(f"{v} {row[v]['ms']:.3f} ms" for v in variants if v in row), flush=True)
     if device.type == "cuda":
         from bittern.kernels import packed
 
@@ -226,25 +306,21 @@ def main() -> None:
 
 
 def print_table(results: dict, variants: list[str]) -> None:
+    """One row per (M, variant): ms per pass, speed against bf16 (grouped variants against bf16-grouped where it
+    ran) and the share of the copy bandwidth."""
     bw = results["copy_bandwidth_tb_s"]
     print(f"\n{results['layers']} linear layers, {results['weights'] / 1e9:.2f} B weights on {results['device']}"
           + (f"; copy bandwidth {bw:.2f} TB/s (read + write)" if bw else ""))  # fmt: skip
-    print(
-        "| M | "
-        + " | ".join(f"{v} ms" for v in variants)
-        + " | bittern × bf16 | transformers × bf16 | bittern % copy bw |"
-    )
-    print("|---:|" + "---:|" * (len(variants) + 3))
+    print("| M | variant | ms | × bf16 | % copy bw | timing |")
+    print("|---:|---|---:|---:|---:|---|")
     for row in results["rows"]:
-        base = row.get("bf16", {}).get("ms")
-        cells = [f"{row[v]['ms']:.3f}" for v in variants]
-        speed = f"{base / row['bittern']['ms']:.2f}x" if base and "bittern" in row else "-"
-        hf = f"{base / row['transformers']['ms']:.2f}x" if base and "transformers" in row else "-"
-        share = row.get("bittern", {}).get("share_of_copy_bandwidth")
-        pct = f"{100 * share:.0f}%" if share else "-"
-        print(f"| {row['tokens']} | " + " | ".join(cells) + f" | {speed} | {hf} | {pct} |")
-    modes = {v: row[v]["mode"] for row in results["rows"] for v in variants}
-    print("timing: " + ", ".join(f"{v}: {m}" for v, m in modes.items()))
+        for v in (v for v in variants if v in row):
+            peer = "bf16-grouped" if v.endswith("-grouped") and "bf16-grouped" in row else "bf16"
+            base = row.get(peer, {}).get("ms")
+            speed = f"{base / row[v]['ms']:.2f}x" + (" (vs grouped)" if peer != "bf16" else "") if base else "-"
+            share = row[v]["share_of_copy_bandwidth"]
+            pct = f"{100 * share:.0f}%" if share else "-"
+            print(f"| {row['tokens']} | {v} | {row[v]['ms']:.3f} | {speed} | {pct} | {row[v]['mode']} |")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,15 @@ from bittern import kernels, packing, quant
 from bittern.nn import TernaryLinear
 
 pytest.importorskip("triton")
-from bittern.kernels import packed
+from bittern.kernels import interpreter, packed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (tokens M, outputs N, inputs K); the decode kernel needs K % 4 == 0
 DECODE_SHAPES = [(1, 1, 4), (1, 10, 40), (3, 64, 100), (4, 37, 72), (2, 130, 36)]
 # up to 32 tokens the split-K product (K = 200: four slices of K under the interpreter's tile), beyond unpack + GEMM
 PREFILL_SHAPES = [(17, 10, 40), (40, 50, 96), (65, 33, 17), (2, 9, 30), (33, 150, 70), (9, 70, 200), (32, 5, 12)]
-# forced tile choices: several word tiles, a ragged last tile, wide and narrow byte-row blocks
-DECODE_CONFIGS = [{"BR": 2, "BKW": 4}, {"BR": 4, "BKW": 16}, {"BR": 16, "BKW": 2}, {"BR": 1, "BKW": 64}]
+# forced tile choices: wide and narrow byte-row blocks, one to four warps
+DECODE_CONFIGS = [{"BR": 2}, {"BR": 4, "num_warps": 2}, {"BR": 16}, {"BR": 1, "num_warps": 1}]
 
 
 def _operands(m: int, n: int, k: int, per_channel: bool, seed: int, dtype: torch.dtype = torch.float32):
@@ -43,7 +43,7 @@ def test_decode_kernel_is_bit_identical_to_the_reference(shape: tuple[int, int, 
 @pytest.mark.parametrize("config", DECODE_CONFIGS)
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_decode_tiles_cover_every_row_and_column(config: dict[str, int], tokens: int) -> None:
-    x, codes, weight, scale, bias = _operands(tokens, 21, 148, False, seed=11)  # 37 words: a ragged last tile
+    x, codes, weight, scale, bias = _operands(tokens, 21, 148, False, seed=11)  # 37 words, padded to 64 and masked
     y = packed.decode_linear(x, weight, 21, scale, bias, torch.float32, config=config)
     assert torch.equal(y, quant.integer_linear(x, codes, scale, bias))
 
@@ -153,7 +153,7 @@ def test_grouped_decode_equals_each_layer(widths: tuple[int, ...], per_channel: 
     layers = [quant.ternarize(torch.randn(n, 36, generator=generator) * 0.02, per_channel) for n in widths]
     packed_weights = [packing.pack_ternary_rows(codes).to(DEVICE) for codes, _ in layers]
     scales = [scale.to(DEVICE) for _, scale in layers]
-    for config in ({"BR": 2, "BKW": 4}, {"BR": 4, "BKW": 16}):
+    for config in ({"BR": 2}, {"BR": 4, "num_warps": 2}):
         ys = packed.decode_group(x, packed_weights, list(widths), scales, torch.float32, config=config)
         for y, (codes, scale) in zip(ys, layers, strict=True):
             assert torch.equal(y, quant.integer_linear(x, codes.to(DEVICE), scale.to(DEVICE)))
@@ -215,3 +215,110 @@ def test_project_groups_packed_layers_and_matches_each_call(tokens: int) -> None
 
     args = (x, [la.packed_weight for la in layers], [16, 8, 8], [la.weight_scale for la in layers], torch.float32)
     torch.library.opcheck(torch.ops.bittern.packed_linear_group.default, args)
+
+
+def test_static_weights_leaves_results_bit_identical() -> None:
+    # on an H100 this runs the decode kernels with programmatic dependent launch, one chained after another
+    x, codes, weight, scale, bias = _operands(2, 45, 148, False, seed=3)
+    others = [quant.ternarize(torch.randn(n, 148) * 0.02) for n in (30, 30)]
+    packed_others = [packing.pack_ternary_rows(c).to(DEVICE) for c, _ in others]
+    with packed.static_weights():
+        y = packed.decode_linear(x, weight, 45, scale, bias, torch.float32)
+        ys = packed.decode_group(x, packed_others, [30, 30], [s.to(DEVICE) for _, s in others], torch.float32)
+        again = packed.decode_linear(x, weight, 45, scale, bias, torch.float32)
+    assert torch.equal(y, quant.integer_linear(x, codes, scale, bias)) and torch.equal(again, y)
+    for y_i, (c, s) in zip(ys, others, strict=True):
+        assert torch.equal(y_i, quant.integer_linear(x, c.to(DEVICE), s.to(DEVICE)))
+
+
+def test_static_weights_asks_for_dependent_launch_only_where_it_exists() -> None:
+    device = torch.device(DEVICE)
+    expected = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9 and not interpreter.active()
+    assert not packed._decode_flags(64, False, device)["USE_GDC"]
+    with pytest.raises(RuntimeError, match="inside"), packed.static_weights():
+        assert packed._decode_flags(64, False, device)["USE_GDC"] == expected
+        with packed.static_weights(False):
+            assert not packed._decode_flags(64, False, device)["USE_GDC"]
+        assert packed._decode_flags(64, False, device)["USE_GDC"] == expected
+        raise RuntimeError("inside")
+    assert not packed._decode_flags(64, False, device)["USE_GDC"]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+def test_dependent_launches_replay_from_a_cuda_graph() -> None:
+    # a chain of decode kernels, each reading the output of the one before: the waits must order them
+    generator = torch.Generator().manual_seed(4)
+    layers = [quant.ternarize(torch.randn(256, 256, generator=generator) * 0.02) for _ in range(6)]
+    weights = [(packing.pack_ternary_rows(c).to(DEVICE), s.to(DEVICE)) for c, s in layers]
+    x = torch.randn(1, 256, generator=generator).to(DEVICE)
+
+    def chain(h: torch.Tensor) -> torch.Tensor:
+        for w, s in weights:
+            h = packed.decode_linear(h, w, 256, s, None, torch.float32)
+        return h
+
+    expected = chain(x)
+    with packed.static_weights():
+        chain(x)  # compiles outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 72), (3, 130, 36), (4, 8, 16)])
+def test_decode_kernel_takes_a_prequantized_input(shape: tuple[int, int, int]) -> None:
+    m, n, k = shape
+    x, codes, weight, scale, bias = _operands(m, n, k, False, seed=m * n)
+    xq, act_scale = quant.quantize_activations(x)
+    y = packed.decode_linear(xq, weight, n, scale, bias, torch.float32, act_scale=act_scale)
+    assert torch.equal(y, quant.integer_linear(x, codes, scale, bias))
+    others = [quant.ternarize(torch.randn(w, k) * 0.02, True) for w in (9, n)]
+    ys = packed.decode_group(xq, [packing.pack_ternary_rows(c).to(DEVICE) for c, _ in others], [9, n],
+                             [s.to(DEVICE) for _, s in others], torch.float32, act_scale=act_scale)  # fmt: skip
+    for y_i, (c, s) in zip(ys, others, strict=True):
+        assert torch.equal(y_i, quant.integer_linear(x, c.to(DEVICE), s.to(DEVICE)))
+
+
+def test_prequantized_input_is_checked() -> None:
+    x, _, weight, scale, _ = _operands(2, 8, 16, False, seed=1)
+    xq, act_scale = quant.quantize_activations(x)
+    with pytest.raises(ValueError, match="int8"):
+        packed.decode_linear(x, weight, 8, scale, None, torch.float32, act_scale=act_scale)
+    with pytest.raises(ValueError, match="scales"):
+        packed.decode_linear(xq, weight, 8, scale, None, torch.float32, act_scale=act_scale[:1])
+
+
+def test_compiled_decode_quantizes_in_traced_code_and_agrees() -> None:
+    # under torch.compile the input is quantized by traced PyTorch (inductor fuses it into the producer of x) and
+    # the decode kernel takes it as int8: the results must not change by a bit
+    generator = torch.Generator().manual_seed(8)
+    layers = [quant.ternarize(torch.randn(n, 64, generator=generator) * 0.02) for n in (40, 12, 12)]
+    weights = [packing.pack_ternary_rows(c).to(DEVICE) for c, _ in layers]
+    scales = [s.to(DEVICE) for _, s in layers]
+    x = torch.randn(1, 64, generator=generator).to(DEVICE)
+    norm = torch.rand(64, generator=generator).to(DEVICE) + 0.5
+
+    def step(h: torch.Tensor) -> list[torch.Tensor]:
+        h = h * norm
+        return [kernels.packed_linear(h, weights[0], 40, scales[0]),
+                *kernels.packed_linear_group(h, weights[1:], [12, 12], scales[1:])]  # fmt: skip
+
+    seen: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):  # type: ignore[no-untyped-def]
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm if DEVICE == "cpu" else torch._inductor.compile(gm, example_inputs)
+
+    with kernels.use_backend("triton"), torch.no_grad():
+        expected = step(x)
+        torch._dynamo.reset()
+        got = torch.compile(step, backend=backend, fullgraph=True)(x)
+    assert any("packed_decode_quantized" in target for target in seen)
+    for y, e, (c, s) in zip(got, expected, layers, strict=True):
+        assert torch.equal(y, e)
+        assert torch.equal(y, quant.integer_linear(x * norm, c.to(DEVICE), s.to(DEVICE)))

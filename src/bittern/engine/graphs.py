@@ -7,12 +7,40 @@ inputs into those buffers and replays the graph. Sampling runs outside the graph
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from bittern import kernels
 from bittern.engine.decoder import Decoder, StaticKVCache
+
+DEPENDENT_LAUNCH_ENV = "BITTERN_DEPENDENT_LAUNCH"
+"""Set to ``0`` to capture the decode step without programmatic dependent launch (to compare)."""
+
+
+@contextlib.contextmanager
+def dependent_launches(device: torch.device) -> Iterator[None]:
+    """Capture (and compile) the decode step with programmatic dependent launch on Hopper and newer GPUs: the
+    ternary decode kernels (:func:`bittern.kernels.static_weights` — the engine never writes its weights) and the
+    kernels inductor generates (``torch._inductor.config.triton.enable_pdl``, where this torch has it) start
+    while the kernel before them finishes, and wait for it before touching what it wrote. A block that changes
+    nothing elsewhere, or with ``BITTERN_DEPENDENT_LAUNCH=0``."""
+    wanted = (os.environ.get(DEPENDENT_LAUNCH_ENV, "1") != "0" and device.type == "cuda"
+              and torch.cuda.get_device_capability(device)[0] >= 9)  # fmt: skip
+    if not wanted:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(kernels.static_weights())
+        import torch._inductor.config as inductor_config
+
+        if hasattr(inductor_config.triton, "enable_pdl"):
+            stack.enter_context(inductor_config.patch({"triton.enable_pdl": True}))
+        yield
 
 
 class EagerDecodeStep:
@@ -92,9 +120,10 @@ class CudaGraphDecodeStep:
             pad=pad.clone(),
             logits=torch.empty(0),
         )
-        self._warm_up(g)
-        with torch.cuda.graph(g.graph):  # a private memory pool per graph: they replay in any order
-            g.logits = self._run(g)
+        with dependent_launches(tokens.device):
+            self._warm_up(g)
+            with torch.cuda.graph(g.graph):  # a private memory pool per graph: they replay in any order
+                g.logits = self._run(g)
         self.graphs[batch] = g
         return g
 

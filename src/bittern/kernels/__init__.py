@@ -69,6 +69,20 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
+@contextlib.contextmanager
+def static_weights() -> Iterator[None]:
+    """A block whose packed weights no queued kernel writes (a loaded model's): there, on Hopper and newer, the
+    decode kernels overlap the kernel before them (:func:`bittern.kernels.packed.static_weights`). Without Triton
+    it changes nothing."""
+    if not triton_available():
+        yield
+        return
+    from bittern.kernels import packed
+
+    with packed.static_weights():
+        yield
+
+
 def triton_available() -> bool:
     """Whether Triton is importable (nothing is imported to find out)."""
     return _TRITON_FOUND
@@ -166,8 +180,24 @@ def packed_linear(
     out_dtype = out_dtype or output_dtype(x)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if not needs_grad and uses_triton(x):
+        if _quantize_before_decode(x):
+            xq, act_scale = quant.quantize_activations(x)
+            return _ops().packed_decode_quantized(xq, act_scale, [packed_weight], [out_features], [scale], bias,
+                                                  out_dtype)[0]  # fmt: skip
         return _ops().packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
     return integer_linear(x, unpack_codes(packed_weight, out_features), scale, bias, out_dtype)
+
+
+def _quantize_before_decode(x: torch.Tensor) -> bool:
+    """Whether the decode kernel should take ``x`` quantized by traced PyTorch code: under ``torch.compile``, where
+    inductor fuses :func:`bittern.quant.quantize_activations` into the kernel that produces ``x`` (the norm before
+    each projection), so that no program of the decode kernel quantizes the row again. Eagerly, the kernel's own
+    quantization is cheaper than PyTorch's several launches."""
+    if not torch.compiler.is_compiling():
+        return False
+    from bittern.kernels import packed
+
+    return packed.decode_applies(x)
 
 
 def unpack_codes(packed_weight: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -198,6 +228,9 @@ def packed_linear_group(
         and len({s.numel() != 1 for s in scales}) == 1
         and uses_triton(x)
     )
+    if grouped and _quantize_before_decode(x):
+        xq, act_scale = quant.quantize_activations(x)
+        return _ops().packed_decode_quantized(xq, act_scale, packed_weights, out_features, scales, None, out_dtype)
     if grouped:
         return _ops().packed_linear_group(x, packed_weights, out_features, scales, out_dtype)
     return [

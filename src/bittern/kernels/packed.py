@@ -10,10 +10,13 @@
   the operand of the ``dp4a`` instruction (a 4-way int8 dot product with int32 accumulation), so one word yields
   16 weights' products in 4 shifts, 4 masks and 4 ``dp4a``. The activations are quantized per token inside the
   kernel (each program reads the token's whole row, which sits in L2, for its absmax) and packed four to a word
-  the same way. Since
+  the same way — or, given already quantized (``act_scale``: under ``torch.compile`` inductor fuses the
+  quantization into the norm before the projection), read as words. Since
   ``sum_k xq_k (c_k - 1) = sum_k xq_k c_k - sum_k xq_k``, the ``- 1`` is one row sum per token, not a
-  subtraction per weight. ``K`` is a compile-time constant: the loop over ``K`` unrolls and a program issues
-  all its loads at once — at batch 1 the product is bound by memory latency, not arithmetic.
+  subtraction per weight. A program loads its whole block of weight words at once (``K`` is a compile-time
+  constant) before it reads any activation: at batch 1 the product is bound by memory latency, not arithmetic,
+  and inside :func:`static_weights` (programmatic dependent launch, Hopper) those loads are in flight while the
+  kernel before it finishes.
 * :func:`prefill_linear` (everything else): the activations quantized by
   :func:`bittern.kernels.quantizers.quantize_activations`; then, up to 32 tokens (a batch of decode steps), the
   split-K tensor-core product of :mod:`bittern.kernels.packed_gemm`, which unpacks the codes on chip; beyond, the
@@ -28,7 +31,11 @@ output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kerne
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import threading
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -49,14 +56,23 @@ DECODE_MAX_K = 16384
 
 
 def _decode_configs() -> list[triton.Config]:
-    """Candidates ``(BR byte rows, BKW words of K, warps)``; the first is the one kept without autotuning."""
+    """Candidates ``(BR byte rows, warps)``; the first is the one kept without autotuning."""
     if interpreter.ON_IMPORT:
-        return [triton.Config({"BR": 4, "BKW": 8}, num_warps=4, num_stages=1)]
-    # the best of a sweep on an H100 for the 2B4T shapes (BENCHMARKS.md): few candidates, as each compiles per K
-    shapes = [(8, 128, 8), (4, 128, 4), (8, 256, 8)]
+        return [triton.Config({"BR": 4}, num_warps=4, num_stages=1)]
+    # few candidates, as each compiles per K; those holding over 64 weight words per thread are pruned per K. On
+    # an H100 (BENCHMARKS.md, the 210 layers of 2B4T at M = 1): (2, 4) is the fastest with a prequantized input,
+    # (8, 8) with the quantization in the kernel, where fewer programs repeat it
+    shapes = [(2, 4), (8, 8), (4, 4), (8, 4), (16, 8)]
     if os.environ.get("BITTERN_AUTOTUNE", "1") == "0":
         shapes = shapes[:1]
-    return [triton.Config({"BR": br, "BKW": bkw}, num_warps=w, num_stages=1) for br, bkw, w in shapes]
+    return [triton.Config({"BR": br}, num_warps=w, num_stages=1) for br, w in shapes]
+
+
+def _fits_registers(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs whose program holds at most 64 words of weights per thread (the first one otherwise)."""
+    words = named_args.get("KWP", kwargs.get("KWP", 1))
+    kept = [c for c in configs if c.kwargs["BR"] * words <= 64 * 32 * c.num_warps]
+    return kept or configs[:1]
 
 
 @triton.jit
@@ -129,76 +145,73 @@ def _check_group(
 
 @triton.jit
 def _decode_rows(
-    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym, block,
-    K: tl.constexpr, KP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    USE_ASM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
+    x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym, block,
+    K: tl.constexpr, KWP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    """Byte rows ``[block * BR, (block + 1) * BR)`` of one layer for every token: one token after another,
-    products accumulated elementwise in int32 and reduced once per token."""
+    """Byte rows ``[block * BR, (block + 1) * BR)`` of one layer for every token. The program loads its whole
+    ``[BR, K/4]`` block of weight words first (padded to ``KWP`` words, masked), then (``USE_GDC``) waits for the
+    kernel before it, then takes one token after another: quantize its row and pack it four to a word (or, with
+    ``PREQUANTIZED``, read the int8 row as words and its scale from ``a_ptr``), then ``dp4a``."""
     KW: tl.constexpr = K // 4
-    TILES: tl.constexpr = (KW + BKW - 1) // BKW
     rr = block * BR + tl.arange(0, BR)
     r_ok = rr < R
-    w_rows = w_ptr + rr.to(tl.int64)[:, None] * stride_wr
-    rj = tl.arange(0, BKW)
+    j = tl.arange(0, KWP)
+    j_ok = j < KW
+    # the weights do not depend on the kernel before this one: with programmatic dependent launch their loads are
+    # in flight while it finishes
+    w = tl.load(w_ptr + rr.to(tl.int64)[:, None] * stride_wr + j[None, :], mask=r_ok[:, None] & j_ok[None, :],
+                other=0)  # fmt: skip
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()  # the activations, and the output's memory, may be the previous kernel's
+        # only now may the next kernel start: one that skips its own wait (an inductor kernel reading nothing of
+        # this one's) must find everything before this kernel complete
+        tl.extra.cuda.gdc_launch_dependents()
     lanes = tl.arange(0, 4)
-    fields = tl.full([BR, BKW], 0x03030303, tl.int32)
+    fields = tl.full([BR, KWP], 0x03030303, tl.int32)
+    zeros = tl.zeros([BR, KWP], dtype=tl.int32)
+    ones = tl.full([KWP], 0x01010101, tl.int32)
     one = tl.arange(0, 1)
     for m in range(M):
-        x_row = x_ptr + m * stride_xm
-        whole = tl.arange(0, KP)
-        amax = tl.max(tl.abs(tl.load(x_row + whole, mask=whole < K, other=0.0).to(tl.float32)), axis=0)
-        amax = tl.maximum(amax, EPS)
-        acc0 = tl.zeros([BR, BKW], dtype=tl.int32)
-        acc1 = tl.zeros([BR, BKW], dtype=tl.int32)
-        acc2 = tl.zeros([BR, BKW], dtype=tl.int32)
-        acc3 = tl.zeros([BR, BKW], dtype=tl.int32)
-        row_sum = tl.zeros([BKW], dtype=tl.int32)
-        for t in tl.static_range(TILES):
-            j = t * BKW + rj
-            j_ok = j < KW
-            x = tl.load(x_row + j[:, None] * 4 + lanes[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
+        if PREQUANTIZED:
+            xw = tl.load(x_ptr + m * stride_xm + j, mask=j_ok, other=0)  # four int8 activations in one word
+            amax = tl.load(a_ptr + m)
+        else:
+            x = tl.load(x_ptr + m * stride_xm + j[:, None] * 4 + lanes[None, :], mask=j_ok[:, None], other=0.0)
+            x = x.to(tl.float32)
+            amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), EPS)
             q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
             q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32) & 0xFF
-            xw = tl.sum(q << (8 * lanes)[None, :], axis=1)  # four int8 activations in one word, [BKW]
-            row_sum = _dp4a(tl.full([BKW], 0x01010101, tl.int32), xw, row_sum, USE_ASM)
-            w = tl.load(w_rows + j[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0)
-            xb = tl.broadcast_to(xw[None, :], (BR, BKW))
-            acc0 = _dp4a(w & fields, xb, acc0, USE_ASM)
-            acc1 = _dp4a((w >> 2) & fields, xb, acc1, USE_ASM)
-            acc2 = _dp4a((w >> 4) & fields, xb, acc2, USE_ASM)
-            acc3 = _dp4a((w >> 6) & fields, xb, acc3, USE_ASM)
-        total = tl.sum(row_sum, axis=0)
+            xw = tl.sum(q << (8 * lanes)[None, :], axis=1)  # four int8 activations in one word, [KWP]
+        total = tl.sum(_dp4a(ones, xw, tl.zeros([KWP], dtype=tl.int32), USE_ASM), axis=0)  # sum_k xq_k
+        xb = tl.broadcast_to(xw[None, :], (BR, KWP))
         rm = m + one
         a = tl.zeros([1], dtype=tl.float32) + amax
         m_ok = rm < M
-        _epilogue((tl.sum(acc0, axis=1) - total)[None, :], a, rm, rr, m_ok, r_ok & (rr < N),
-                  s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-        _epilogue((tl.sum(acc1, axis=1) - total)[None, :], a, rm, rr + R, m_ok, r_ok & (rr + R < N),
-                  s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-        _epilogue((tl.sum(acc2, axis=1) - total)[None, :], a, rm, rr + 2 * R, m_ok, r_ok & (rr + 2 * R < N),
-                  s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-        _epilogue((tl.sum(acc3, axis=1) - total)[None, :], a, rm, rr + 3 * R, m_ok, r_ok & (rr + 3 * R < N),
-                  s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+        for q in tl.static_range(4):
+            acc = tl.sum(_dp4a((w >> (2 * q)) & fields, xb, zeros, USE_ASM), axis=1) - total
+            n = rr + q * R
+            _epilogue(acc[None, :], a, rm, n, m_ok, r_ok & (n < N), s_ptr, bias_ptr, y_ptr, stride_ym,
+                      HAS_BIAS, PER_CHANNEL)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "N", "R"])
 def _decode_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
     M, N, R, stride_xm, stride_wr, stride_ym,
-    K: tl.constexpr, KP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    USE_ASM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
+    K: tl.constexpr, KWP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    _decode_rows(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym, tl.program_id(0),
-                 K, KP, EPS, HAS_BIAS, PER_CHANNEL, USE_ASM, BR, BKW)  # fmt: skip
+    _decode_rows(x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym,
+                 tl.program_id(0), K, KWP, EPS, HAS_BIAS, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "N0", "R0", "N1", "R1", "N2", "R2"])
 def _decode_group_kernel(
-    x_ptr, w0_ptr, s0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr,
+    x_ptr, a_ptr, w0_ptr, s0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr,
     M, N0, R0, N1, R1, N2, R2, stride_xm, stride_wr,
-    K: tl.constexpr, KP: tl.constexpr, EPS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    USE_ASM: tl.constexpr, BR: tl.constexpr, BKW: tl.constexpr,
+    K: tl.constexpr, KWP: tl.constexpr, EPS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     # up to three layers of one input (q/k/v, gate/up) in one launch: the first blocks of programs take layer 0,
     # the next layer 1, the rest layer 2 (a launch costs about as much as a small layer's whole product)
@@ -206,45 +219,89 @@ def _decode_group_kernel(
     blocks0 = tl.cdiv(R0, BR)
     blocks1 = tl.cdiv(R1, BR)
     if pid < blocks0:
-        _decode_rows(x_ptr, w0_ptr, s0_ptr, s0_ptr, y0_ptr, M, N0, R0, stride_xm, stride_wr, N0, pid,
-                     K, KP, EPS, False, PER_CHANNEL, USE_ASM, BR, BKW)  # fmt: skip
+        _decode_rows(x_ptr, a_ptr, w0_ptr, s0_ptr, s0_ptr, y0_ptr, M, N0, R0, stride_xm, stride_wr, N0, pid,
+                     K, KWP, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
     elif pid < blocks0 + blocks1:
-        _decode_rows(x_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, M, N1, R1, stride_xm, stride_wr, N1, pid - blocks0,
-                     K, KP, EPS, False, PER_CHANNEL, USE_ASM, BR, BKW)  # fmt: skip
+        _decode_rows(x_ptr, a_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, M, N1, R1, stride_xm, stride_wr, N1,
+                     pid - blocks0, K, KWP, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
     else:
-        _decode_rows(x_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, M, N2, R2, stride_xm, stride_wr, N2,
-                     pid - blocks0 - blocks1, K, KP, EPS, False, PER_CHANNEL, USE_ASM, BR, BKW)  # fmt: skip
+        _decode_rows(x_ptr, a_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, M, N2, R2, stride_xm, stride_wr, N2,
+                     pid - blocks0 - blocks1, K, KWP, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
+                     BR)  # fmt: skip
 
 
-_decode_tuned = triton.autotune(configs=_decode_configs(), key=["N", "K"])(_decode_kernel)
-_decode_group_tuned = triton.autotune(configs=_decode_configs(), key=["N0", "N1", "N2", "K"])(_decode_group_kernel)
+_PRUNE = {"early_config_prune": _fits_registers}
+_decode_tuned = triton.autotune(configs=_decode_configs(), key=["N", "K"], prune_configs_by=_PRUNE)(_decode_kernel)
+_decode_group_tuned = triton.autotune(configs=_decode_configs(), key=["N0", "N1", "N2", "K"], prune_configs_by=_PRUNE)(
+    _decode_group_kernel
+)
 
 
-def _decode_rows_of(x: torch.Tensor, caller: str) -> torch.Tensor:
-    """``x`` as ``[M, K]`` rows, checked against the decode kernel's limits (named for ``caller``'s error)."""
+def _decode_rows_of(x: torch.Tensor, act_scale: torch.Tensor | None, caller: str) -> tuple[torch.Tensor, dict]:
+    """``x`` as the kernel's ``[M, K]`` rows (int32 words of four int8 values when ``act_scale`` is given),
+    checked against the decode kernel's limits (named for ``caller``'s error); and the kernel arguments that
+    depend on it."""
     x2 = _rows(x)
     m, k = x2.shape
     if m > DECODE_MAX_M or k % 4 or k > DECODE_MAX_K:
         raise ValueError(f"{caller} takes at most {DECODE_MAX_M} tokens and K % 4 == 0, K <= {DECODE_MAX_K}; "
                          f"got {m} tokens of {k}")  # fmt: skip
-    return x2
+    if act_scale is None:
+        return x2, {"PREQUANTIZED": False}
+    if x.dtype != torch.int8 or act_scale.dtype != torch.float32 or act_scale.numel() != m:
+        raise ValueError(f"{caller}: a quantized input is int8 [..., K] with float32 scales [..., 1] "
+                         f"(quant.quantize_activations); got {x.dtype} {tuple(x.shape)} and "
+                         f"{act_scale.dtype} {tuple(act_scale.shape)}")  # fmt: skip
+    return x2.view(torch.int32), {"PREQUANTIZED": True}
 
 
-def _decode_flags(k: int, per_channel: bool) -> dict:
-    return dict(K=k, KP=triton.next_power_of_2(k), EPS=quant.EPS, PER_CHANNEL=per_channel,
-                USE_ASM=not interpreter.active())  # fmt: skip
+_static_weights = threading.local()
+
+
+@contextlib.contextmanager
+def static_weights(enabled: bool = True) -> Iterator[None]:
+    """Promise, for the calls made in this block (in this thread), that no kernel still queued on the stream
+    writes the packed weights they read: true of a model's weights once loaded, not of weights packed on the GPU
+    just before the call.
+
+    On Hopper and newer GPUs the decode kernels then launch with programmatic dependent launch: a kernel starts
+    while the one before it finishes, loads its weights, and waits for it only before reading the activations
+    and writing its output; once past that wait it lets the next kernel start. The weight read of one layer
+    thus overlaps the launch and the work of the kernel before it. Results are unchanged, bit for bit.
+    Elsewhere (older GPUs, the interpreter) the block changes nothing.
+    """
+    before = getattr(_static_weights, "on", False)
+    _static_weights.on = enabled
+    try:
+        yield
+    finally:
+        _static_weights.on = before
+
+
+@functools.cache
+def _supports_dependent_launch(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _decode_flags(k: int, per_channel: bool, device: torch.device) -> dict:
+    """The decode kernels' compile-time flags for inputs of ``k`` features on ``device``."""
+    dependent = (getattr(_static_weights, "on", False) and not interpreter.active()
+                 and _supports_dependent_launch(device))  # fmt: skip
+    return dict(K=k, KWP=triton.next_power_of_2(max(k // 4, 1)), EPS=quant.EPS, PER_CHANNEL=per_channel,
+                USE_ASM=not interpreter.active(), USE_GDC=dependent)  # fmt: skip
 
 
 def _launch(kernel, tuned, byte_rows: list[int], args: tuple, flags: dict, config: dict[str, int] | None) -> None:  # type: ignore[no-untyped-def]
     """Launch ``tuned`` (autotuned), or ``kernel`` with a fixed ``config`` (tests), one program per ``BR`` byte
-    rows of every layer in ``byte_rows``."""
+    rows of every layer in ``byte_rows``; with programmatic dependent launch where ``flags`` ask for it."""
+    launch = {"launch_pdl": True} if flags["USE_GDC"] else {}
     if config is None:
-        tuned[lambda meta: (sum(triton.cdiv(r, meta["BR"]) for r in byte_rows),)](*args, **flags)
+        tuned[lambda meta: (sum(triton.cdiv(r, meta["BR"]) for r in byte_rows),)](*args, **flags, **launch)
     else:
         chosen = dict(config)
         warps = chosen.pop("num_warps", 4)
         grid = (sum(triton.cdiv(r, chosen["BR"]) for r in byte_rows),)
-        kernel[grid](*args, **flags, **chosen, num_warps=warps)
+        kernel[grid](*args, **flags, **chosen, num_warps=warps, **launch)
 
 
 def decode_linear(
@@ -255,31 +312,35 @@ def decode_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: dict[str, int] | None = None,
+    act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode product for at most :data:`DECODE_MAX_M` tokens, activation quantization fused in.
 
     Args:
         x: ``[..., K]`` float32 / bfloat16 / float16; at most ``DECODE_MAX_M`` tokens, ``K % 4 == 0``,
-            ``K <= DECODE_MAX_K``.
+            ``K <= DECODE_MAX_K``. With ``act_scale``: the input already quantized, int8 ``[..., K]``.
         packed: uint8 ``[ceil(N/4), K]`` in the Hugging Face layout; ``out_features``: ``N``.
         scale: float32 ``[1]`` or ``[N]`` (the codes' multiplier ``s``); bias: ``[N]`` or None.
         out_dtype: dtype of the result.
-        config: a fixed tile choice (``BR``, ``BKW``, optional ``num_warps``) instead of autotuning; for tests.
+        config: a fixed tile choice (``BR``, optional ``num_warps``) instead of autotuning; for tests.
+        act_scale: float32 ``[..., 1]``, the per-token scale of an int8 ``x`` (the pair
+            :func:`bittern.quant.quantize_activations` makes, e.g. fused by inductor into the kernel that produced
+            ``x``); None for a float ``x``.
 
     Returns:
         ``[..., N]`` in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` bit for bit.
     """
     _check(x, packed, out_features, scale)
-    x2 = _decode_rows_of(x, "decode_linear")
-    m, k = x2.shape
+    x2, input_flags = _decode_rows_of(x, act_scale, "decode_linear")
+    m, k = x2.shape[0], x.shape[-1]
     words = _rows(packed).view(torch.int32)  # [R, K/4]; K % 4 == 0 keeps every row word-aligned
     n = out_features
     rows = packed.shape[0]
     y = torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device)
     if m and n:
-        args = (x2, words, scale, bias if bias is not None else scale, y,
-                m, n, rows, x2.stride(0), words.stride(0), y.stride(0))  # fmt: skip
-        flags = {**_decode_flags(k, scale.numel() != 1), "HAS_BIAS": bias is not None}
+        args = (x2, act_scale if act_scale is not None else scale, words, scale, bias if bias is not None else scale,
+                y, m, n, rows, x2.stride(0), words.stride(0), y.stride(0))  # fmt: skip
+        flags = {**_decode_flags(k, scale.numel() != 1, x.device), **input_flags, "HAS_BIAS": bias is not None}
         _launch(_decode_kernel, _decode_tuned, [rows], args, flags, config)
     return y.to(out_dtype).reshape(*x.shape[:-1], n)
 
@@ -291,6 +352,7 @@ def decode_group(
     scales: list[torch.Tensor],
     out_dtype: torch.dtype,
     config: dict[str, int] | None = None,
+    act_scale: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """:func:`decode_linear` of two or three bias-free layers on the same input, in one launch.
 
@@ -299,14 +361,15 @@ def decode_group(
         packed, out_features, scales: per layer, as in :func:`decode_linear`; every scale per tensor, or every
             scale per row.
         out_dtype: dtype of the results. config: a fixed tile choice; for tests.
+        act_scale: with an int8 ``x``, its per-token scales (as in :func:`decode_linear`).
 
     Returns:
         One ``[..., N_i]`` tensor per layer, each equal to that layer's :func:`decode_linear` bit for bit.
     """
     _check_group(x, packed, out_features, scales, "decode_group")
     per_channel = {s.numel() != 1 for s in scales}
-    x2 = _decode_rows_of(x, "decode_group")
-    m, k = x2.shape
+    x2, input_flags = _decode_rows_of(x, act_scale, "decode_group")
+    m, k = x2.shape[0], x.shape[-1]
     words = [_rows(w).view(torch.int32) for w in packed]
     rows = [w.shape[0] for w in packed]
     ys = [torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device) for n in out_features]
@@ -320,10 +383,12 @@ def decode_group(
         widths = list(out_features)
     if m:
         args = (
-            x2, words[0], scales[0], ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2],
+            x2, act_scale if act_scale is not None else scales[0],
+            words[0], scales[0], ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2],
             m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], x2.stride(0), words[0].stride(0),
         )  # fmt: skip
-        _launch(_decode_group_kernel, _decode_group_tuned, rows, args, _decode_flags(k, per_channel.pop()), config)
+        flags = {**_decode_flags(k, per_channel.pop(), x.device), **input_flags}
+        _launch(_decode_group_kernel, _decode_group_tuned, rows, args, flags, config)
     return [y.to(out_dtype).reshape(*x.shape[:-1], n) for y, n in zip(ys, out_features, strict=False)]
 
 
