@@ -70,7 +70,7 @@ def _decode_configs() -> list[triton.Config]:
 
 def _fits_registers(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configs whose program holds at most 64 words of weights per thread (the first one otherwise)."""
-    words = named_args.get("KWP", kwargs.get("KWP", 1))
+    words = sum(named_args.get(name, kwargs.get(name, 1)) for name in ("KW0", "KW1"))
     kept = [c for c in configs if c.kwargs["BR"] * words <= 64 * 32 * c.num_warps]
     return kept or configs[:1]
 
@@ -146,71 +146,92 @@ def _check_group(
 @triton.jit
 def _decode_rows(
     x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym, block,
-    K: tl.constexpr, KWP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr, BR: tl.constexpr,
+    K: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr,
+    BR: tl.constexpr,
 ):  # fmt: skip
     """Byte rows ``[block * BR, (block + 1) * BR)`` of one layer for every token. The program loads its whole
-    ``[BR, K/4]`` block of weight words first (padded to ``KWP`` words, masked), then (``USE_GDC``) waits for the
-    kernel before it, then takes one token after another: quantize its row and pack it four to a word (or, with
-    ``PREQUANTIZED``, read the int8 row as words and its scale from ``a_ptr``), then ``dp4a``."""
+    ``[BR, K/4]`` block of weight words first, then (``USE_GDC``) waits for the kernel before it, then takes one
+    token after another: quantize its row and pack it four to a word (or, with ``PREQUANTIZED``, read the int8
+    row as words and its scale from ``a_ptr``), then ``dp4a``. The ``K/4`` words are split in two power-of-two
+    parts, ``KW0`` and a tail of at most ``KW1`` (masked): 640 words are 512 + 128, with no lane wasted."""
     KW: tl.constexpr = K // 4
     rr = block * BR + tl.arange(0, BR)
     r_ok = rr < R
-    j = tl.arange(0, KWP)
-    j_ok = j < KW
+    w_rows = w_ptr + rr.to(tl.int64)[:, None] * stride_wr
+    j0 = tl.arange(0, KW0)  # KW0 <= KW: every word valid
+    j1 = KW0 + tl.arange(0, KW1)
+    j1_ok = j1 < KW
     # the weights do not depend on the kernel before this one: with programmatic dependent launch their loads are
     # in flight while it finishes
-    w = tl.load(w_ptr + rr.to(tl.int64)[:, None] * stride_wr + j[None, :], mask=r_ok[:, None] & j_ok[None, :],
-                other=0)  # fmt: skip
+    w0 = tl.load(w_rows + j0[None, :], mask=r_ok[:, None], other=0)
+    w1 = tl.load(w_rows + j1[None, :], mask=r_ok[:, None] & j1_ok[None, :], other=0)
     if USE_GDC:
         tl.extra.cuda.gdc_wait()  # the activations, and the output's memory, may be the previous kernel's
         # only now may the next kernel start: one that skips its own wait (an inductor kernel reading nothing of
         # this one's) must find everything before this kernel complete
         tl.extra.cuda.gdc_launch_dependents()
     lanes = tl.arange(0, 4)
-    fields = tl.full([BR, KWP], 0x03030303, tl.int32)
-    zeros = tl.zeros([BR, KWP], dtype=tl.int32)
-    ones = tl.full([KWP], 0x01010101, tl.int32)
     one = tl.arange(0, 1)
     for m in range(M):
+        x_row = x_ptr + m * stride_xm
         if PREQUANTIZED:
-            xw = tl.load(x_ptr + m * stride_xm + j, mask=j_ok, other=0)  # four int8 activations in one word
+            xw0 = tl.load(x_row + j0)  # four int8 activations in one word
+            xw1 = tl.load(x_row + j1, mask=j1_ok, other=0)
             amax = tl.load(a_ptr + m)
         else:
-            x = tl.load(x_ptr + m * stride_xm + j[:, None] * 4 + lanes[None, :], mask=j_ok[:, None], other=0.0)
-            x = x.to(tl.float32)
-            amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), EPS)
-            q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
-            q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32) & 0xFF
-            xw = tl.sum(q << (8 * lanes)[None, :], axis=1)  # four int8 activations in one word, [KWP]
-        total = tl.sum(_dp4a(ones, xw, tl.zeros([KWP], dtype=tl.int32), USE_ASM), axis=0)  # sum_k xq_k
-        xb = tl.broadcast_to(xw[None, :], (BR, KWP))
+            x0 = tl.load(x_row + j0[:, None] * 4 + lanes[None, :]).to(tl.float32)
+            x1 = tl.load(x_row + j1[:, None] * 4 + lanes[None, :], mask=j1_ok[:, None], other=0.0).to(tl.float32)
+            amax = tl.maximum(tl.max(tl.max(tl.abs(x0), axis=1), axis=0), tl.max(tl.max(tl.abs(x1), axis=1), axis=0))
+            amax = tl.maximum(amax, EPS)
+            xw0 = _pack_quantized(x0, amax, lanes)
+            xw1 = _pack_quantized(x1, amax, lanes)
+        total = _row_dot(tl.full([1, KW0], 0x01010101, tl.int32), xw0, USE_ASM)  # sum_k xq_k, [1]
+        total += _row_dot(tl.full([1, KW1], 0x01010101, tl.int32), xw1, USE_ASM)
         rm = m + one
         a = tl.zeros([1], dtype=tl.float32) + amax
         m_ok = rm < M
         for q in tl.static_range(4):
-            acc = tl.sum(_dp4a((w >> (2 * q)) & fields, xb, zeros, USE_ASM), axis=1) - total
+            acc = _row_dot((w0 >> (2 * q)) & 0x03030303, xw0, USE_ASM)
+            acc += _row_dot((w1 >> (2 * q)) & 0x03030303, xw1, USE_ASM)
             n = rr + q * R
-            _epilogue(acc[None, :], a, rm, n, m_ok, r_ok & (n < N), s_ptr, bias_ptr, y_ptr, stride_ym,
+            _epilogue((acc - total)[None, :], a, rm, n, m_ok, r_ok & (n < N), s_ptr, bias_ptr, y_ptr, stride_ym,
                       HAS_BIAS, PER_CHANNEL)  # fmt: skip
+
+
+@triton.jit
+def _pack_quantized(x, amax, lanes):
+    """``[W, 4]`` float32 activations → ``[W]`` int32 words of their int8 quantization (the reference's rounding)."""
+    q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32) & 0xFF
+    return tl.sum(q << (8 * lanes)[None, :], axis=1)
+
+
+@triton.jit
+def _row_dot(words, xw, USE_ASM: tl.constexpr):
+    """``sum_k`` of the ``dp4a`` of each row of ``words`` ``[B, W]`` (unsigned bytes) with ``xw`` ``[W]``: ``[B]``."""
+    xb = tl.broadcast_to(xw[None, :], words.shape)
+    return tl.sum(_dp4a(words, xb, tl.zeros(words.shape, dtype=tl.int32), USE_ASM), axis=1)
 
 
 @triton.jit(do_not_specialize=["M", "N", "R"])
 def _decode_kernel(
     x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
     M, N, R, stride_xm, stride_wr, stride_ym,
-    K: tl.constexpr, KWP: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr, BR: tl.constexpr,
+    K: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr,
+    BR: tl.constexpr,
 ):  # fmt: skip
     _decode_rows(x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym,
-                 tl.program_id(0), K, KWP, EPS, HAS_BIAS, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
+                 tl.program_id(0), K, KW0, KW1, EPS, HAS_BIAS, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
+                 BR)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "N0", "R0", "N1", "R1", "N2", "R2"])
 def _decode_group_kernel(
     x_ptr, a_ptr, w0_ptr, s0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr,
     M, N0, R0, N1, R1, N2, R2, stride_xm, stride_wr,
-    K: tl.constexpr, KWP: tl.constexpr, EPS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    K: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr, EPS: tl.constexpr, PER_CHANNEL: tl.constexpr,
     PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     # up to three layers of one input (q/k/v, gate/up) in one launch: the first blocks of programs take layer 0,
@@ -220,13 +241,14 @@ def _decode_group_kernel(
     blocks1 = tl.cdiv(R1, BR)
     if pid < blocks0:
         _decode_rows(x_ptr, a_ptr, w0_ptr, s0_ptr, s0_ptr, y0_ptr, M, N0, R0, stride_xm, stride_wr, N0, pid,
-                     K, KWP, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
+                     K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
     elif pid < blocks0 + blocks1:
         _decode_rows(x_ptr, a_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, M, N1, R1, stride_xm, stride_wr, N1,
-                     pid - blocks0, K, KWP, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
+                     pid - blocks0, K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
+                     BR)  # fmt: skip
     else:
         _decode_rows(x_ptr, a_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, M, N2, R2, stride_xm, stride_wr, N2,
-                     pid - blocks0 - blocks1, K, KWP, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
+                     pid - blocks0 - blocks1, K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
                      BR)  # fmt: skip
 
 
@@ -243,8 +265,8 @@ def _decode_rows_of(x: torch.Tensor, act_scale: torch.Tensor | None, caller: str
     depend on it."""
     x2 = _rows(x)
     m, k = x2.shape
-    if m > DECODE_MAX_M or k % 4 or k > DECODE_MAX_K:
-        raise ValueError(f"{caller} takes at most {DECODE_MAX_M} tokens and K % 4 == 0, K <= {DECODE_MAX_K}; "
+    if m > DECODE_MAX_M or k % 4 or not 0 < k <= DECODE_MAX_K:
+        raise ValueError(f"{caller} takes at most {DECODE_MAX_M} tokens and K % 4 == 0, 0 < K <= {DECODE_MAX_K}; "
                          f"got {m} tokens of {k}")  # fmt: skip
     if act_scale is None:
         return x2, {"PREQUANTIZED": False}
@@ -287,7 +309,9 @@ def _decode_flags(k: int, per_channel: bool, device: torch.device) -> dict:
     """The decode kernels' compile-time flags for inputs of ``k`` features on ``device``."""
     dependent = (getattr(_static_weights, "on", False) and not interpreter.active()
                  and _supports_dependent_launch(device))  # fmt: skip
-    return dict(K=k, KWP=triton.next_power_of_2(max(k // 4, 1)), EPS=quant.EPS, PER_CHANNEL=per_channel,
+    words = k // 4
+    main = 1 << (words.bit_length() - 1)  # the largest power of two <= words (K > 0)
+    return dict(K=k, KW0=main, KW1=triton.next_power_of_2(max(words - main, 1)), EPS=quant.EPS, PER_CHANNEL=per_channel,
                 USE_ASM=not interpreter.active(), USE_GDC=dependent)  # fmt: skip
 
 
@@ -461,4 +485,4 @@ def decode_applies(x: torch.Tensor) -> bool:
     """Whether the decode kernel takes ``x [..., K]``: at most :data:`DECODE_MAX_M` tokens, ``K % 4 == 0`` and
     ``K <= DECODE_MAX_K``."""
     k = x.shape[-1]
-    return x.numel() // max(k, 1) <= DECODE_MAX_M and k % 4 == 0 and k <= DECODE_MAX_K
+    return x.numel() // max(k, 1) <= DECODE_MAX_M and k % 4 == 0 and 0 < k <= DECODE_MAX_K
