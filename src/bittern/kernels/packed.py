@@ -52,7 +52,7 @@ DECODE_MAX_M = DECODE_MAX_TOKENS
 after the first), so its cost grows with M: on the H100 the prefill path is faster from about 6 tokens."""
 
 DECODE_MAX_K = 16384
-"""Longest input row of the decode kernel (it loads a token's whole row at once, and unrolls its loop over K)."""
+"""Longest input row of the decode kernel (a program holds its block of weight words and a token's row at once)."""
 
 
 def _decode_configs() -> list[triton.Config]:
