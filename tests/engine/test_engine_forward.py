@@ -160,3 +160,32 @@ def test_unsupported_architecture_is_refused() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ConfigError, match="gpt2"):
         Engine(model)
+
+
+@pytest.mark.skipif(not bittern.kernels.triton_available(), reason="needs Triton")
+def test_decode_steps_on_the_attention_kernel_equal_the_masked_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token per row on the Triton backend goes through the decode attention kernel (interpreter here), which
+    must see what the masked SDPA sees: padding, the causal limit and the sliding window."""
+    from bittern import kernels
+
+    calls = []
+    kernel = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *args: calls.append(args) or kernel(*args))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel needs a GPU, or the interpreter on CPU
+    model = tiny_model("mistral", sliding_window=6, head_gain=4.0).to(device)
+    decoder = Engine(model, max_seq_len=32).decoder
+    prompts = token_batch(batch=3, length=10).to(device)
+    pad = torch.tensor([0, 3, 7], device=device)
+    cache = decoder.new_cache(3)
+    with torch.no_grad():
+        decoder.forward(prompts, decoder.slots[:10], pad, cache, 10)
+        token = prompts[:, -1:]
+        for slot in range(10, 14):
+            slots = decoder.slots[slot : slot + 1]
+            with kernels.use_backend("reference"):
+                want = decoder.forward(token, slots, pad, cache, slot + 1)
+            with kernels.use_backend("triton"):
+                got = decoder.forward(token, slots, pad, cache, slot + 1)
+            assert _relative_error(got, want) <= 1e-5
+            token = want[:, -1].argmax(-1, keepdim=True)
+    assert len(calls) == 4 * model.config.num_hidden_layers

@@ -3,12 +3,14 @@ bf16 engine against the float32 ternary model. Skipped without CUDA."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from engine_models import synthetic_tokens, tokenizer, trained_model
 
 from bittern.engine import Engine
-from bittern.engine.graphs import CudaGraphDecodeStep, EagerDecodeStep
+from bittern.engine.graphs import CudaGraphDecodeStep, EagerDecodeStep, rows_in_one_pass
 
 pytestmark = [
     pytest.mark.gpu,
@@ -72,3 +74,23 @@ def test_sampling_on_gpu_is_seeded() -> None:
     second = engine.generate_ids(prompts, 16, temperature=3.0, top_p=0.9, seed=0, ignore_eos=True)
     assert first.token_ids == second.token_ids
     assert first.decode_tokens_per_second > 0
+
+
+def test_rows_in_one_pass_compiles_wide_norms_as_one_pass_reductions() -> None:
+    """The decode step's norms over 2B4T-wide rows: looped reductions by default, persistent inside the block."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+    x = torch.randn(1, 6912, device="cuda", dtype=torch.bfloat16)
+    codes = []
+    for block in (contextlib.nullcontext(), rows_in_one_pass()):
+        torch._dynamo.reset()
+        with inductor_config.patch(fx_graph_cache=False), block:
+            out, (code,) = run_and_get_code(torch.compile(norm), x)
+        torch.testing.assert_close(out, norm(x))
+        codes.append(code)
+    assert "triton_red_" in codes[0] and "triton_per_" not in codes[0]
+    assert "triton_per_" in codes[1] and "triton_red_" not in codes[1]

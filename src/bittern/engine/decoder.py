@@ -3,9 +3,11 @@
 :class:`Decoder` holds references to the embeddings, norms and linear layers of a Llama-family causal LM
 (``LlamaForCausalLM``, ``BitNetForCausalLM``, and the Llama-shaped Mistral / Qwen2 / Qwen3) and runs them in the
 order their ``forward`` does, but over a preallocated :class:`StaticKVCache` and with
-``F.scaled_dot_product_attention``: every tensor shape of a decode step is fixed, so the step can be captured in
-a CUDA graph. The linear layers are called as modules (``layer(x)``): a :class:`~bittern.nn.TernaryLinear`, a
-:class:`~bittern.nn.BitLinear` or an ``nn.Linear`` each computes what it computes in the Hugging Face model.
+``F.scaled_dot_product_attention`` (for one token per row on the Triton backend,
+:func:`bittern.kernels.decode_attention`, which reads only the slots each row sees): every tensor shape of a decode
+step is fixed, so the step can be captured in a CUDA graph. The linear layers are called as modules
+(``layer(x)``): a :class:`~bittern.nn.TernaryLinear`, a :class:`~bittern.nn.BitLinear` or an ``nn.Linear`` each
+computes what it computes in the Hugging Face model.
 
 Slots and positions: a batch of ``B`` prompts is left-padded to a common length ``P``; token ``t`` of the padded
 batch lives in cache slot ``t`` for every row, and row ``b``'s first ``pad[b]`` slots are padding. The rope
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bittern import kernels
 from bittern.errors import ConfigError
 from bittern.nn import project
 
@@ -218,11 +221,6 @@ class Decoder:
         groups = self.num_heads // self.num_kv_heads
         x = self.embed(input_ids)
         for index, layer in enumerate(self.layers):
-            if layer.sliding_window not in masks:
-                mask = self._mask(slots, pad, key_len, layer.sliding_window)  # [B, 1, T, S]
-                # grouped-query attention without repeating the cache: the query heads of one KV head are
-                # stacked along the query axis, so the mask repeats once per head of the group
-                masks[layer.sliding_window] = mask.repeat(1, 1, groups, 1)
             h = layer.input_norm(x)
             q, k, v = project(h, [layer.q_proj, layer.k_proj, layer.v_proj])  # one launch when they are packed
             q = q.view(batch, length, self.num_heads, self.head_dim)
@@ -238,14 +236,21 @@ class Decoder:
             keys, values = cache.keys[index][:batch], cache.values[index][:batch]
             keys.index_copy_(2, slots, k)
             values.index_copy_(2, slots, v)
+            # grouped-query attention without repeating the cache: the query heads of one KV head are stacked
             q = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                q,
-                keys[:, :, :key_len],
-                values[:, :, :key_len],
-                attn_mask=masks[layer.sliding_window],
-                scale=layer.scaling,
-            )  # [B, kv_heads, groups * T, D]
+            if length == 1 and kernels.decode_attention_applies(q):  # reads only the slots each row sees
+                out = kernels.decode_attention(q, keys, values, slots, pad, layer.scaling, layer.sliding_window)
+            else:
+                if layer.sliding_window not in masks:
+                    mask = self._mask(slots, pad, key_len, layer.sliding_window)  # [B, 1, T, S]
+                    masks[layer.sliding_window] = mask.repeat(1, 1, groups, 1)  # once per head of the group
+                out = F.scaled_dot_product_attention(
+                    q,
+                    keys[:, :, :key_len],
+                    values[:, :, :key_len],
+                    attn_mask=masks[layer.sliding_window],
+                    scale=layer.scaling,
+                )  # [B, kv_heads, groups * T, D]
             out = out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
             if layer.attn_sub_norm is not None:
                 out = layer.attn_sub_norm(out)

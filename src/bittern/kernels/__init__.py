@@ -238,6 +238,30 @@ def packed_linear_group(
     ]
 
 
+def decode_attention_applies(q: torch.Tensor) -> bool:
+    """Whether :func:`decode_attention` runs on ``q`` ``[B, H_kv, G, D]``: the Triton backend, a head dimension that
+    is a power of two of at least 16, and no gradient wanted."""
+    dim = q.shape[-1]
+    wants_grad = torch.is_grad_enabled() and q.requires_grad
+    return not wants_grad and dim >= 16 and dim & (dim - 1) == 0 and uses_triton(q)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    pad: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """The decode step's attention on the Triton backend (where :func:`decode_attention_applies`): query heads
+    ``q`` ``[B, H_kv, G, D]`` of the token at cache slot ``slot`` (int64 ``[1]``) against the cache ``keys`` /
+    ``values`` ``[B, H_kv, S, D]``, each row seeing the slots from its padding ``pad`` (int64 ``[B]``) to ``slot``
+    (within ``window``, if any). Reads only those slots (:mod:`bittern.kernels.attention`). ``[B, H_kv, G, D]``."""
+    return _ops().decode_attention(q, keys, values, slot, pad, scale, window)
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 quantization (:func:`bittern.quant.quantize_activations`): ``(xq int8, a float32 [..., 1])``."""
     if uses_triton(x):

@@ -13,6 +13,8 @@ Registered ops (namespace ``bittern``):
 * ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
   decode kernel with fused activation quantization for up to 4 tokens, the prefill path beyond;
   ``packed_linear_group`` — two or three layers of one input (q/k/v, gate/up) in one launch.
+* ``decode_attention`` — the decode step's attention of one token per sequence over the KV cache
+  (:mod:`bittern.kernels.attention`).
 
 Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
 breaking the graph (eager calls skip the dispatcher: :class:`_CustomOp`), and since none of them synchronises
@@ -32,7 +34,7 @@ import weakref
 import torch
 
 from bittern import quant
-from bittern.kernels import matmul, packed, quantizers
+from bittern.kernels import attention, matmul, packed, quantizers
 
 BACKWARD_GEMMS = ("cublas", "cublas-int8", "triton")
 
@@ -359,6 +361,27 @@ def packed_decode_quantized(
 @packed_decode_quantized.register_fake
 def _(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype):  # type: ignore[no-untyped-def]
     return [xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype) for n in out_features]
+
+
+@_custom_op("bittern::decode_attention")
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    pad: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of one query slot per sequence over the KV cache (:func:`bittern.kernels.attention.decode_attention`):
+    ``[B, H_kv, G, D]``."""
+    with _device_guard(q):
+        return attention.decode_attention(q, keys, values, slot, pad, scale, window)
+
+
+@decode_attention.register_fake
+def _(q, keys, values, slot, pad, scale, window):  # type: ignore[no-untyped-def]
+    return torch.empty_like(q)
 
 
 def unpack_codes(packed_weight: torch.Tensor, out_features: int) -> torch.Tensor:

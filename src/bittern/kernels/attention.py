@@ -1,0 +1,131 @@
+"""Attention of one new token per sequence over a static KV cache (the decode step), in Triton.
+
+The engine's decode step attends from one query slot to a cache of ``S`` preallocated slots. Through
+``F.scaled_dot_product_attention`` with a mask, every slot is read on every step (the shapes must not change for
+a CUDA graph), in a kernel built for long query tiles: on an H100, 11 µs per layer of the 2B4T shape, a sixth of
+the whole step. Here one program takes one KV head of one sequence, with every query head of its group as the
+rows of one tile, and reads only the slots the query sees: the slot to attend from is read from device memory,
+so the loop bound follows the sequence while the launch, captured once, stays the same.
+
+Visibility is the decoder's (:mod:`bittern.engine.decoder`): the query at slot ``i`` of row ``b`` sees slots
+``pad[b] … i`` (and, with a sliding window ``w``, only those ``> i - w``); a query in the padding sees only its own
+slot. Softmax runs in float32 online over blocks of ``BS`` slots (the flash-attention recurrence); ``q·k`` takes
+the operands in their dtype with float32 accumulation, the probabilities are rounded to the values' dtype before
+``p·v``, as flash attention does (float32 operands multiply exactly, not on TF32 tensor cores). Import through
+:mod:`bittern.kernels` (lazily).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bittern.kernels import interpreter
+
+# Triton's interpreter multiplies bf16 tiles wrongly (see bittern.kernels.matmul): there the tiles are widened to
+# float32 after rounding to their dtype, which leaves every product unchanged.
+_UPCAST_DOTS = interpreter.ON_IMPORT
+
+_BLOCK = 128
+"""Cache slots per step of a program's loop. On an H100 at the 2B4T shape (5 KV heads of 4 query heads, head_dim 128,
+384 slots; BENCHMARKS.md) 128 slots and 4 warps beat 32 or 64 slots and 2 or 8 warps at batch 1 and 16."""
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, slot_ptr, pad_ptr, out_ptr, kv_heads, scale, window,
+    stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_og,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // kv_heads
+    h = pid % kv_heads
+    i = tl.load(slot_ptr)
+    first = tl.minimum(tl.load(pad_ptr + b), i)  # a padding query sees only its own slot
+    if HAS_WINDOW:
+        first = tl.maximum(first, i - window + 1)
+    rg = tl.arange(0, GP)
+    rd = tl.arange(0, D)
+    g_ok = rg < G
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rg[:, None] * stride_qg + rd[None, :], mask=g_ok[:, None],
+                other=0.0)  # fmt: skip
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_rows = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_rows = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    best = tl.full([GP], float("-inf"), tl.float32)
+    total = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    for start in range(first, i + 1, BS):
+        s = start + tl.arange(0, BS)
+        s_ok = s <= i
+        k = tl.load(k_rows + s.to(tl.int64)[:, None] * stride_ks + rd[None, :], mask=s_ok[:, None], other=0.0)
+        v = tl.load(v_rows + s.to(tl.int64)[:, None] * stride_vs + rd[None, :], mask=s_ok[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GP, BS] float32
+        scores = tl.where(s_ok[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))  # finite: the block has a visible slot
+        p = tl.exp(scores - new_best[:, None])
+        keep = tl.exp(best - new_best)
+        total = total * keep + tl.sum(p, axis=1)
+        p = p.to(v.dtype)
+        if UPCAST:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * keep[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        best = new_best
+    out = acc / total[:, None]
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + rg[:, None] * stride_og + rd[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])  # fmt: skip
+
+
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    pad: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    block: int = _BLOCK,
+) -> torch.Tensor:
+    """Attention of one query slot per sequence over its cached keys and values.
+
+    Args:
+        q: ``[B, H_kv, G, D]``, the ``G`` query heads that share each KV head (grouped-query attention), for the
+            token at cache slot ``slot``; ``D`` a power of two, at least 16.
+        keys, values: ``[B, H_kv, S, D]``, the cache (the slot ``slot`` already written); any strides with the last
+            dimension contiguous.
+        slot: int64 ``[1]`` on the device, the query's cache slot ``i`` (``< S``).
+        pad: int64 ``[B]``, each row's left-padding slots.
+        scale: the factor on ``q·k`` (``1/sqrt(D)`` usually). window: a sliding window, or None.
+        block: cache slots per step of the loop (a power of two >= 16); for tests.
+
+    Returns:
+        ``[B, H_kv, G, D]`` in ``q``'s dtype.
+    """
+    batch, kv_heads, groups, dim = q.shape
+    if keys.shape != values.shape or keys.shape[:2] != (batch, kv_heads) or keys.shape[3] != dim:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} needs keys and values [B, H_kv, S, D] of the same "
+                         f"B, H_kv and D; got {tuple(keys.shape)} and {tuple(values.shape)}")  # fmt: skip
+    if dim < 16 or dim & (dim - 1):
+        raise ValueError(f"decode_attention takes a head dimension that is a power of two >= 16, got {dim}")
+    if slot.numel() != 1 or pad.shape != (batch,):
+        raise ValueError(f"decode_attention: slot must hold one value and pad one per row; got {tuple(slot.shape)} "
+                         f"and {tuple(pad.shape)} for {batch} rows")  # fmt: skip
+    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("decode_attention needs q, keys and values contiguous in their last dimension")
+    out = torch.empty((batch, kv_heads, groups, dim), dtype=interpreter.store_dtype(q.dtype), device=q.device)
+    if batch and kv_heads and groups:
+        _decode_attention_kernel[(batch * kv_heads,)](
+            q, keys, values, slot, pad, out, kv_heads, scale, window or 0,
+            q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            G=groups, GP=max(16, triton.next_power_of_2(groups)), D=dim, BS=block, HAS_WINDOW=window is not None,
+            UPCAST=_UPCAST_DOTS, PRECISION="ieee" if q.dtype == torch.float32 or _UPCAST_DOTS else "tf32", num_warps=4,
+        )  # fmt: skip
+    return out.to(q.dtype)
