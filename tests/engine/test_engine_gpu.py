@@ -94,3 +94,23 @@ def test_rows_in_one_pass_compiles_wide_norms_as_one_pass_reductions() -> None:
         codes.append(code)
     assert "triton_red_" in codes[0] and "triton_per_" not in codes[0]
     assert "triton_per_" in codes[1] and "triton_red_" not in codes[1]
+
+
+def test_compiled_decode_step_writes_only_the_new_slots_of_the_cache() -> None:
+    """Compiled, the step's cache write must update the slot in place, not rebuild the rows' whole cache in a new
+    buffer and copy it back (what a write through a ``[:B]`` view of the cache compiles to)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    engine = _engine("llama", torch.float32)
+    decoder, cache = engine.decoder, engine.cache
+    _, heads, slots, dim = cache.keys[0].shape
+    torch._dynamo.reset()
+    with torch.inference_mode(), inductor_config.patch(fx_graph_cache=False):
+        args = (torch.tensor([[5]], device="cuda"), decoder.slots[3:4], torch.tensor([0], device="cuda"), cache, slots)
+        logits, codes = run_and_get_code(torch.compile(decoder.forward), *args)
+        eager = decoder.forward(*args)
+    torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
+    code = "\n".join(codes)
+    assert "empty_strided_cuda" in code
+    assert f"(1, {heads}, {slots}, {dim})" not in code
