@@ -293,14 +293,15 @@ def test_prequantized_input_is_checked() -> None:
         packed.decode_linear(xq, weight, 8, scale, None, torch.float32, act_scale=act_scale[:1])
 
 
-def test_compiled_decode_quantizes_in_traced_code_and_agrees() -> None:
+@pytest.mark.parametrize("tokens", [1, 16, 40])  # the decode kernel, the split-K product, unpack + GEMM
+def test_compiled_products_quantize_in_traced_code_and_agree(tokens: int) -> None:
     # under torch.compile the input is quantized by traced PyTorch (inductor fuses it into the producer of x) and
-    # the decode kernel takes it as int8: the results must not change by a bit
+    # the kernels take it as int8: the results must not change by a bit
     generator = torch.Generator().manual_seed(8)
     layers = [quant.ternarize(torch.randn(n, 64, generator=generator) * 0.02) for n in (40, 12, 12)]
     weights = [packing.pack_ternary_rows(c).to(DEVICE) for c, _ in layers]
     scales = [s.to(DEVICE) for _, s in layers]
-    x = torch.randn(1, 64, generator=generator).to(DEVICE)
+    x = torch.randn(tokens, 64, generator=generator).to(DEVICE)
     norm = torch.rand(64, generator=generator).to(DEVICE) + 0.5
 
     def step(h: torch.Tensor) -> list[torch.Tensor]:
@@ -318,7 +319,7 @@ def test_compiled_decode_quantizes_in_traced_code_and_agrees() -> None:
         expected = step(x)
         torch._dynamo.reset()
         got = torch.compile(step, backend=backend, fullgraph=True)(x)
-    assert any("packed_decode_quantized" in target for target in seen)
+    assert any("packed_quantized" in target for target in seen)
     for y, e, (c, s) in zip(got, expected, layers, strict=True):
         assert torch.equal(y, e)
         assert torch.equal(y, quant.integer_linear(x * norm, c.to(DEVICE), s.to(DEVICE)))

@@ -174,30 +174,20 @@ def packed_linear(
     (:mod:`bittern.packing`), ``N = out_features``. ``[..., K]`` → ``[..., N]``, bit-identical on either backend.
 
     Without gradients, the Triton backend multiplies straight from the packed bytes (no unpacked copy of the
-    weight: :mod:`bittern.kernels.packed`). When ``x`` or ``bias`` needs a gradient, the codes are unpacked and
+    weight: :mod:`bittern.kernels.packed`). Under ``torch.compile`` the activations are quantized by traced PyTorch
+    (:func:`bittern.quant.quantize_activations`, which inductor fuses into the kernel that produces ``x``, the norm
+    before each projection) and the kernels take the int8 input; eagerly, the kernels' own quantization is cheaper
+    than PyTorch's several launches. When ``x`` or ``bias`` needs a gradient, the codes are unpacked and
     :func:`integer_linear` gives the straight-through one.
     """
     out_dtype = out_dtype or output_dtype(x)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if not needs_grad and uses_triton(x):
-        if _quantize_before_decode(x):
+        if torch.compiler.is_compiling():  # quantized by traced code: inductor fuses it into the producer of x
             xq, act_scale = quant.quantize_activations(x)
-            return _ops().packed_decode_quantized(xq, act_scale, [packed_weight], [out_features], [scale], bias,
-                                                  out_dtype)[0]  # fmt: skip
+            return _ops().packed_quantized(xq, act_scale, [packed_weight], [out_features], [scale], bias, out_dtype)[0]
         return _ops().packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
     return integer_linear(x, unpack_codes(packed_weight, out_features), scale, bias, out_dtype)
-
-
-def _quantize_before_decode(x: torch.Tensor) -> bool:
-    """Whether the decode kernel should take ``x`` quantized by traced PyTorch code: under ``torch.compile``, where
-    inductor fuses :func:`bittern.quant.quantize_activations` into the kernel that produces ``x`` (the norm before
-    each projection), so that no program of the decode kernel quantizes the row again. Eagerly, the kernel's own
-    quantization is cheaper than PyTorch's several launches."""
-    if not torch.compiler.is_compiling():
-        return False
-    from bittern.kernels import packed
-
-    return packed.decode_applies(x)
 
 
 def unpack_codes(packed_weight: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -228,9 +218,9 @@ def packed_linear_group(
         and len({s.numel() != 1 for s in scales}) == 1
         and uses_triton(x)
     )
-    if grouped and _quantize_before_decode(x):
+    if grouped and torch.compiler.is_compiling():
         xq, act_scale = quant.quantize_activations(x)
-        return _ops().packed_decode_quantized(xq, act_scale, packed_weights, out_features, scales, None, out_dtype)
+        return _ops().packed_quantized(xq, act_scale, packed_weights, out_features, scales, None, out_dtype)
     if grouped:
         return _ops().packed_linear_group(x, packed_weights, out_features, scales, out_dtype)
     return [

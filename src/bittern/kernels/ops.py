@@ -338,8 +338,8 @@ def _(x, packed_weights, out_features, scales, out_dtype):  # type: ignore[no-un
     return [x.new_empty((*x.shape[:-1], n), dtype=out_dtype) for n in out_features]
 
 
-@_custom_op("bittern::packed_decode_quantized")
-def packed_decode_quantized(
+@_custom_op("bittern::packed_quantized")
+def packed_quantized(
     xq: torch.Tensor,
     act_scale: torch.Tensor,
     packed_weights: list[torch.Tensor],
@@ -348,17 +348,14 @@ def packed_decode_quantized(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
-    """The decode kernel on an input quantized beforehand (int8 ``[..., K]``, float32 scales ``[..., 1]``): one
-    layer (with its bias, if any), or two or three bias-free layers in one launch. ``[..., N_i]`` per layer."""
+    """The packed product on an input quantized beforehand (int8 ``[..., K]``, float32 scales ``[..., 1]``): one
+    layer (with its bias, if any), or two or three bias-free layers in one launch
+    (:func:`bittern.kernels.packed.quantized_products`). ``[..., N_i]`` per layer."""
     with _device_guard(xq):
-        if len(packed_weights) == 1:
-            y = packed.decode_linear(xq, packed_weights[0], out_features[0], scales[0], bias, out_dtype,
-                                     act_scale=act_scale)  # fmt: skip
-            return [y]
-        return packed.decode_group(xq, packed_weights, out_features, scales, out_dtype, act_scale=act_scale)
+        return packed.quantized_products(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype)
 
 
-@packed_decode_quantized.register_fake
+@packed_quantized.register_fake
 def _(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype):  # type: ignore[no-untyped-def]
     return [xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype) for n in out_features]
 

@@ -448,6 +448,32 @@ def prefill_group(
     return _quantized_products(xq, act_scale, packed, out_features, scales, None, out_dtype)
 
 
+def quantized_products(
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    packed: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """One layer (``bias`` allowed), or two or three bias-free layers, on an input already quantized: int8
+    ``[..., K]`` with float32 scales ``[..., 1]`` (:func:`bittern.quant.quantize_activations`, e.g. traced and fused by
+    inductor into the norm before the projection). The decode kernel where it applies (:func:`decode_applies`),
+    else the products of :func:`prefill_linear`. One ``[..., N_i]`` per layer, equal to the reference bit for bit."""
+    if len(packed) == 1:
+        _check(xq, packed[0], out_features[0], scales[0])
+    else:
+        _check_group(xq, packed, out_features, scales, "quantized_products")
+        if bias is not None:
+            raise ValueError("quantized_products takes a bias only for a single layer")
+    if decode_applies(xq):
+        if len(packed) == 1:
+            return [decode_linear(xq, packed[0], out_features[0], scales[0], bias, out_dtype, act_scale=act_scale)]
+        return decode_group(xq, packed, out_features, scales, out_dtype, act_scale=act_scale)
+    return _quantized_products(xq, act_scale, packed, out_features, scales, bias, out_dtype)
+
+
 def _quantized_products(
     xq: torch.Tensor,
     act_scale: torch.Tensor,
