@@ -59,8 +59,8 @@ class StaticKVCache:
 
     ``B`` is the largest batch the engine runs and ``S`` its longest sequence; a batch of ``b <= B`` rows uses the
     views ``[:b]``. Writes go through ``index_put_`` on the whole cache tensor with tensors of rows and slots, so they
-    are capturable in a CUDA graph and, compiled, write only those slots (through a ``[:b]`` view, inductor rewrites
-    every slot of the view: on the 2B4T shape at batch 16, about 1 GB per decode step).
+    are capturable in a CUDA graph and, compiled, write only those slots (a write through a ``[:b]`` view compiles
+    to a new buffer holding every slot of those rows, copied back into the cache).
     """
 
     def __init__(
