@@ -44,14 +44,16 @@ def _operands(batch: int, kv_heads: int, groups: int, slots: int, dim: int, dtyp
         (2, 45, [50, 1, 0], None),  # a padding query (pad past the slot) sees only its own slot
     ],
 )
-@pytest.mark.parametrize("block", [16, 128])  # several steps of the loop (online softmax), or one
+# (block, split) for an 80-slot cache: one program walking several blocks (online softmax); three programs per
+# head, some seeing nothing, added by the combining kernel; one block
+@pytest.mark.parametrize(("block", "split"), [(16, 512), (16, 32), (128, 128)])
 def test_decode_attention_follows_the_visibility_rule(
-    groups: int, slot: int, pad: list[int], window: int | None, block: int
+    groups: int, slot: int, pad: list[int], window: int | None, block: int, split: int
 ) -> None:
     q, keys, values = _operands(3, 2, groups, 80, 32, torch.float32, seed=slot)
     got = attention.decode_attention(
         q.to(DEVICE), keys.to(DEVICE), values.to(DEVICE), torch.tensor([slot], device=DEVICE),
-        torch.tensor(pad, device=DEVICE), 0.2, window, block=block,
+        torch.tensor(pad, device=DEVICE), 0.2, window, block=block, split=split,
     )  # fmt: skip
     want = _reference(q, keys, values, slot, pad, 0.2, window)
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
@@ -65,7 +67,7 @@ def test_decode_attention_in_bfloat16_over_strided_cache_views() -> None:
     big_values[:2, :, :100] = values
     got = attention.decode_attention(
         q.to(DEVICE), big_keys[:2].to(DEVICE), big_values[:2].to(DEVICE), torch.tensor([99], device=DEVICE),
-        torch.tensor([0, 40], device=DEVICE), 0.125, block=32,
+        torch.tensor([0, 40], device=DEVICE), 0.125, block=32, split=64,
     )  # fmt: skip
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
     want = _reference(q, keys, values, 99, [0, 40], 0.125, None)
@@ -82,3 +84,5 @@ def test_decode_attention_refuses_bad_operands() -> None:
         attention.decode_attention(q[..., :24], keys[..., :24], values[..., :24], slot, pad, 1.0)
     with pytest.raises(ValueError, match="one per row"):
         attention.decode_attention(q, keys, values, slot, torch.tensor([0, 0]), 1.0)
+    with pytest.raises(ValueError, match="dividing split"):
+        attention.decode_attention(q, keys, values, slot, pad, 1.0, block=32, split=48)

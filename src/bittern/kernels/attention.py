@@ -5,7 +5,8 @@ The engine's decode step attends from one query slot to a cache of ``S`` preallo
 a CUDA graph), in a kernel built for long query tiles: on an H100, 11 µs per layer of the 2B4T shape, a sixth of
 the whole step. Here one program takes one KV head of one sequence, with every query head of its group as the
 rows of one tile, and reads only the slots the query sees: the slot to attend from is read from device memory,
-so the loop bound follows the sequence while the launch, captured once, stays the same.
+so the loop bound follows the sequence while the launch, captured once, stays the same. A cache longer than
+:data:`_SPLIT` slots is split across programs, whose partial softmax sums a second kernel adds (flash decoding).
 
 Visibility is the decoder's (:mod:`bittern.engine.decoder`): the query at slot ``i`` of row ``b`` sees slots
 ``pad[b] … i`` (and, with a sliding window ``w``, only those ``> i - w``); a query in the padding sees only its own
@@ -31,22 +32,34 @@ _BLOCK = 128
 """Cache slots per step of a program's loop. On an H100 at the 2B4T shape (5 KV heads of 4 query heads, head_dim 128,
 384 slots; BENCHMARKS.md) 128 slots and 4 warps beat 32 or 64 slots and 2 or 8 warps at batch 1 and 16."""
 
+_SPLIT = 512
+"""Cache slots per program. A cache of more slots is split across programs (a few KV heads would otherwise walk a
+long cache each on one SM), their partial sums added by a second kernel; up to this many, one launch."""
+
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, slot_ptr, pad_ptr, out_ptr, kv_heads, scale, window,
+    q_ptr, k_ptr, v_ptr, slot_ptr, pad_ptr, out_ptr, part_ptr, stat_ptr, kv_heads, scale, window,
     stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_og,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr,
+    SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """One KV head of one row (axis 0) over slots ``[split * SPLIT, (split + 1) * SPLIT)`` (axis 1) of those the
+    query sees. One split: the output. Several: the split's running max, sum and unnormalised ``p·v`` into the
+    workspace, for :func:`_combine_kernel`."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     b = pid // kv_heads
     h = pid % kv_heads
     i = tl.load(slot_ptr)
     first = tl.minimum(tl.load(pad_ptr + b), i)  # a padding query sees only its own slot
     if HAS_WINDOW:
         first = tl.maximum(first, i - window + 1)
+    end = i + 1
+    if SPLITS > 1:
+        first = tl.maximum(first, split * SPLIT)
+        end = tl.minimum(end, (split + 1) * SPLIT)
     rg = tl.arange(0, GP)
     rd = tl.arange(0, D)
     g_ok = rg < G
@@ -59,9 +72,9 @@ def _decode_attention_kernel(
     best = tl.full([GP], float("-inf"), tl.float32)
     total = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
-    for start in range(first, i + 1, BS):
+    for start in range(first, end, BS):  # no step at all for a split the query sees nothing of
         s = start + tl.arange(0, BS)
-        s_ok = s <= i
+        s_ok = s < end
         k = tl.load(k_rows + s.to(tl.int64)[:, None] * stride_ks + rd[None, :], mask=s_ok[:, None], other=0.0)
         v = tl.load(v_rows + s.to(tl.int64)[:, None] * stride_vs + rd[None, :], mask=s_ok[:, None], other=0.0)
         if UPCAST:
@@ -78,9 +91,42 @@ def _decode_attention_kernel(
             v = v.to(tl.float32)
         acc = acc * keep[:, None] + tl.dot(p, v, input_precision=PRECISION)
         best = new_best
+    if SPLITS == 1:
+        out = acc / total[:, None]
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + rg[:, None] * stride_og + rd[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])  # fmt: skip
+    else:
+        cell = (pid * SPLITS + split).to(tl.int64) * GP + rg  # [GP] rows of this split's partials
+        tl.store(part_ptr + cell[:, None] * D + rd[None, :], acc)
+        tl.store(stat_ptr + 2 * cell, best)
+        tl.store(stat_ptr + 2 * cell + 1, total)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, stat_ptr, out_ptr, kv_heads, stride_ob, stride_oh, stride_og,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """One KV head of one row: the splits' partial softmax sums rescaled to their common max and added."""
+    pid = tl.program_id(0)
+    b = pid // kv_heads
+    h = pid % kv_heads
+    rg = tl.arange(0, GP)
+    rd = tl.arange(0, D)
+    base = pid.to(tl.int64) * SPLITS * GP + rg
+    best = tl.full([GP], float("-inf"), tl.float32)
+    for split in range(SPLITS):
+        best = tl.maximum(best, tl.load(stat_ptr + 2 * (base + split * GP)))
+    total = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    for split in range(SPLITS):
+        cell = base + split * GP
+        weight = tl.exp(tl.load(stat_ptr + 2 * cell) - best)  # 0 for a split that saw nothing (max -inf)
+        total += weight * tl.load(stat_ptr + 2 * cell + 1)
+        acc += weight[:, None] * tl.load(part_ptr + cell[:, None] * D + rd[None, :])
     out = acc / total[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rg[:, None] * stride_og + rd[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])  # fmt: skip
+             out.to(out_ptr.dtype.element_ty), mask=(rg < G)[:, None])  # fmt: skip
 
 
 def decode_attention(
@@ -92,6 +138,7 @@ def decode_attention(
     scale: float,
     window: int | None = None,
     block: int = _BLOCK,
+    split: int = _SPLIT,
 ) -> torch.Tensor:
     """Attention of one query slot per sequence over its cached keys and values.
 
@@ -104,6 +151,8 @@ def decode_attention(
         pad: int64 ``[B]``, each row's left-padding slots.
         scale: the factor on ``q·k`` (``1/sqrt(D)`` usually). window: a sliding window, or None.
         block: cache slots per step of the loop (a power of two >= 16); for tests.
+        split: cache slots per program (a multiple of ``block``): a cache of more slots is split across programs
+            whose partial sums a second kernel adds; for tests.
 
     Returns:
         ``[B, H_kv, G, D]`` in ``q``'s dtype.
@@ -117,15 +166,30 @@ def decode_attention(
     if slot.numel() != 1 or pad.shape != (batch,):
         raise ValueError(f"decode_attention: slot must hold one value and pad one per row; got {tuple(slot.shape)} "
                          f"and {tuple(pad.shape)} for {batch} rows")  # fmt: skip
+    if block < 16 or block & (block - 1) or split % block:
+        raise ValueError(f"decode_attention: block must be a power of two >= 16 dividing split; got {block}, {split}")
     if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("decode_attention needs q, keys and values contiguous in their last dimension")
     out = torch.empty((batch, kv_heads, groups, dim), dtype=interpreter.store_dtype(q.dtype), device=q.device)
-    if batch and kv_heads and groups:
-        _decode_attention_kernel[(batch * kv_heads,)](
-            q, keys, values, slot, pad, out, kv_heads, scale, window or 0,
-            q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            G=groups, GP=max(16, triton.next_power_of_2(groups)), D=dim, BS=block, HAS_WINDOW=window is not None,
-            UPCAST=_UPCAST_DOTS, PRECISION="ieee" if q.dtype == torch.float32 or _UPCAST_DOTS else "tf32", num_warps=4,
+    if not (batch and kv_heads and groups):
+        return out.to(q.dtype)
+    padded = max(16, triton.next_power_of_2(groups))
+    splits = max(1, triton.cdiv(keys.shape[2], split))
+    programs = batch * kv_heads
+    part = stats = out  # unused with one split
+    if splits > 1:
+        part = torch.empty((programs * splits * padded, dim), dtype=torch.float32, device=q.device)
+        stats = torch.empty((programs * splits * padded, 2), dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(programs, splits)](
+        q, keys, values, slot, pad, out, part, stats, kv_heads, scale, window or 0,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        G=groups, GP=padded, D=dim, BS=block, SPLIT=split, SPLITS=splits, HAS_WINDOW=window is not None,
+        UPCAST=_UPCAST_DOTS, PRECISION="ieee" if q.dtype == torch.float32 or _UPCAST_DOTS else "tf32", num_warps=4,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(programs,)](
+            part, stats, out, kv_heads, out.stride(0), out.stride(1), out.stride(2),
+            G=groups, GP=padded, D=dim, SPLITS=splits, num_warps=4,
         )  # fmt: skip
     return out.to(q.dtype)
