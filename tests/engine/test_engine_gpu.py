@@ -4,6 +4,7 @@ bf16 engine against the float32 ternary model. Skipped without CUDA."""
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -113,4 +114,5 @@ def test_compiled_decode_step_writes_only_the_new_slots_of_the_cache() -> None:
     torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
     code = "\n".join(codes)
     assert "empty_strided_cuda((" in code
-    assert f"empty_strided_cuda((1, {heads}, {slots}, {dim})" not in code  # no new buffer of a row's whole cache
+    # no new buffer of the rows' (or the batch's) whole cache: the write is in place
+    assert not re.search(rf"empty_strided_cuda\(\(\d+, {heads}, {slots}, {dim}\)", code)

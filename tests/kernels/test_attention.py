@@ -1,4 +1,5 @@
-"""The decode attention kernel against attention written out from its visibility rule (interpreter on CPU)."""
+"""The decode step's attention kernel (rope, cache write, attention) against the same steps written out in float64
+from the visibility rule (interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -11,35 +12,62 @@ from bittern.kernels import attention
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _reference(q, keys, values, slot: int, pad: list[int], scale: float, window: int | None) -> torch.Tensor:
-    """float64 softmax attention of slot ``slot`` over the slots it sees: ``pad[b] … slot`` (only its own slot when
-    ``pad[b] > slot``), and within ``window``."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` over the last dimension (float64)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _reference(step: dict, slot: int, pad: list[int], scale: float, window: int | None):
+    """float64: the cache after the write, and the softmax attention of slot ``slot`` over the slots it sees:
+    ``pad[b] … slot`` (only its own slot when ``pad[b] > slot``), within ``window``."""
+    q, k, v, cos, sin = (step[name].double() for name in ("q", "k", "v", "cos", "sin"))
+    keys, values = step["keys"].double().clone(), step["values"].double().clone()
+    batch = q.shape[0]
+    q = _rope(q, cos[:, None, None, :], sin[:, None, None, :])
+    keys[:batch, :, slot] = _rope(k, cos[:, None, :], sin[:, None, :])
+    values[:batch, :, slot] = v
     out = torch.empty(q.shape, dtype=torch.float64)
-    for b in range(q.shape[0]):
+    for b in range(batch):
         first = min(pad[b], slot)
         if window is not None:
             first = max(first, slot - window + 1)
-        k = keys[b, :, first : slot + 1].double()  # [H, n, D]
-        v = values[b, :, first : slot + 1].double()
-        scores = q[b].double() @ k.transpose(-1, -2) * scale  # [H, G, n]
-        out[b] = scores.softmax(-1) @ v
-    return out
+        seen_k, seen_v = keys[b, :, first : slot + 1], values[b, :, first : slot + 1]  # [H, n, D]
+        out[b] = (q[b] @ seen_k.transpose(-1, -2) * scale).softmax(-1) @ seen_v
+    return out, keys, values
 
 
-def _operands(batch: int, kv_heads: int, groups: int, slots: int, dim: int, dtype: torch.dtype, seed: int):
+def _step(batch: int, cache_rows: int, kv_heads: int, groups: int, slots: int, dim: int, dtype, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, kv_heads, groups, dim, generator=generator).to(dtype)
-    keys = torch.randn(batch, kv_heads, slots, dim, generator=generator).to(dtype)
-    values = torch.randn(batch, kv_heads, slots, dim, generator=generator).to(dtype)
-    return q, keys, values
+    angles = torch.rand(batch, dim // 2, generator=generator) * 6.0
+    tensors = {
+        "q": torch.randn(batch, kv_heads, groups, dim, generator=generator),
+        "k": torch.randn(batch, kv_heads, dim, generator=generator),
+        "v": torch.randn(batch, kv_heads, dim, generator=generator),
+        "cos": angles.cos().repeat(1, 2),
+        "sin": angles.sin().repeat(1, 2),
+        "keys": torch.randn(cache_rows, kv_heads, slots, dim, generator=generator),
+        "values": torch.randn(cache_rows, kv_heads, slots, dim, generator=generator),
+    }
+    return {name: t.to(dtype) for name, t in tensors.items()}
+
+
+def _run(step: dict, slot: int, pad: list[int], scale: float, window: int | None = None, **tiles) -> tuple:
+    on_device = {name: t.to(DEVICE) for name, t in step.items()}
+    out = attention.decode_attention(
+        on_device["q"], on_device["k"], on_device["v"], on_device["cos"], on_device["sin"], on_device["keys"],
+        on_device["values"], torch.tensor([slot], device=DEVICE), torch.tensor(pad, device=DEVICE), scale, window,
+        **tiles,
+    )  # fmt: skip
+    return out.cpu(), on_device["keys"].cpu(), on_device["values"].cpu()
 
 
 @pytest.mark.parametrize(
     ("groups", "slot", "pad", "window"),
     [
         (4, 37, [0, 5, 30], None),  # rows of different lengths
-        (1, 0, [0, 0, 0], None),  # the first slot: one key
-        (3, 64, [0, 2, 64], None),  # groups not a power of two; a row whose only visible slot is the query's
+        (1, 0, [0, 0, 0], None),  # the first slot: the new key alone
+        (3, 64, [0, 2, 64], None),  # groups not a power of two; a row that sees only the new slot
         (4, 70, [0, 9, 66], 8),  # sliding window narrower than some rows, wider than the shortest
         (2, 45, [50, 1, 0], None),  # a padding query (pad past the slot) sees only its own slot
     ],
@@ -50,39 +78,48 @@ def _operands(batch: int, kv_heads: int, groups: int, slots: int, dim: int, dtyp
 def test_decode_attention_follows_the_visibility_rule(
     groups: int, slot: int, pad: list[int], window: int | None, block: int, split: int
 ) -> None:
-    q, keys, values = _operands(3, 2, groups, 80, 32, torch.float32, seed=slot)
-    got = attention.decode_attention(
-        q.to(DEVICE), keys.to(DEVICE), values.to(DEVICE), torch.tensor([slot], device=DEVICE),
-        torch.tensor(pad, device=DEVICE), 0.2, window, block=block, split=split,
-    )  # fmt: skip
-    want = _reference(q, keys, values, slot, pad, 0.2, window)
-    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    step = _step(3, 4, 2, groups, 80, 32, torch.float32, seed=slot)
+    out, keys, values = _run(step, slot, pad, 0.2, window, block=block, split=split)
+    want, want_keys, want_values = _reference(step, slot, pad, 0.2, window)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    # the new key (roped) and value land in rows < B at the slot; nothing else changes, row 3 included
+    torch.testing.assert_close(keys.double(), want_keys, rtol=1e-6, atol=1e-6)
+    assert torch.equal(values.double(), want_values)
+    assert torch.equal(keys[3], step["keys"][3])
 
 
-def test_decode_attention_in_bfloat16_over_strided_cache_views() -> None:
-    q, keys, values = _operands(2, 2, 4, 100, 64, torch.bfloat16, seed=3)
-    big_keys = torch.zeros(3, 2, 120, 64, dtype=torch.bfloat16)  # the engine passes views [:B] of a larger cache
-    big_keys[:2, :, :100] = keys
-    big_values = torch.zeros_like(big_keys)
-    big_values[:2, :, :100] = values
-    got = attention.decode_attention(
-        q.to(DEVICE), big_keys[:2].to(DEVICE), big_values[:2].to(DEVICE), torch.tensor([99], device=DEVICE),
-        torch.tensor([0, 40], device=DEVICE), 0.125, block=32, split=64,
-    )  # fmt: skip
-    assert got.dtype == torch.bfloat16 and got.shape == q.shape
-    want = _reference(q, keys, values, 99, [0, 40], 0.125, None)
-    error = (got.double().cpu() - want).norm() / want.norm()
+def test_decode_attention_in_bfloat16_over_a_longer_cache() -> None:
+    step = _step(2, 2, 2, 4, 100, 64, torch.bfloat16, seed=3)
+    out, keys, _ = _run(step, 99, [0, 40], 0.125, block=32, split=64)
+    assert out.dtype == torch.bfloat16 and out.shape == step["q"].shape
+    want, want_keys, _ = _reference(step, 99, [0, 40], 0.125, None)
+    error = (out.double() - want).norm() / want.norm()
     assert error < 1e-2, error
+    torch.testing.assert_close(keys[:, :, 99].double(), want_keys[:, :, 99], rtol=1e-2, atol=1e-2)
 
 
 def test_decode_attention_refuses_bad_operands() -> None:
-    q, keys, values = _operands(1, 2, 4, 8, 32, torch.float32, seed=0)
+    step = _step(1, 1, 2, 4, 8, 32, torch.float32, seed=0)
+    q, k, v, cos, sin, keys, values = (step[n] for n in ("q", "k", "v", "cos", "sin", "keys", "values"))
     slot, pad = torch.tensor([3]), torch.tensor([0])
-    with pytest.raises(ValueError, match="keys and values"):
-        attention.decode_attention(q, keys[:, :1], values[:, :1], slot, pad, 1.0)
+    with pytest.raises(ValueError, match="cache"):
+        attention.decode_attention(q, k, v, cos, sin, keys[:, :1], values[:, :1], slot, pad, 1.0)
+    with pytest.raises(ValueError, match="k and v"):
+        attention.decode_attention(q, k[:, :1], v, cos, sin, keys, values, slot, pad, 1.0)
     with pytest.raises(ValueError, match="power of two"):
-        attention.decode_attention(q[..., :24], keys[..., :24], values[..., :24], slot, pad, 1.0)
+        attention.decode_attention(q[..., :24], k[..., :24], v[..., :24], cos[..., :24], sin[..., :24],
+                                   keys[..., :24], values[..., :24], slot, pad, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="one per row"):
-        attention.decode_attention(q, keys, values, slot, torch.tensor([0, 0]), 1.0)
+        attention.decode_attention(q, k, v, cos, sin, keys, values, slot, torch.tensor([0, 0]), 1.0)
     with pytest.raises(ValueError, match="dividing split"):
-        attention.decode_attention(q, keys, values, slot, pad, 1.0, block=32, split=48)
+        attention.decode_attention(q, k, v, cos, sin, keys, values, slot, pad, 1.0, block=32, split=48)
+
+
+def test_decode_attention_without_splitting_past_the_first_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    # as many programs as processors: one program per head walks the whole cache, the new slot past `split`
+    monkeypatch.setattr(attention, "_processors", lambda device: 1)
+    step = _step(2, 2, 2, 4, 80, 32, torch.float32, seed=9)
+    out, keys, _ = _run(step, 70, [0, 13], 0.3, block=16, split=32)
+    want, want_keys, _ = _reference(step, 70, [0, 13], 0.3, None)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys.double(), want_keys, rtol=1e-6, atol=1e-6)

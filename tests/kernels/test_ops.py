@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model, token_batch
 
-from bittern import kernels, quant
+from bittern import kernels, packing, quant
 from bittern.convert import to_bitlinear, to_ternary
 from bittern.nn import BitLinear
 
@@ -157,6 +157,32 @@ def test_torch_library_consistency_checks() -> None:
     grad_y = torch.randn(6, 16, device=DEVICE)
     torch.library.opcheck(torch.ops.bittern.ternary_linear_grad_input.default, (grad_y, codes, scale, torch.float32))
     torch.library.opcheck(torch.ops.bittern.ternary_linear_grad_weight.default, (grad_y, xq, act_scale, torch.float32))
+
+
+def test_inference_ops_pass_the_torch_library_checks() -> None:
+    """opcheck of the packed product on a quantized input and of the decode attention, which writes the KV cache in
+    place (its mutation must be declared, or compiled graphs would drop or reorder the write)."""
+    generator = torch.Generator().manual_seed(12)
+    codes, scale = quant.ternarize(torch.randn(10, 32, generator=generator))
+    xq, act_scale = quant.quantize_activations(torch.randn(3, 32, generator=generator))
+    weight = packing.pack_ternary_rows(codes)
+    args = (xq, act_scale, [weight], [10], [scale], None, torch.float32)
+    torch.library.opcheck(torch.ops.bittern.packed_quantized.default, tuple(_on_device(args)))
+    batch, kv_heads, groups, dim, slots = 2, 2, 2, 16, 24
+    q = torch.randn(batch, kv_heads, groups, dim, generator=generator)
+    k, v = torch.randn(2, batch, kv_heads, dim, generator=generator)
+    angles = torch.rand(batch, dim // 2, generator=generator)
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+    keys, values = torch.randn(2, batch + 1, kv_heads, slots, dim, generator=generator)
+    args = (q, k, v, cos, sin, keys, values, torch.tensor([5]), torch.tensor([0, 2]), 0.25, None)
+    torch.library.opcheck(torch.ops.bittern.decode_attention.default, tuple(_on_device(args)))
+
+
+def _on_device(args: tuple) -> list:
+    def moved(t):  # type: ignore[no-untyped-def]
+        return t.to(DEVICE) if torch.is_tensor(t) else t
+
+    return [[moved(t) for t in a] if isinstance(a, list) else moved(a) for a in args]
 
 
 def test_compiles_without_graph_breaks() -> None:

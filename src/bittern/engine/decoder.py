@@ -4,10 +4,10 @@
 (``LlamaForCausalLM``, ``BitNetForCausalLM``, and the Llama-shaped Mistral / Qwen2 / Qwen3) and runs them in the
 order their ``forward`` does, but over a preallocated :class:`StaticKVCache` and with
 ``F.scaled_dot_product_attention`` (for one token per row on the Triton backend,
-:func:`bittern.kernels.decode_attention`, which reads only the slots each row sees): every tensor shape of a decode
-step is fixed, so the step can be captured in a CUDA graph. The linear layers are called as modules
-(``layer(x)``): a :class:`~bittern.nn.TernaryLinear`, a :class:`~bittern.nn.BitLinear` or an ``nn.Linear`` each
-computes what it computes in the Hugging Face model.
+:func:`bittern.kernels.decode_attention`: rope, cache write and attention in one kernel that reads only the slots
+each row sees): every tensor shape of a decode step is fixed, so the step can be captured in a CUDA graph. The
+linear layers are called as modules (``layer(x)``): a :class:`~bittern.nn.TernaryLinear`, a
+:class:`~bittern.nn.BitLinear` or an ``nn.Linear`` each computes what it computes in the Hugging Face model.
 
 Slots and positions: a batch of ``B`` prompts is left-padded to a common length ``P``; token ``t`` of the padded
 batch lives in cache slot ``t`` for every row, and row ``b``'s first ``pad[b]`` slots are padding. The rope
@@ -58,9 +58,10 @@ class StaticKVCache:
     """Keys and values of every layer, preallocated: ``keys[i]``, ``values[i]`` are ``[B, kv_heads, S, head_dim]``.
 
     ``B`` is the largest batch the engine runs and ``S`` its longest sequence; a batch of ``b <= B`` rows uses the
-    views ``[:b]``. Writes go through ``index_put_`` on the whole cache tensor with tensors of rows and slots, so they
-    are capturable in a CUDA graph and, compiled, write only those slots (a write through a ``[:b]`` view compiles
-    to a new buffer holding every slot of those rows, copied back into the cache).
+    views ``[:b]``. Writes go through ``index_put_`` on the whole cache tensor with tensors of rows and slots (or, for
+    one token per row on the Triton backend, the attention kernel's own stores), so they are capturable in a CUDA
+    graph and, compiled, write only those slots (a write through a ``[:b]`` view compiles to a new buffer holding
+    every slot of those rows, copied back into the cache).
     """
 
     def __init__(
@@ -221,8 +222,6 @@ class Decoder:
         sin = self.sin[positions][:, None]
         masks: dict[int | None, torch.Tensor] = {}
         groups = self.num_heads // self.num_kv_heads
-        rows = torch.arange(batch, device=input_ids.device)[:, None, None]
-        heads = torch.arange(self.num_kv_heads, device=input_ids.device)[None, :, None]
         x = self.embed(input_ids)
         for index, layer in enumerate(self.layers):
             h = layer.input_norm(x)
@@ -234,28 +233,16 @@ class Decoder:
                 q = layer.q_norm(q)
             if layer.k_norm is not None:
                 k = layer.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            where = (rows, heads, slots[None, None, :])  # [B, 1, 1], [1, H_kv, 1], [1, 1, T]: each slot written
-            cache.keys[index].index_put_(where, k)
-            cache.values[index].index_put_(where, v)
-            keys, values = cache.keys[index][:batch], cache.values[index][:batch]
-            # grouped-query attention without repeating the cache: the query heads of one KV head are stacked
-            q = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)
-            if length == 1 and kernels.decode_attention_applies(q):  # reads only the slots each row sees
-                out = kernels.decode_attention(q, keys, values, slots, pad, layer.scaling, layer.sliding_window)
+            if length == 1 and kernels.decode_attention_applies(q):  # rope, cache write and attention: one kernel
+                out = kernels.decode_attention(
+                    q.view(batch, self.num_kv_heads, groups, self.head_dim),  # the query heads of one KV head
+                    k.view(batch, self.num_kv_heads, self.head_dim),
+                    v.view(batch, self.num_kv_heads, self.head_dim),
+                    cos[:, 0, 0], sin[:, 0, 0], cache.keys[index], cache.values[index], slots, pad, layer.scaling,
+                    layer.sliding_window,
+                )  # fmt: skip
             else:
-                if layer.sliding_window not in masks:
-                    mask = self._mask(slots, pad, key_len, layer.sliding_window)  # [B, 1, T, S]
-                    masks[layer.sliding_window] = mask.repeat(1, 1, groups, 1)  # once per head of the group
-                out = F.scaled_dot_product_attention(
-                    q,
-                    keys[:, :, :key_len],
-                    values[:, :, :key_len],
-                    attn_mask=masks[layer.sliding_window],
-                    scale=layer.scaling,
-                )  # [B, kv_heads, groups * T, D]
+                out = self._attention(index, layer, q, k, v, cos, sin, slots, pad, cache, key_len, masks)
             out = out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
             if layer.attn_sub_norm is not None:
                 out = layer.attn_sub_norm(out)
@@ -269,3 +256,44 @@ class Decoder:
         if last_only:
             x = x[:, -1:]
         return self.head(self.norm(x))
+
+    def _attention(
+        self,
+        index: int,
+        layer: _Layer,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        pad: torch.Tensor,
+        cache: StaticKVCache,
+        key_len: int,
+        masks: dict[int | None, torch.Tensor],
+    ) -> torch.Tensor:
+        """Rope, the cache write and masked SDPA of layer ``index`` for ``q`` ``[B, T, H, D]`` and ``k`` / ``v``
+        ``[B, T, H_kv, D]`` (``cos`` / ``sin`` ``[B, 1, T, D]``; ``masks`` per sliding window, filled on first use):
+        ``[B, H_kv, G * T, D]``."""
+        batch, length = q.shape[:2]
+        groups = self.num_heads // self.num_kv_heads
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        rows = torch.arange(batch, device=q.device)[:, None, None]
+        heads = torch.arange(self.num_kv_heads, device=q.device)[None, :, None]
+        where = (rows, heads, slots[None, None, :])  # [B, 1, 1], [1, H_kv, 1], [1, 1, T]: each slot written
+        cache.keys[index].index_put_(where, k)
+        cache.values[index].index_put_(where, v)
+        keys, values = cache.keys[index][:batch], cache.values[index][:batch]
+        if layer.sliding_window not in masks:
+            mask = self._mask(slots, pad, key_len, layer.sliding_window)  # [B, 1, T, S]
+            masks[layer.sliding_window] = mask.repeat(1, 1, groups, 1)  # once per head of the group
+        # grouped-query attention without repeating the cache: the query heads of one KV head are stacked
+        return F.scaled_dot_product_attention(
+            q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim),
+            keys[:, :, :key_len],
+            values[:, :, :key_len],
+            attn_mask=masks[layer.sliding_window],
+            scale=layer.scaling,
+        )  # [B, kv_heads, groups * T, D]

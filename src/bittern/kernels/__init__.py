@@ -238,6 +238,10 @@ def decode_attention_applies(q: torch.Tensor) -> bool:
 
 def decode_attention(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     slot: torch.Tensor,
@@ -245,11 +249,13 @@ def decode_attention(
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
-    """The decode step's attention on the Triton backend (where :func:`decode_attention_applies`): query heads
-    ``q`` ``[B, H_kv, G, D]`` of the token at cache slot ``slot`` (int64 ``[1]``) against the cache ``keys`` /
-    ``values`` ``[B, H_kv, S, D]``, each row seeing the slots from its padding ``pad`` (int64 ``[B]``) to ``slot``
-    (within ``window``, if any). Reads only those slots (:mod:`bittern.kernels.attention`). ``[B, H_kv, G, D]``."""
-    return _ops().decode_attention(q, keys, values, slot, pad, scale, window)
+    """The decode step's attention on the Triton backend (where :func:`decode_attention_applies`), rope and cache
+    write included: the new token's query heads ``q`` ``[B, H_kv, G, D]``, key ``k`` and value ``v``
+    ``[B, H_kv, D]`` (before rope), its rope table ``cos`` / ``sin`` ``[B, D]`` and cache slot ``slot`` (int64
+    ``[1]``). Writes the roped key and the value into the cache ``keys`` / ``values`` ``[B_max, H_kv, S, D]`` at
+    that slot, then attends over the slots each row sees, from its padding ``pad`` (int64 ``[B]``) to the new one
+    (within ``window``, if any), reading only those (:mod:`bittern.kernels.attention`). ``[B, H_kv, G, D]``."""
+    return _ops().decode_attention(q, k, v, cos, sin, keys, values, slot, pad, scale, window)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

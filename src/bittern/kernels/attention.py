@@ -1,19 +1,22 @@
-"""Attention of one new token per sequence over a static KV cache (the decode step), in Triton.
+"""The decode step's attention, in Triton: one new token per sequence, over a static KV cache.
 
 The engine's decode step attends from one query slot to a cache of ``S`` preallocated slots. Through
 ``F.scaled_dot_product_attention`` with a mask, every slot is read on every step (the shapes must not change for
 a CUDA graph), in a kernel built for long query tiles: on an H100, 11 µs per layer of the 2B4T shape, a sixth of
-the whole step. Here one program takes one KV head of one sequence, with every query head of its group as the
-rows of one tile, and reads only the slots the query sees: the slot to attend from is read from device memory,
-so the loop bound follows the sequence while the launch, captured once, stays the same. A cache longer than
-:data:`_SPLIT` slots is split across programs, whose partial softmax sums a second kernel adds (flash decoding).
+the whole step; rope and the cache write were two more kernels. Here one program takes one KV head of one
+sequence, with every query head of its group as the rows of one tile. It applies rope to the new token's query
+heads and key, writes its key and value into the cache at its slot, and attends over the cached slots the query
+sees plus the new one (from registers). The slot is read from device memory, so the loop bound follows the
+sequence while the launch, captured once, stays the same. A cache longer than :data:`_SPLIT` slots is split
+across programs, whose partial softmax sums a second kernel adds (flash decoding).
 
 Visibility is the decoder's (:mod:`bittern.engine.decoder`): the query at slot ``i`` of row ``b`` sees slots
 ``pad[b] … i`` (and, with a sliding window ``w``, only those ``> i - w``); a query in the padding sees only its own
-slot. Softmax runs in float32 online over blocks of ``BS`` slots (the flash-attention recurrence); ``q·k`` takes
-the operands in their dtype with float32 accumulation, the probabilities are rounded to the values' dtype before
-``p·v``, as flash attention does (float32 operands multiply exactly, not on TF32 tensor cores). Import through
-:mod:`bittern.kernels` (lazily).
+slot. Rope is the rotate-half form of Llama-family models, ``x * cos + rotate_half(x) * sin``, in float32, rounded
+once to the model's dtype. Softmax runs in float32 online over blocks of ``BS`` slots (the flash-attention
+recurrence); ``q·k`` takes the operands in their dtype with float32 accumulation, the probabilities are rounded to
+the values' dtype before ``p·v``, as flash attention does (float32 operands multiply exactly, not on TF32 tensor
+cores). Import through :mod:`bittern.kernels` (lazily).
 """
 
 from __future__ import annotations
@@ -41,16 +44,27 @@ kernel. On an H100, batch 1, 4096 slots: 48.9 µs in one program per head, 11.7 
 
 
 @triton.jit
+def _rope(x_ptrs, rd, cos, sin, D: tl.constexpr):
+    """``x * cos + rotate_half(x) * sin`` in float32 for the rows at ``x_ptrs`` (``[..., 1]`` pointers to element 0
+    of each row): ``rotate_half`` puts ``-x[D/2:]`` before ``x[:D/2]``."""
+    x = tl.load(x_ptrs + rd[None, :]).to(tl.float32)
+    turned = tl.load(x_ptrs + ((rd + D // 2) % D)[None, :]).to(tl.float32)
+    return x * cos[None, :] + tl.where(rd < D // 2, -turned, turned) * sin[None, :]
+
+
+@triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, slot_ptr, pad_ptr, out_ptr, part_ptr, stat_ptr, kv_heads, scale, window,
-    stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh, stride_og,
+    q_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, pad_ptr, out_ptr, part_ptr, stat_ptr,
+    kv_heads, scale, window,
+    stride_qb, stride_qh, stride_qg, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_og,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr,
     SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One KV head of one row (axis 0) over slots ``[split * SPLIT, (split + 1) * SPLIT)`` (axis 1) of those the
-    query sees. One split: the output. Several: the split's running max, sum and unnormalised ``p·v`` into the
-    workspace, for :func:`_combine_kernel`."""
+    query sees. The split holding the new slot writes the new key and value there and adds that slot from
+    registers; the cached slots before it come from memory. One split: the output. Several: the split's running
+    max, sum and unnormalised ``p·v`` into the workspace, for :func:`_combine_kernel`."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // kv_heads
@@ -59,23 +73,34 @@ def _decode_attention_kernel(
     first = tl.minimum(tl.load(pad_ptr + b), i)  # a padding query sees only its own slot
     if HAS_WINDOW:
         first = tl.maximum(first, i - window + 1)
-    end = i + 1
+    end = i  # the cached slots; slot i is the new token's
+    owner = i >= 0  # (true) one program per head: it owns the new slot
     if SPLITS > 1:
+        owner = split == i // SPLIT
         first = tl.maximum(first, split * SPLIT)
         end = tl.minimum(end, (split + 1) * SPLIT)
     rg = tl.arange(0, GP)
     rd = tl.arange(0, D)
     g_ok = rg < G
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rg[:, None] * stride_qg + rd[None, :], mask=g_ok[:, None],
-                other=0.0)  # fmt: skip
-    if UPCAST:
-        q = q.to(tl.float32)
+    dtype = k_ptr.dtype.element_ty
+    cos = tl.load(cos_ptr + b * stride_cb + rd).to(tl.float32)
+    sin = tl.load(sin_ptr + b * stride_cb + rd).to(tl.float32)
+    q_rows = q_ptr + b * stride_qb + h * stride_qh + tl.minimum(rg, G - 1)[:, None] * stride_qg  # padded rows: unused
+    q = _rope(q_rows, rd, cos, sin, D).to(dtype)  # [GP, D]
+    k_new = _rope(kn_ptr + b * stride_knb + h * stride_knh + tl.zeros([1, 1], tl.int32), rd, cos, sin, D)
+    k_new = tl.reshape(k_new, [D]).to(dtype)
+    v_new = tl.load(vn_ptr + b * stride_vnb + h * stride_vnh + rd).to(dtype)
     k_rows = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_rows = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    if owner:  # no program reads slot i from memory in this launch
+        tl.store(k_rows + i.to(tl.int64) * stride_ks + rd, k_new)
+        tl.store(v_rows + i.to(tl.int64) * stride_vs + rd, v_new)
+    if UPCAST:
+        q = q.to(tl.float32)
     best = tl.full([GP], float("-inf"), tl.float32)
     total = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
-    for start in range(first, end, BS):  # no step at all for a split the query sees nothing of
+    for start in range(first, end, BS):  # no step at all when no cached slot of this split is seen
         s = start + tl.arange(0, BS)
         s_ok = s < end
         k = tl.load(k_rows + s.to(tl.int64)[:, None] * stride_ks + rd[None, :], mask=s_ok[:, None], other=0.0)
@@ -93,6 +118,15 @@ def _decode_attention_kernel(
             p = p.to(tl.float32)
             v = v.to(tl.float32)
         acc = acc * keep[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        best = new_best
+    if owner:  # the new slot, seen by every query
+        fresh = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # [GP]
+        new_best = tl.maximum(best, fresh)
+        p = tl.exp(fresh - new_best)
+        keep = tl.exp(best - new_best)
+        total = total * keep + p
+        p = p.to(dtype).to(tl.float32)
+        acc = acc * keep[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
         best = new_best
     if SPLITS == 1:
         out = acc / total[:, None]
@@ -142,6 +176,10 @@ def _processors(device: torch.device) -> int:
 
 def decode_attention(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     slot: torch.Tensor,
@@ -151,14 +189,16 @@ def decode_attention(
     block: int = _BLOCK,
     split: int = _SPLIT,
 ) -> torch.Tensor:
-    """Attention of one query slot per sequence over its cached keys and values.
+    """Rope, cache write and attention of one new token per sequence.
 
     Args:
-        q: ``[B, H_kv, G, D]``, the ``G`` query heads that share each KV head (grouped-query attention), for the
-            token at cache slot ``slot``; ``D`` a power of two, at least 16.
-        keys, values: ``[B, H_kv, S, D]``, the cache (the slot ``slot`` already written); any strides with the last
-            dimension contiguous.
-        slot: int64 ``[1]`` on the device, the query's cache slot ``i`` (``< S``).
+        q: ``[B, H_kv, G, D]``, the new token's query heads before rope, the ``G`` heads that share each KV head
+            (grouped-query attention) together; ``D`` a power of two, at least 16.
+        k, v: ``[B, H_kv, D]``, its key (before rope) and value.
+        cos, sin: ``[B, D]``, each row's rope table at the token's position.
+        keys, values: ``[B_max, H_kv, S, D]`` (``B_max >= B``), the whole cache: rows ``< B`` get the roped key and
+            the value at slot ``slot``; nothing else is written.
+        slot: int64 ``[1]`` on the device, the token's cache slot ``i`` (``< S``).
         pad: int64 ``[B]``, each row's left-padding slots.
         scale: the factor on ``q·k`` (``1/sqrt(D)`` usually). window: a sliding window, or None.
         block: cache slots per step of the loop (a power of two >= 16); for tests.
@@ -169,9 +209,13 @@ def decode_attention(
         ``[B, H_kv, G, D]`` in ``q``'s dtype.
     """
     batch, kv_heads, groups, dim = q.shape
-    if keys.shape != values.shape or keys.shape[:2] != (batch, kv_heads) or keys.shape[3] != dim:
-        raise ValueError(f"decode_attention: q {tuple(q.shape)} needs keys and values [B, H_kv, S, D] of the same "
-                         f"B, H_kv and D; got {tuple(keys.shape)} and {tuple(values.shape)}")  # fmt: skip
+    if keys.shape != values.shape or keys.shape[0] < batch or keys.shape[1] != kv_heads or keys.shape[3] != dim:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} needs a cache [B_max >= B, H_kv, S, D] of the same "
+                         f"H_kv and D; got keys {tuple(keys.shape)} and values {tuple(values.shape)}")  # fmt: skip
+    if k.shape != (batch, kv_heads, dim) or v.shape != k.shape or cos.shape != (batch, dim) or sin.shape != cos.shape:
+        raise ValueError(f"decode_attention: for q {tuple(q.shape)}, k and v must be [B, H_kv, D] and cos, sin "
+                         f"[B, D]; got {tuple(k.shape)}, {tuple(v.shape)}, {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")  # fmt: skip
     if dim < 16 or dim & (dim - 1):
         raise ValueError(f"decode_attention takes a head dimension that is a power of two >= 16, got {dim}")
     if slot.numel() != 1 or pad.shape != (batch,):
@@ -179,8 +223,8 @@ def decode_attention(
                          f"and {tuple(pad.shape)} for {batch} rows")  # fmt: skip
     if block < 16 or block & (block - 1) or split % block:
         raise ValueError(f"decode_attention: block must be a power of two >= 16 dividing split; got {block}, {split}")
-    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
-        raise ValueError("decode_attention needs q, keys and values contiguous in their last dimension")
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, keys, values)):
+        raise ValueError("decode_attention needs every tensor contiguous in its last dimension")
     out = torch.empty((batch, kv_heads, groups, dim), dtype=interpreter.store_dtype(q.dtype), device=q.device)
     if not (batch and kv_heads and groups):
         return out.to(q.dtype)
@@ -194,9 +238,10 @@ def decode_attention(
         part = torch.empty((programs * splits * padded, dim), dtype=torch.float32, device=q.device)
         stats = torch.empty((programs * splits * padded, 2), dtype=torch.float32, device=q.device)
     _decode_attention_kernel[(programs, splits)](
-        q, keys, values, slot, pad, out, part, stats, kv_heads, scale, window or 0,
-        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q, k, v, cos, sin, keys, values, slot, pad, out, part, stats, kv_heads, scale, window or 0,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         G=groups, GP=padded, D=dim, BS=block, SPLIT=split, SPLITS=splits, HAS_WINDOW=window is not None,
         UPCAST=_UPCAST_DOTS, PRECISION="ieee" if q.dtype == torch.float32 or _UPCAST_DOTS else "tf32", num_warps=4,
     )  # fmt: skip

@@ -13,8 +13,8 @@ Registered ops (namespace ``bittern``):
 * ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
   decode kernel with fused activation quantization for up to 4 tokens, the prefill path beyond;
   ``packed_linear_group`` — two or three layers of one input (q/k/v, gate/up) in one launch.
-* ``decode_attention`` — the decode step's attention of one token per sequence over the KV cache
-  (:mod:`bittern.kernels.attention`).
+* ``decode_attention`` — the decode step's rope, KV-cache write (in place) and attention of one token per
+  sequence (:mod:`bittern.kernels.attention`).
 
 Being custom ops with fake (meta) implementations, ``torch.compile`` keeps them as single nodes instead of
 breaking the graph (eager calls skip the dispatcher: :class:`_CustomOp`), and since none of them synchronises
@@ -73,9 +73,9 @@ class _CustomOp:
     kernels it launched took on the GPU, so the step waited on the host.
     """
 
-    def __init__(self, name: str, fn) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, name: str, fn, mutates_args: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
         self.impl = fn
-        self.op = torch.library.custom_op(name, fn, mutates_args=())
+        self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         functools.update_wrapper(self, fn)
 
     def register_fake(self, fake):  # type: ignore[no-untyped-def]
@@ -86,9 +86,10 @@ class _CustomOp:
         return (self.op if torch.compiler.is_compiling() else self.impl)(*args, **kwargs)
 
 
-def _custom_op(name: str):  # type: ignore[no-untyped-def]
-    """Decorator: ``fn`` registered as the functional custom op ``name`` (see :class:`_CustomOp`)."""
-    return lambda fn: _CustomOp(name, fn)
+def _custom_op(name: str, mutates_args: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    """Decorator: ``fn`` registered as the custom op ``name``, writing in place only ``mutates_args`` (see
+    :class:`_CustomOp`)."""
+    return lambda fn: _CustomOp(name, fn, mutates_args)
 
 
 def _nothing(like: torch.Tensor) -> torch.Tensor:
@@ -360,9 +361,13 @@ def _(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype):  # 
     return [xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype) for n in out_features]
 
 
-@_custom_op("bittern::decode_attention")
+@_custom_op("bittern::decode_attention", mutates_args=("keys", "values"))
 def decode_attention(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     slot: torch.Tensor,
@@ -370,14 +375,14 @@ def decode_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """Attention of one query slot per sequence over the KV cache (:func:`bittern.kernels.attention.decode_attention`):
-    ``[B, H_kv, G, D]``."""
+    """The decode step's rope, cache write (in place, into ``keys`` / ``values``) and attention
+    (:func:`bittern.kernels.attention.decode_attention`): ``[B, H_kv, G, D]``."""
     with _device_guard(q):
-        return attention.decode_attention(q, keys, values, slot, pad, scale, window)
+        return attention.decode_attention(q, k, v, cos, sin, keys, values, slot, pad, scale, window)
 
 
 @decode_attention.register_fake
-def _(q, keys, values, slot, pad, scale, window):  # type: ignore[no-untyped-def]
+def _(q, k, v, cos, sin, keys, values, slot, pad, scale, window):  # type: ignore[no-untyped-def]
     return torch.empty_like(q)
 
 
