@@ -222,6 +222,8 @@ class Decoder:
         sin = self.sin[positions][:, None]
         masks: dict[int | None, torch.Tensor] = {}
         groups = self.num_heads // self.num_kv_heads
+        # [B, D] tables of the decode kernel (one token per row), made once for every layer
+        rope_now = (cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()) if length == 1 else ()
         x = self.embed(input_ids)
         for index, layer in enumerate(self.layers):
             h = layer.input_norm(x)
@@ -238,8 +240,7 @@ class Decoder:
                     q.view(batch, self.num_kv_heads, groups, self.head_dim),  # the query heads of one KV head
                     k.view(batch, self.num_kv_heads, self.head_dim),
                     v.view(batch, self.num_kv_heads, self.head_dim),
-                    cos[:, 0, 0], sin[:, 0, 0], cache.keys[index], cache.values[index], slots, pad, layer.scaling,
-                    layer.sliding_window,
+                    *rope_now, cache.keys[index], cache.values[index], slots, pad, layer.scaling, layer.sliding_window,
                 )  # fmt: skip
             else:
                 out = self._attention(index, layer, q, k, v, cos, sin, slots, pad, cache, key_len, masks)
