@@ -237,9 +237,9 @@ class Decoder:
                 k = layer.k_norm(k)
             if length == 1 and kernels.decode_attention_applies(q):  # rope, cache write and attention: one kernel
                 out = kernels.decode_attention(
-                    q.view(batch, self.num_kv_heads, groups, self.head_dim),  # the query heads of one KV head
-                    k.view(batch, self.num_kv_heads, self.head_dim),
-                    v.view(batch, self.num_kv_heads, self.head_dim),
+                    q.reshape(batch, self.num_kv_heads, groups, self.head_dim),  # the query heads of one KV head
+                    k.reshape(batch, self.num_kv_heads, self.head_dim),
+                    v.reshape(batch, self.num_kv_heads, self.head_dim),
                     *rope_now, cache.keys[index], cache.values[index], slots, pad, layer.scaling, layer.sliding_window,
                 )  # fmt: skip
             else:
