@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import versions  # noqa: E402
 
+from bittern.engine.decoder import _rotate_half  # noqa: E402  (the decoder's own rope, as the engine ran it)
 from bittern.kernels import attention  # noqa: E402
 
 
@@ -60,11 +61,6 @@ def make_step(batch: int, kv_heads: int, groups: int, slots: int, dim: int, dtyp
         "keys": normal(batch, kv_heads, slots, dim),
         "values": normal(batch, kv_heads, slots, dim),
     }
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def torch_call(step: dict[str, torch.Tensor], slot: torch.Tensor, mask: torch.Tensor, scale: float) -> Callable:
