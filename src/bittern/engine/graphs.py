@@ -54,7 +54,9 @@ def rows_in_one_pass(limit: int = PERSISTENT_ROW_LIMIT) -> Iterator[None]:
     1024) loops over the row in pieces, once per reduction. A decode step has one row per sequence, so each of
     those kernels is a single program whose loops run one after another: on an H100 (BENCHMARKS.md) the 2B4T
     step's 120 norm-and-quantize kernels fell from about 6 to 4.6 µs each, the step from 1.80 to 1.64 ms. A block
-    that changes nothing where this torch's inductor has no choices handler."""
+    that changes nothing where this torch's inductor has no choices handler. The handler is not part of inductor's
+    FX-graph cache key: a step compiled and cached without it (by an older bittern) is loaded as it was, slower but
+    equal in value."""
     try:
         from torch._inductor.choices import InductorChoices
         from torch._inductor.runtime.hints import ReductionHint
