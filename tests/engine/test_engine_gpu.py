@@ -12,6 +12,7 @@ from engine_models import synthetic_tokens, tokenizer, trained_model
 
 from bittern.engine import Engine
 from bittern.engine.graphs import CudaGraphDecodeStep, EagerDecodeStep, rows_in_one_pass
+from bittern.engine.prefill import CudaGraphPrefill, EagerPrefill
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,6 +42,32 @@ def test_graph_replay_equals_the_eager_step(arch: str) -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             token = want.argmax(-1)
     assert list(graphed.graphs) == [3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "bitnet"])
+def test_graphed_prefill_equals_the_eager_one(arch: str, dtype: torch.dtype) -> None:
+    """One graph per (batch, bucket), replayed for new prompts with new padding: the eager forward's logits and
+    cache, bit for bit (the same kernels at the same shapes)."""
+    engine = _engine(arch, dtype)
+    graphed = CudaGraphPrefill(engine.decoder, engine.cache)
+    eager = EagerPrefill(engine.decoder, engine.cache)
+    assert graphed.length(11, 24) == 16 and graphed.length(100, 24) == 100  # 100 + 24 fits no bucket of 128
+    with torch.inference_mode():
+        for seed, pads in ((1, [0, 5, 9]), (2, [3, 0, 12]), (3, [0, 0, 0])):
+            ids = synthetic_tokens(3, 16, seed=seed).cuda()
+            pad = torch.tensor(pads, device="cuda")
+            want = eager(ids, pad).clone()
+            keys = engine.cache.keys[-1][:3, :, :16].clone()
+            engine.cache.keys[-1].zero_()  # the replay must write them again
+            got = graphed(ids, pad)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            torch.testing.assert_close(engine.cache.keys[-1][:3, :, :16], keys, rtol=0, atol=0)
+        assert list(graphed.graphs) == [(3, 16)]
+        graphed(synthetic_tokens(1, 16, seed=4).cuda(), torch.tensor([2], device="cuda"))
+        odd, no_pad = synthetic_tokens(1, 17, seed=5).cuda(), torch.tensor([0], device="cuda")
+        torch.testing.assert_close(graphed(odd, no_pad), eager(odd, no_pad))  # not a bucket: eager, no graph
+    assert sorted(graphed.graphs) == [(1, 16), (3, 16)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "bitnet"])

@@ -22,6 +22,7 @@ from torch import nn
 from bittern import devices
 from bittern.engine.decoder import Decoder, StaticKVCache
 from bittern.engine.graphs import CudaGraphDecodeStep, EagerDecodeStep
+from bittern.engine.prefill import CudaGraphPrefill, EagerPrefill
 from bittern.engine.sampling import Sampler, SamplingParams
 from bittern.engine.text import RowText
 from bittern.errors import ConfigError, MissingFileError
@@ -146,8 +147,9 @@ class Engine:
         tokenizer: its Hugging Face tokenizer (needed for text in and out; token ids work without one).
         max_batch: the most rows decoded together (larger requests run in chunks); sizes the KV cache.
         max_seq_len: the longest prompt + generation; default ``min(max_position_embeddings, 2048)``.
-        cuda_graph: on a CUDA device, capture the decode step in a CUDA graph per batch size (False: eager,
-            for debugging and comparison). Ignored on the CPU.
+        cuda_graph: on a CUDA device, capture the decode step in a CUDA graph per batch size, and the prompt's
+            forward per batch size and length bucket (:mod:`bittern.engine.prefill`; False: both eager, for
+            debugging and comparison). Ignored on the CPU.
         compile: with ``cuda_graph``, compile the decode step with ``torch.compile`` before capturing it (fuses
             the step's elementwise work; the first decode of a batch size then takes tens of seconds longer).
         source: the checkpoint directory the model came from (named in errors).
@@ -196,6 +198,7 @@ class Engine:
         self.pad_token_id = int(pad)
         self._cache: StaticKVCache | None = None
         self._step: EagerDecodeStep | CudaGraphDecodeStep | None = None
+        self._prefill: EagerPrefill | CudaGraphPrefill | None = None
 
     # --- state ----------------------------------------------------------------------------------------
 
@@ -205,6 +208,12 @@ class Engine:
         if self._cache is None:
             self._cache = self.decoder.new_cache(self.max_batch)
         return self._cache
+
+    def _prefill_runner(self) -> EagerPrefill | CudaGraphPrefill:
+        if self._prefill is None:
+            runner = CudaGraphPrefill if self.cuda_graph else EagerPrefill
+            self._prefill = runner(self.decoder, self.cache)
+        return self._prefill
 
     def _decode_step(self) -> EagerDecodeStep | CudaGraphDecodeStep:
         if self._step is None:
@@ -375,13 +384,15 @@ class Engine:
         callback: StreamCallback | None,
         ignore_eos: bool,
     ) -> GenerationResult:
-        batch, prompt_len = len(rows), max(len(row) for row in rows)
-        total = prompt_len + max_new_tokens
-        if total > self.max_seq_len:
+        batch, longest = len(rows), max(len(row) for row in rows)
+        if longest + max_new_tokens > self.max_seq_len:
             raise ConfigError(
-                f"the longest prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
                 f"max_seq_len ({self.max_seq_len})"
             )
+        prefill = self._prefill_runner()
+        prompt_len = prefill.length(longest, max_new_tokens)  # slots of the prompts: a graph's bucket, left-padded
+        total = prompt_len + max_new_tokens
         device = self.device
         pads = [prompt_len - len(row) for row in rows]
         padded = torch.tensor([[self.pad_token_id] * p + row for p, row in zip(pads, rows, strict=True)])
@@ -399,13 +410,11 @@ class Engine:
         ended = [False] * batch  # host side: a row that has ended gets no more text
         generated = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        cache = self.cache
         step = self._decode_step()
 
         self._sync()
         started = time.perf_counter()
-        slots = self.decoder.slots[:prompt_len]
-        logits = self.decoder.forward(input_ids, slots, pad, cache, prompt_len, last_only=True)[:, -1]
+        logits = prefill(input_ids, pad)
         token = sampler(logits, None if history is None else history[:, :prompt_len])
         self._sync()
         prefilled = time.perf_counter()

@@ -1,0 +1,121 @@
+"""The prompt's forward pass (prefill) — eagerly, or replayed from a CUDA graph per (batch, length bucket).
+
+Run eagerly, a prefill launches every kernel of every layer from Python: on an H100 the 2B4T shape spent some
+80-100 ms of host time on a 128-token prompt whose GPU work takes a few milliseconds (BENCHMARKS.md). The graphed
+prefill captures the whole forward once per batch size and *length bucket* and replays it.
+
+**Buckets.** A prompt of ``T`` tokens is left-padded to the smallest bucket ``L >= T`` (16, 24, 32, 48, 64, 96,
+128, … : powers of two and 1.5 times them, so at most a third of the slots are padding). Left padding is what the
+engine already does for rows of different lengths: padding slots sit before the row's first token, its positions
+start at 0 at its first real token, real tokens never attend to padding, and decoding continues at slot ``L``. So
+the padded prompt computes the same numbers for every real token — for ternary layers bit for bit, as activations
+are quantized per token and products are exact integers. A bucket that would not leave room for the new tokens in
+``max_seq_len`` is not used: such a prompt runs eagerly at its own length.
+
+**Memory.** All prefill graphs share one memory pool: they never run at the same time, and each one's logits are
+consumed (sampled) before the next prefill replays, so the pool holds about the largest bucket's activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bittern.engine.decoder import Decoder, StaticKVCache
+
+MIN_BUCKET = 16
+
+
+def bucket_lengths(limit: int) -> list[int]:
+    """The prefill buckets up to ``limit`` tokens, ascending: 16, 24, 32, 48, 64, … (``2^k`` and ``1.5 * 2^k``)."""
+    lengths: list[int] = []
+    size = MIN_BUCKET
+    while size <= limit:
+        lengths.append(size)
+        if size * 3 // 2 <= limit:
+            lengths.append(size * 3 // 2)
+        size *= 2
+    return lengths
+
+
+def bucket_length(prompt_len: int, new_tokens: int, max_seq_len: int) -> int | None:
+    """The bucket a ``prompt_len``-token prompt is padded to, or None when no bucket leaves room for ``new_tokens``
+    more in ``max_seq_len`` slots."""
+    for length in bucket_lengths(max_seq_len - new_tokens):
+        if length >= prompt_len:
+            return length
+    return None
+
+
+class EagerPrefill:
+    """The prompt's forward run eagerly, at the prompt's own length (CPU, or ``cuda_graph=False``)."""
+
+    def __init__(self, decoder: Decoder, cache: StaticKVCache) -> None:
+        self.decoder = decoder
+        self.cache = cache
+
+    def length(self, prompt_len: int, new_tokens: int) -> int:
+        """The slots the longest prompt of a batch takes: here its own length."""
+        return prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Feed left-padded prompts ``input_ids`` (int64 ``[B, L]``, ``pad`` int64 ``[B]`` padding slots per row)
+        into cache slots ``[0, L)``; returns the last slot's logits ``[B, V]`` in the model's dtype."""
+        length = input_ids.shape[1]
+        slots = self.decoder.slots[:length]
+        return self.decoder.forward(input_ids, slots, pad, self.cache, length, last_only=True)[:, -1]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor  # int64 [B, L], copied into before every replay
+    pad: torch.Tensor  # int64 [B]
+    logits: torch.Tensor  # [B, V], written by every replay
+
+
+class CudaGraphPrefill(EagerPrefill):
+    """The prompt's forward captured in a ``torch.cuda.CUDAGraph`` per (batch size, bucket), replayed per request.
+
+    A prompt that fits no bucket runs eagerly. The returned logits are the graph's output buffer: read them before
+    the next call.
+    """
+
+    def __init__(self, decoder: Decoder, cache: StaticKVCache) -> None:
+        super().__init__(decoder, cache)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def length(self, prompt_len: int, new_tokens: int) -> int:
+        """The bucket of ``prompt_len`` (see the module docstring), or ``prompt_len`` itself when none fits."""
+        bucket = bucket_length(prompt_len, new_tokens, self.cache.max_seq_len)
+        return prompt_len if bucket is None else bucket
+
+    def _capture(self, input_ids: torch.Tensor, pad: torch.Tensor) -> _Graph:
+        """Warm up on a side stream (lazy initialisation, kernel autotuning; it writes the cache slots the replay
+        writes, with the same values), then capture into the shared pool."""
+        g = _Graph(torch.cuda.CUDAGraph(), input_ids.clone(), pad.clone(), torch.empty(0))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            super().__call__(g.input_ids, g.pad)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(g.graph, pool=self.pool):
+            g.logits = super().__call__(g.input_ids, g.pad)
+        return g
+
+    def __call__(self, input_ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """As :meth:`EagerPrefill.__call__`, replayed from the graph of this (batch, length) when the length is a
+        bucket (captured on first use)."""
+        key = tuple(input_ids.shape)
+        if key[1] not in bucket_lengths(self.cache.max_seq_len):
+            return super().__call__(input_ids, pad)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(input_ids, pad)
+        else:
+            g.input_ids.copy_(input_ids)
+            g.pad.copy_(pad)
+        g.graph.replay()
+        return g.logits
