@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bittern.kernels import interpreter
+from bittern.kernels import interpreter, tuning
 
 # Triton 3.9's interpreter computes bf16 x bf16 dots (and int8 -> bf16 casts) wrongly: there the backward kernels
 # widen both operands to float32 after rounding them to the gradient's dtype, which leaves the products unchanged.
@@ -76,7 +76,7 @@ def _grouped_tile(pid, size0, size1, BLOCK0: tl.constexpr, BLOCK1: tl.constexpr,
     return tile0, tile1
 
 
-@triton.autotune(configs=_configs(_FORWARD_SHAPES, ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K"])
+@tuning.autotune(_configs(_FORWARD_SHAPES, ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
 def _forward_kernel(
@@ -115,7 +115,7 @@ def _forward_kernel(
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.autotune(configs=_configs(_BACKWARD_SHAPES, ("BM", "BK", "BN")), key=["M_BUCKET", "N", "K"])
+@tuning.autotune(_configs(_BACKWARD_SHAPES, ("BM", "BK", "BN")), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _grad_input_kernel(
     g_ptr, codes_ptr, s_ptr, gx_ptr, M, N, K, M_BUCKET, stride_gm, stride_cn, stride_xm,
@@ -148,7 +148,7 @@ def _grad_input_kernel(
     tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
-@triton.autotune(configs=_configs(_BACKWARD_SHAPES, ("BN", "BK", "BM")), key=["M_BUCKET", "N", "K"])
+@tuning.autotune(_configs(_BACKWARD_SHAPES, ("BN", "BK", "BM")), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _grad_weight_kernel(
     g_ptr, xq_ptr, a_ptr, gw_ptr, M, N, K, M_BUCKET, stride_gm, stride_xm, stride_wn,

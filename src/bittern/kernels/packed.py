@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from bittern import packing, quant
-from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers
+from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers, tuning
 from bittern.kernels.matmul import _rows
 from bittern.kernels.packed_gemm import _epilogue
 from bittern.kernels.quantizers import _round_half_even
@@ -253,8 +253,8 @@ def _decode_group_kernel(
 
 
 _PRUNE = {"early_config_prune": _fits_registers}
-_decode_tuned = triton.autotune(configs=_decode_configs(), key=["N", "K"], prune_configs_by=_PRUNE)(_decode_kernel)
-_decode_group_tuned = triton.autotune(configs=_decode_configs(), key=["N0", "N1", "N2", "K"], prune_configs_by=_PRUNE)(
+_decode_tuned = tuning.autotune(_decode_configs(), key=["N", "K"], prune_configs_by=_PRUNE)(_decode_kernel)
+_decode_group_tuned = tuning.autotune(_decode_configs(), key=["N0", "N1", "N2", "K"], prune_configs_by=_PRUNE)(
     _decode_group_kernel
 )
 

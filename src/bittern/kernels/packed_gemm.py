@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bittern.kernels import interpreter
+from bittern.kernels import interpreter, tuning
 from bittern.kernels.matmul import _rows
 
 SKINNY_MAX_M = 32
@@ -142,7 +142,7 @@ def _tile(
             bias_ptr, y_ptr, stride_ym, last, HAS_BIAS, PER_CHANNEL)  # fmt: skip
 
 
-@triton.autotune(configs=_configs(), key=["BM", "N0", "N1", "N2", "K"])
+@tuning.autotune(_configs(), key=["BM", "N0", "N1", "N2", "K"])
 @triton.jit(do_not_specialize=["M", "R0", "R1", "R2"])
 def _skinny_kernel(
     xq_ptr, a_ptr, w0_ptr, s0_ptr, b0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, ws_ptr, count_ptr,
