@@ -92,6 +92,16 @@ def test_stop_strings_cut_the_text(engine: Engine) -> None:
     assert stop in engine.tokenizer.decode(ids) and stop not in engine.tokenizer.decode(ids[:-1])
 
 
+def test_only_greedy_without_processors_may_take_the_argmax_as_it_is() -> None:
+    from bittern.engine.sampling import Sampler, SamplingParams
+
+    cpu = torch.device("cpu")
+    assert Sampler(SamplingParams(), cpu).plain_greedy
+    assert not Sampler(SamplingParams(repetition_penalty=1.3), cpu).plain_greedy
+    assert not Sampler(SamplingParams(temperature=0.7), cpu).plain_greedy
+    assert Sampler(SamplingParams(repetition_penalty=1.0), cpu).plain_greedy
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(engine: Engine) -> None:
     prompts = _prompts([6, 11])
     greedy = engine.generate_ids(prompts, NEW, ignore_eos=True).token_ids

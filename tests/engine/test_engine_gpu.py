@@ -40,6 +40,7 @@ def test_graph_replay_equals_the_eager_step(arch: str) -> None:
             want = eager(token, 12 + step, pad).clone()
             got = graphed(token, 12 + step, pad).clone()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert eager.last_argmax is None and torch.equal(graphed.last_argmax, got.argmax(-1))
             token = want.argmax(-1)
     assert list(graphed.graphs) == [3]
 
@@ -79,6 +80,13 @@ def test_generation_with_and_without_graphs_agrees(arch: str) -> None:
     again = _engine(arch, torch.float32)
     for prompt, ids in zip(prompts, graphed.token_ids, strict=True):  # batch 1: another graph, same tokens
         assert again.generate_ids([prompt], 24, ignore_eos=True).token_ids[0] == ids
+    # with a repetition penalty the graph's own argmax must not be taken
+    penalized = again.generate_ids(prompts, 24, repetition_penalty=3.0, ignore_eos=True)
+    assert penalized.token_ids != graphed.token_ids
+    eager_penalized = _engine(arch, torch.float32, cuda_graph=False).generate_ids(
+        prompts, 24, repetition_penalty=3.0, ignore_eos=True
+    )
+    assert penalized.token_ids == eager_penalized.token_ids
 
 
 @pytest.mark.parametrize("arch", ["llama", "bitnet"])

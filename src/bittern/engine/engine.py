@@ -436,7 +436,10 @@ class Engine:
             if index + 1 == max_new_tokens:
                 break
             logits = step(token, prompt_len + index, pad)
-            token = sampler(logits, None if history is None else history[:, : prompt_len + index + 1])
+            if sampler.plain_greedy and step.last_argmax is not None:  # computed inside the step's graph
+                token = step.last_argmax
+            else:
+                token = sampler(logits, None if history is None else history[:, : prompt_len + index + 1])
         self._sync()
         decoded = time.perf_counter()
         steps_done = index + 1

@@ -84,6 +84,8 @@ class EagerDecodeStep:
     def __init__(self, decoder: Decoder, cache: StaticKVCache) -> None:
         self.decoder = decoder
         self.cache = cache
+        self.last_argmax: torch.Tensor | None = None
+        """The greedy token of every row from the last call, where the step computes it (here: never)."""
 
     def __call__(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (int64 ``[B]``) at cache slot ``slot``; returns the next-token logits ``[B, V]``.
@@ -103,12 +105,16 @@ class _Graph:
     slot: torch.Tensor  # int64 [1]
     pad: torch.Tensor  # int64 [B]
     logits: torch.Tensor  # [B, V], written by every replay
+    argmax: torch.Tensor  # int64 [B], the logits' argmax, written by every replay
 
 
 class CudaGraphDecodeStep:
     """The decode step captured in a ``torch.cuda.CUDAGraph`` per batch size, replayed per token.
 
-    The returned logits are the graph's output buffer: read (or copy) them before the next call.
+    The returned logits are the graph's output buffer: read (or copy) them before the next call. The graph also
+    computes their argmax (:attr:`last_argmax`, the greedy token): compiled with the step, it is a reduction split
+    across the GPU, where ``argmax`` called on the logits afterwards runs one program per row (27.5 µs over the
+    128256-entry vocabulary of 2B4T on an H100, 2% of a step).
     """
 
     WARMUP_RUNS = 2
@@ -121,10 +127,21 @@ class CudaGraphDecodeStep:
         # each a few microseconds even inside a graph) fuses into a few kernels per layer; the ternary layers stay
         # single custom-op kernels. Compilation happens in the first warm-up, before capture.
         self.compiled = compile
-        self._forward = torch.compile(decoder.forward, dynamic=False) if compile else decoder.forward
+        self._forward = torch.compile(self._step, dynamic=False) if compile else self._step
+        self.last_argmax: torch.Tensor | None = None
+        """The greedy token (int64 ``[B]``) of every row from the last call: a graph output buffer, like the
+        logits."""
 
-    def _run(self, g: _Graph) -> torch.Tensor:
-        return self._forward(g.tokens, g.slot, g.pad, self.cache, self.cache.max_seq_len)[:, 0]
+    def _step(
+        self, tokens: torch.Tensor, slot: torch.Tensor, pad: torch.Tensor, cache: StaticKVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next-token logits ``[B, V]`` of ``tokens`` ``[B, 1]`` at cache slot ``slot`` ``[1]``, and their argmax
+        ``[B]`` (in float32, as :class:`~bittern.engine.sampling.Sampler` takes it)."""
+        logits = self.decoder.forward(tokens, slot, pad, cache, cache.max_seq_len)[:, 0]
+        return logits, logits.float().argmax(dim=-1)
+
+    def _run(self, g: _Graph) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._forward(g.tokens, g.slot, g.pad, self.cache)
 
     def _warm_up(self, g: _Graph) -> None:
         """Run the step on a side stream (lazy initialisation, compilation, autotuning, allocator) with the step's
@@ -141,7 +158,7 @@ class CudaGraphDecodeStep:
                 warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: {error}); "
                               "capturing the uncompiled step", stacklevel=3)  # fmt: skip
                 self.compiled = False
-                self._forward = self.decoder.forward
+                self._forward = self._step
             for _ in range(self.WARMUP_RUNS):
                 self._run(g)
         torch.cuda.current_stream().wait_stream(stream)
@@ -154,11 +171,12 @@ class CudaGraphDecodeStep:
             slot=torch.full((1,), slot, dtype=torch.long, device=tokens.device),
             pad=pad.clone(),
             logits=torch.empty(0),
+            argmax=torch.empty(0),
         )
         with dependent_launches(tokens.device), rows_in_one_pass():
             self._warm_up(g)
             with torch.cuda.graph(g.graph):  # a private memory pool per graph: they replay in any order
-                g.logits = self._run(g)
+                g.logits, g.argmax = self._run(g)
         self.graphs[batch] = g
         return g
 
@@ -172,4 +190,5 @@ class CudaGraphDecodeStep:
             g.slot.fill_(slot)
             g.pad.copy_(pad)
         g.graph.replay()
+        self.last_argmax = g.argmax
         return g.logits

@@ -81,6 +81,11 @@ class Sampler:
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(int(params.seed))
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the next token is the logits' argmax, nothing applied first (greedy, no repetition penalty)."""
+        return self.params.greedy and not len(self.processors)
+
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         """The next token of every row.
 
