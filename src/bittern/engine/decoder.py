@@ -222,8 +222,7 @@ class Decoder:
         sin = self.sin[positions][:, None]
         masks: dict[int | None, torch.Tensor] = {}
         groups = self.num_heads // self.num_kv_heads
-        # [B, D] tables of the decode kernel (one token per row), made once for every layer
-        rope_now = (cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()) if length == 1 else ()
+        rope_now: tuple[torch.Tensor, torch.Tensor] | None = None  # the decode kernel's [B, D] tables, made once
         x = self.embed(input_ids)
         for index, layer in enumerate(self.layers):
             h = layer.input_norm(x)
@@ -236,6 +235,8 @@ class Decoder:
             if layer.k_norm is not None:
                 k = layer.k_norm(k)
             if length == 1 and kernels.decode_attention_applies(q):  # rope, cache write and attention: one kernel
+                if rope_now is None:
+                    rope_now = (cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous())
                 out = kernels.decode_attention(
                     q.reshape(batch, self.num_kv_heads, groups, self.head_dim),  # the query heads of one KV head
                     k.reshape(batch, self.num_kv_heads, self.head_dim),
