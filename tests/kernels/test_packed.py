@@ -245,19 +245,25 @@ def test_static_weights_asks_for_dependent_launch_only_where_it_exists() -> None
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
-def test_dependent_launches_replay_from_a_cuda_graph() -> None:
-    # a chain of decode kernels, each reading the output of the one before: the waits must order them
+@pytest.mark.parametrize("tokens", [1, 9])  # the decode kernel; the split-K product (its workspace shared)
+def test_dependent_launches_replay_from_a_cuda_graph(tokens: int) -> None:
+    # a chain of products, each reading the output of the one before, and beside each a second split-K product
+    # of a fixed input reusing the workspace the first just left: the waits must order them
     generator = torch.Generator().manual_seed(4)
     layers = [quant.ternarize(torch.randn(256, 256, generator=generator) * 0.02) for _ in range(6)]
     weights = [(packing.pack_ternary_rows(c).to(DEVICE), s.to(DEVICE)) for c, s in layers]
-    x = torch.randn(1, 256, generator=generator).to(DEVICE)
+    x = torch.randn(tokens, 256, generator=generator).to(DEVICE)
+    xq, act_scale = quant.quantize_activations(torch.randn(12, 256, generator=generator).to(DEVICE))
 
-    def chain(h: torch.Tensor) -> torch.Tensor:
+    def chain(h: torch.Tensor) -> list[torch.Tensor]:
+        beside = []
         for w, s in weights:
-            h = packed.decode_linear(h, w, 256, s, None, torch.float32)
-        return h
+            h = packed.packed_linear(h, w, 256, s, None, torch.float32)
+            beside += packed.quantized_products(xq, act_scale, [w], [256], [s], None, torch.float32)
+        return [h, *beside]
 
     expected = chain(x)
+    assert torch.equal(expected[0], _reference_chain(x, layers))
     with packed.static_weights():
         chain(x)  # compiles outside the capture
         torch.cuda.synchronize()
@@ -267,7 +273,13 @@ def test_dependent_launches_replay_from_a_cuda_graph() -> None:
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, expected)
+        assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
+
+
+def _reference_chain(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    for codes, scale in layers:
+        x = quant.integer_linear(x, codes.to(x.device), scale.to(x.device))
+    return x
 
 
 @pytest.mark.parametrize("shape", [(1, 37, 72), (3, 130, 36), (4, 8, 16)])

@@ -305,10 +305,16 @@ def _supports_dependent_launch(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch now (inside
+    :func:`static_weights`, on a GPU that has it, not under the interpreter)."""
+    return (getattr(_static_weights, "on", False) and not interpreter.active()
+            and _supports_dependent_launch(device))  # fmt: skip
+
+
 def _decode_flags(k: int, per_channel: bool, device: torch.device) -> dict:
     """The decode kernels' compile-time flags for inputs of ``k`` features on ``device``."""
-    dependent = (getattr(_static_weights, "on", False) and not interpreter.active()
-                 and _supports_dependent_launch(device))  # fmt: skip
+    dependent = _dependent_launch(device)
     words = k // 4
     main = 1 << (words.bit_length() - 1)  # the largest power of two <= words (K > 0)
     return dict(K=k, KW0=main, KW1=triton.next_power_of_2(max(words - main, 1)), EPS=quant.EPS, PER_CHANNEL=per_channel,
@@ -484,7 +490,9 @@ def _quantized_products(
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     if xq.numel() // max(xq.shape[-1], 1) <= packed_gemm.SKINNY_MAX_M:
-        return packed_gemm.skinny_gemm(xq, act_scale, packed, out_features, scales, bias, out_dtype)
+        return packed_gemm.skinny_gemm(
+            xq, act_scale, packed, out_features, scales, bias, out_dtype, dependent_launch=_dependent_launch(xq.device)
+        )
     return [
         matmul.int8_ternary_linear(xq, act_scale, unpack(w, n), s, bias if i == 0 else None, out_dtype)
         for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))

@@ -80,7 +80,8 @@ def _finish(acc, ws, cell, rm, n, m_ok, n_ok, act_scale, s_ptr, bias_ptr, y_ptr,
     """If ``last``: the tile's whole sum (the workspace's, swapped for zeros, plus ``acc``) through
     :func:`_epilogue`."""
     if last:
-        total = tl.atomic_xchg(ws + cell, tl.zeros_like(acc), sem="relaxed") + acc
+        live = tl.broadcast_to(m_ok[:, None], acc.shape)
+        total = tl.atomic_xchg(ws + cell, tl.zeros_like(acc), mask=live, sem="relaxed") + acc
         _epilogue(total, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
 
 
@@ -89,7 +90,7 @@ def _tile(
     xq_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, R, K, stride_xm, stride_wr, stride_ym,
     block, tile, split, SPLITS,
     HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    ITERS: tl.constexpr,
+    ITERS: tl.constexpr, USE_GDC: tl.constexpr,
 ):  # fmt: skip
     """Byte rows ``[block * BR, +BR)`` of one layer, every token, ``K`` slice ``split``; ``tile`` indexes the
     workspace and counter across the launch's layers."""
@@ -103,10 +104,20 @@ def _tile(
     acc1 = tl.zeros((BM, BR), dtype=tl.int32)
     acc2 = tl.zeros((BM, BR), dtype=tl.int32)
     acc3 = tl.zeros((BM, BR), dtype=tl.int32)
+    # the first tile of weights depends on no earlier kernel: under programmatic dependent launch its load is in
+    # flight while the kernel before this one finishes
+    k_first = split * ITERS * BK + rk
+    b_first = tl.load(w_rows + k_first[None, :], mask=k_first[None, :] < K, other=0)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()  # the activations, the workspace and the output may be the previous kernel's
+        tl.extra.cuda.gdc_launch_dependents()
     for i in tl.static_range(ITERS):
         k = (split * ITERS + i) * BK + rk
         k_ok = k < K
-        b = tl.load(w_rows + k[None, :], mask=k_ok[None, :], other=0)
+        if i == 0:
+            b = b_first
+        else:
+            b = tl.load(w_rows + k[None, :], mask=k_ok[None, :], other=0)
         x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)  # zero: no product
         acc0 = tl.dot(x, tl.trans(_codes(b, 0)), acc0, out_dtype=tl.int32)
         acc1 = tl.dot(x, tl.trans(_codes(b, 1)), acc1, out_dtype=tl.int32)
@@ -117,10 +128,12 @@ def _tile(
     cell = rm[:, None] * BR + tl.arange(0, BR)[None, :]
     last = split >= 0  # (true) a lone program finishes its own tile
     if SPLITS > 1:
-        tl.atomic_add(ws + cell, acc0, sem="relaxed")
-        tl.atomic_add(ws + BM * BR + cell, acc1, sem="relaxed")
-        tl.atomic_add(ws + 2 * BM * BR + cell, acc2, sem="relaxed")
-        tl.atomic_add(ws + 3 * BM * BR + cell, acc3, sem="relaxed")
+        # only the real tokens' rows: the padding rows of the workspace stay zero, untouched
+        live = tl.broadcast_to(m_ok[:, None], (BM, BR))
+        tl.atomic_add(ws + cell, acc0, mask=live, sem="relaxed")
+        tl.atomic_add(ws + BM * BR + cell, acc1, mask=live, sem="relaxed")
+        tl.atomic_add(ws + 2 * BM * BR + cell, acc2, mask=live, sem="relaxed")
+        tl.atomic_add(ws + 3 * BM * BR + cell, acc3, mask=live, sem="relaxed")
         # release our sums, acquire the others'; the last to arrive finishes the tile and resets its counter
         done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         last = done == SPLITS - 1
@@ -147,7 +160,7 @@ def _tile(
 def _skinny_kernel(
     xq_ptr, a_ptr, w0_ptr, s0_ptr, b0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, ws_ptr, count_ptr,
     M, N0, R0, N1, R1, N2, R2, K, stride_xm, stride_wr,
-    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr, USE_GDC: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, ITERS: tl.constexpr,
 ):  # fmt: skip
     # one to three layers of one input in one launch (q/k/v, gate/up): the first blocks of byte rows belong to
@@ -159,13 +172,14 @@ def _skinny_kernel(
     blocks1 = tl.cdiv(R1, BR)
     if block < blocks0:
         _tile(xq_ptr, a_ptr, w0_ptr, s0_ptr, b0_ptr, y0_ptr, ws_ptr, count_ptr, M, N0, R0, K, stride_xm, stride_wr,
-              N0, block, block, split, splits, HAS_BIAS, PER_CHANNEL, BM, BR, BK, ITERS)  # fmt: skip
+              N0, block, block, split, splits, HAS_BIAS, PER_CHANNEL, BM, BR, BK, ITERS, USE_GDC)  # fmt: skip
     elif block < blocks0 + blocks1:
         _tile(xq_ptr, a_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, ws_ptr, count_ptr, M, N1, R1, K, stride_xm, stride_wr,
-              N1, block - blocks0, block, split, splits, False, PER_CHANNEL, BM, BR, BK, ITERS)  # fmt: skip
+              N1, block - blocks0, block, split, splits, False, PER_CHANNEL, BM, BR, BK, ITERS, USE_GDC)  # fmt: skip
     else:
         _tile(xq_ptr, a_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, ws_ptr, count_ptr, M, N2, R2, K, stride_xm, stride_wr,
-              N2, block - blocks0 - blocks1, block, split, splits, False, PER_CHANNEL, BM, BR, BK, ITERS)  # fmt: skip
+              N2, block - blocks0 - blocks1, block, split, splits, False, PER_CHANNEL, BM, BR, BK, ITERS,
+              USE_GDC)  # fmt: skip
 
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -197,6 +211,7 @@ def skinny_gemm(
     scales: list[torch.Tensor],
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    dependent_launch: bool = False,
 ) -> list[torch.Tensor]:
     """``(xq @ codes_iᵀ) * s_i * a / 127 (+ bias)`` for one to three layers of the same int8 input, one launch.
 
@@ -208,6 +223,9 @@ def skinny_gemm(
             per row.
         bias: ``[N_0]`` for the first layer, or None (only a single layer may have one).
         out_dtype: dtype of the results.
+        dependent_launch: launch with programmatic dependent launch (Hopper; the caller promises that no queued
+            kernel writes the packed weights, see :func:`bittern.kernels.packed.static_weights`): the first tile of
+            weights is loaded while the kernel before finishes.
 
     Returns:
         One ``[..., N_i]`` tensor per layer in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` of that
@@ -241,7 +259,8 @@ def skinny_gemm(
             x2, act_scale.reshape(-1).contiguous(), words[0], scales[0], bias if bias is not None else scales[0],
             ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2], ws, counters,
             m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], k, x2.stride(0), words[0].stride(0),
-            HAS_BIAS=bias is not None, PER_CHANNEL=scales[0].numel() != 1, BM=bm,
+            HAS_BIAS=bias is not None, PER_CHANNEL=scales[0].numel() != 1, BM=bm, USE_GDC=dependent_launch,
+            **({"launch_pdl": True} if dependent_launch else {}),
         )  # fmt: skip
     else:
         for y in ys[:count]:
