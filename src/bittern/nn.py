@@ -269,11 +269,35 @@ class _PackedCodes:
         return kernels.unpack_codes(self.packed, self.rows)
 
 
-def project(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+def project(
+    x: torch.Tensor, layers: list[nn.Module], quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]``, with bias-free :class:`TernaryLinear` layers of one input (q/k/v,
     gate/up) decoded in one kernel launch where :func:`bittern.kernels.packed_linear_group` applies: the same
-    numbers, fewer launches."""
+    numbers, fewer launches.
+
+    ``quantized``: ``x``'s per-token int8 quantization made beforehand, ``(xq, a)`` as
+    :func:`bittern.quant.quantize_activations` gives it (e.g. by :func:`bittern.kernels.rms_norm` with the norm that
+    made ``x``): one to three packed layers (only a lone one with a bias) then take it and skip quantizing ``x``
+    again; any other layers ignore it.
+    """
     needs_grad = torch.is_grad_enabled() and x.requires_grad  # then each layer's own forward (and backward)
+    if (
+        quantized is not None
+        and not needs_grad
+        and 1 <= len(layers) <= 3
+        and all(isinstance(la, TernaryLinear) for la in layers)
+        and (len(layers) == 1 or all(la.bias is None for la in layers))
+        and len({la.weight_scale.numel() != 1 for la in layers}) == 1
+    ):
+        return kernels.packed_quantized(
+            *quantized,
+            [layer.packed_weight for layer in layers],
+            [layer.out_features for layer in layers],
+            [layer.weight_scale for layer in layers],
+            layers[0].bias,
+            kernels.output_dtype(x),
+        )
     if len(layers) > 1 and not needs_grad and all(isinstance(la, TernaryLinear) and la.bias is None for la in layers):
         return kernels.packed_linear_group(
             x,

@@ -213,7 +213,7 @@ def integer_linear(
         ``[..., N]`` in ``out_dtype``.
     """
     xq, act_scale = quantize_activations(x)
-    return _linear_from_integers(xq, act_scale, codes, scale, bias).to(out_dtype or x.dtype)
+    return linear_from_integers(xq, act_scale, codes, scale, bias).to(out_dtype or x.dtype)
 
 
 class _FrozenTernaryLinearSTE(torch.autograd.Function):
@@ -246,7 +246,7 @@ def frozen_ternary_linear(
     return _FrozenTernaryLinearSTE.apply(x, codes, scale, bias, out_dtype or x.dtype)
 
 
-def _linear_from_integers(
+def linear_from_integers(
     xq: torch.Tensor, act_scale: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """float32 ``(xq @ codes^T) * s * a / 127 + bias``: the one place the integer output is formed."""
@@ -266,7 +266,7 @@ class _TernaryLinearSTE(torch.autograd.Function):
     def forward(ctx, x, weight, bias, per_channel, out_dtype):  # type: ignore[override]
         codes, scale = ternarize(weight, per_channel)
         xq, act_scale = quantize_activations(x)
-        y = _linear_from_integers(xq, act_scale, codes, scale, bias)
+        y = linear_from_integers(xq, act_scale, codes, scale, bias)
         ctx.save_for_backward(xq, act_scale, codes, scale)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y.to(out_dtype)

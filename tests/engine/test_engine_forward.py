@@ -189,3 +189,23 @@ def test_decode_steps_on_the_attention_kernel_equal_the_masked_attention(monkeyp
             assert _relative_error(got, want) <= 1e-5
             token = want[:, -1].argmax(-1, keepdim=True)
     assert len(calls) == 4 * model.config.num_hidden_layers
+
+
+@pytest.mark.skipif(not bittern.kernels.triton_available(), reason="needs Triton")
+def test_prompt_forward_on_the_fused_norms_matches_the_model(trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the Triton backend (interpreter here) every norm of the prompt's forward is one fused kernel that also
+    quantizes the input of the packed layers after it: the logits must still meet the float32 thresholds."""
+    from bittern import kernels
+
+    arch, model, ids, ref = trained
+    quantizing = []
+    fused = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *args: quantizing.append(args[4]) or fused(*args))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need a GPU, or the interpreter on CPU
+    engine = Engine(copy.deepcopy(model).to(device), max_seq_len=128)
+    with kernels.use_backend("triton"):
+        out = engine.logits(ids[:2, :32].to(device)).cpu()
+    assert _relative_error(out, ref[:2, :32]) <= 1e-3 and _argmax_agreement(out, ref[:2, :32]) >= 0.995
+    norms_per_block = 4 if arch == "bitnet" else 2  # BitNet adds a norm before o_proj and before down_proj
+    blocks = model.config.num_hidden_layers
+    assert quantizing == ([True] * norms_per_block) * blocks + [False]  # the LM head is not packed

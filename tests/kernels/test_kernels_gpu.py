@@ -40,7 +40,7 @@ def test_quantizers_and_forward_are_bit_identical(shape: tuple[int, int, int]) -
             assert torch.equal(scale, ref_scale) and torch.equal(codes, ref_codes), (dtype, per_channel)
             bias = _randn(n, seed=1)
             y = matmul.int8_ternary_linear(xq, act_scale, codes, scale, bias, torch.float32)
-            assert torch.equal(y, quant._linear_from_integers(xq, act_scale, codes, scale, bias)), (dtype, per_channel)
+            assert torch.equal(y, quant.linear_from_integers(xq, act_scale, codes, scale, bias)), (dtype, per_channel)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -36,10 +36,10 @@ def test_forward_is_bit_identical_to_the_integer_reference(shape: tuple[int, int
     xq, act_scale, codes, scale, bias = _operands(*shape, per_channel, seed=sum(shape))
     for b in (bias, None):
         y = matmul.int8_ternary_linear(xq, act_scale, codes, scale, b, torch.float32)
-        assert torch.equal(y, quant._linear_from_integers(xq, act_scale, codes, scale, b))
+        assert torch.equal(y, quant.linear_from_integers(xq, act_scale, codes, scale, b))
     y16 = matmul.int8_ternary_linear(xq, act_scale, codes, scale, bias, torch.bfloat16)
     assert y16.dtype == torch.bfloat16
-    assert torch.equal(y16, quant._linear_from_integers(xq, act_scale, codes, scale, bias).to(torch.bfloat16))
+    assert torch.equal(y16, quant.linear_from_integers(xq, act_scale, codes, scale, bias).to(torch.bfloat16))
 
 
 def test_forward_keeps_leading_dimensions() -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from bittern import kernels
 from bittern.errors import ConfigError
-from bittern.nn import project
+from bittern.nn import TernaryLinear, project
 
 SUPPORTED_MODEL_TYPES = ("llama", "bitnet", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose decoder layer :class:`Decoder` reproduces."""
@@ -101,6 +101,35 @@ def _sliding_window(config, index: int) -> int | None:
     if getattr(config, "use_sliding_window", True) is False:
         return None
     return window
+
+
+_HF_RMS_NORMS = frozenset({"LlamaRMSNorm", "BitNetRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+"""Hugging Face norm classes whose forward is ``LlamaRMSNorm``'s (``weight``, ``variance_epsilon``): the ones
+:func:`bittern.kernels.rms_norm` computes."""
+
+
+def _norm(
+    norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, consumers: list[nn.Module]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``s = x + delta`` (``x`` when ``delta`` is None), ``norm(s)`` and, when every one of ``consumers`` (the layers
+    reading the norm's output) is a packed ternary layer, the output's int8 quantization for them:
+    ``(s, normed, quantized or None)``.
+
+    On the Triton backend, outside torch.compile, a Hugging Face RMSNorm is one fused kernel
+    (:func:`bittern.kernels.rms_norm`: the add, the norm and the quantization in one pass; the eager prompt forward
+    would otherwise launch seven or more kernels). Elsewhere the module itself runs: under torch.compile inductor
+    fuses the same work, and the traced graph stays the model's own."""
+    fused = (
+        type(norm).__name__ in _HF_RMS_NORMS
+        and not torch.compiler.is_compiling()
+        and kernels.uses_triton(x)
+        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))  # kernels: no autograd
+    )
+    if fused:
+        quantize = all(isinstance(layer, TernaryLinear) for layer in consumers)
+        return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, delta, quantize)
+    summed = x if delta is None else x + delta
+    return summed, norm(summed), None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -224,9 +253,11 @@ class Decoder:
         groups = self.num_heads // self.num_kv_heads
         rope_now: tuple[torch.Tensor, torch.Tensor] | None = None  # the decode kernel's [B, D] tables, made once
         x = self.embed(input_ids)
+        pending: torch.Tensor | None = None  # the last block's output, added into x by the next norm
         for index, layer in enumerate(self.layers):
-            h = layer.input_norm(x)
-            q, k, v = project(h, [layer.q_proj, layer.k_proj, layer.v_proj])  # one launch when they are packed
+            qkv = [layer.q_proj, layer.k_proj, layer.v_proj]
+            x, h, quantized = _norm(layer.input_norm, x, pending, qkv)
+            q, k, v = project(h, qkv, quantized)  # one launch when they are packed
             q = q.view(batch, length, self.num_heads, self.head_dim)
             k = k.view(batch, length, self.num_kv_heads, self.head_dim)
             v = v.view(batch, length, self.num_kv_heads, self.head_dim)
@@ -246,18 +277,22 @@ class Decoder:
             else:
                 out = self._attention(index, layer, q, k, v, cos, sin, slots, pad, cache, key_len, masks)
             out = out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
+            quantized = None
             if layer.attn_sub_norm is not None:
-                out = layer.attn_sub_norm(out)
-            x = x + layer.o_proj(out)
-            h = layer.post_norm(x)
-            gate, up = project(h, [layer.gate_proj, layer.up_proj])
+                _, out, quantized = _norm(layer.attn_sub_norm, out, None, [layer.o_proj])
+            attended = project(out, [layer.o_proj], quantized)[0]
+            gate_up = [layer.gate_proj, layer.up_proj]
+            x, h, quantized = _norm(layer.post_norm, x, attended, gate_up)
+            gate, up = project(h, gate_up, quantized)
             h = layer.act(gate) * up
+            quantized = None
             if layer.ffn_sub_norm is not None:
-                h = layer.ffn_sub_norm(h)
-            x = x + layer.down_proj(h)
+                _, h, quantized = _norm(layer.ffn_sub_norm, h, None, [layer.down_proj])
+            pending = project(h, [layer.down_proj], quantized)[0]
         if last_only:
             x = x[:, -1:]
-        return self.head(self.norm(x))
+            pending = None if pending is None else pending[:, -1:]
+        return self.head(_norm(self.norm, x, pending, [self.head])[1])
 
     def _attention(
         self,

@@ -228,6 +228,53 @@ def packed_linear_group(
     ]
 
 
+def packed_quantized(
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    packed_weights: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """The packed product of an input quantized beforehand: int8 ``xq`` ``[..., K]`` and its float32 scales
+    ``[..., 1]`` (:func:`bittern.quant.quantize_activations`, or :func:`rms_norm` with ``quantize``); one layer
+    (its bias allowed) or two or three bias-free layers. One ``[..., N_i]`` per layer in ``out_dtype``, equal to
+    :func:`packed_linear` of the unquantized input bit for bit. Triton backend: one launch for the group; reference:
+    each layer from its unpacked codes."""
+    if uses_triton(xq):
+        return _ops().packed_quantized(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype)
+    return [
+        quant.linear_from_integers(xq, act_scale, packing.unpack_ternary_rows(w, n), s, bias if i == 0 else None).to(
+            out_dtype
+        )
+        for i, (w, n, s) in enumerate(zip(packed_weights, out_features, scales, strict=True))
+    ]
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    quantize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Residual add, a Hugging Face ``LlamaRMSNorm``'s forward and, with ``quantize``, the per-token int8
+    quantization of its output: ``(s, y, (yq, a) or None)`` with ``s = x + residual`` (``x`` if None),
+    ``y = weight * (s_f32 * rsqrt(mean(s_f32²) + eps)).to(s.dtype)``, ``(yq, a) = quantize_activations(y)``.
+    ``x`` ``[..., D]``; ``y`` in ``promote_types(weight.dtype, x.dtype)``. On the Triton backend (outside
+    torch.compile) one kernel (:mod:`bittern.kernels.norms`); else PyTorch, the module's own formula."""
+    if not torch.compiler.is_compiling() and uses_triton(x):
+        from bittern.kernels import norms
+
+        if norms.applies(x):
+            return norms.rms_norm(x, weight, eps, residual, quantize)
+    summed = x if residual is None else x + residual
+    s32 = summed.to(torch.float32)
+    y = weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(summed.dtype)
+    return summed, y, quant.quantize_activations(y) if quantize else None
+
+
 def decode_attention_applies(q: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` runs on ``q`` ``[B, H_kv, G, D]``: the Triton backend, a head dimension that
     is a power of two of at least 16, and no gradient wanted."""
