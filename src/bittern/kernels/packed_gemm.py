@@ -13,7 +13,9 @@ programs issue their loads at once. Each adds its int32 partial sums into a work
 sums are exact in any order, so the result stays bit-identical — then counts itself done on its tile's counter;
 the last program of a tile reads the sums (swapping zeros in), runs the epilogue and resets the counter. The
 workspace and counters are zero between launches, so the kernel needs no memset and can be captured in a CUDA
-graph. Launches on one device must not run concurrently on two streams (they share the workspace).
+graph. Launches on one device must not run concurrently on two streams (they share the workspace). Under
+programmatic dependent launch (:func:`bittern.kernels.packed.static_weights`, Hopper) a program loads its first
+tile of weights, then waits for the kernel before it, before it reads the activations or touches the workspace.
 
 The epilogue is the reference's, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the result
 equals :func:`bittern.quant.integer_linear` bit for bit. Tiles are autotuned per (tokens, N, K).
