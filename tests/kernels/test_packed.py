@@ -15,8 +15,10 @@ from bittern.kernels import interpreter, packed
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (tokens M, outputs N, inputs K); the decode kernel needs K % 4 == 0
 DECODE_SHAPES = [(1, 1, 4), (1, 10, 40), (3, 64, 100), (4, 37, 72), (2, 130, 36)]
-# up to 32 tokens the split-K product (K = 200: four slices of K under the interpreter's tile), beyond unpack + GEMM
-PREFILL_SHAPES = [(17, 10, 40), (40, 50, 96), (65, 33, 17), (2, 9, 30), (33, 150, 70), (9, 70, 200), (32, 5, 12)]
+# up to 32 tokens the split-K product (K = 200: four slices of K under the interpreter's tile), up to 256 the product
+# of packed_prefill, beyond unpack + GEMM
+PREFILL_SHAPES = [(17, 10, 40), (40, 50, 96), (65, 33, 17), (2, 9, 30), (33, 150, 70), (9, 70, 200), (32, 5, 12),
+                  (257, 21, 40)]  # fmt: skip
 # forced tile choices: wide and narrow byte-row blocks, one to four warps
 DECODE_CONFIGS = [{"BR": 2}, {"BR": 4, "num_warps": 2}, {"BR": 16}, {"BR": 1, "num_warps": 1}]
 
@@ -305,7 +307,7 @@ def test_prequantized_input_is_checked() -> None:
         packed.decode_linear(xq, weight, 8, scale, None, torch.float32, act_scale=act_scale[:1])
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 40])  # the decode kernel, the split-K product, unpack + GEMM
+@pytest.mark.parametrize("tokens", [1, 16, 40, 260])  # decode kernel, split-K, packed_prefill, unpack + GEMM
 def test_compiled_products_quantize_in_traced_code_and_agree(tokens: int) -> None:
     # under torch.compile the input is quantized by traced PyTorch (inductor fuses it into the producer of x) and
     # the kernels take it as int8: the results must not change by a bit

@@ -19,10 +19,11 @@
   kernel before it finishes.
 * :func:`prefill_linear` (everything else): the activations quantized by
   :func:`bittern.kernels.quantizers.quantize_activations`; then, up to 32 tokens (a batch of decode steps), the
-  split-K tensor-core product of :mod:`bittern.kernels.packed_gemm`, which unpacks the codes on chip; beyond, the
-  codes unpacked to int8 in one pass (:func:`unpack`) and the int8 tensor-core GEMM of
-  :mod:`bittern.kernels.matmul`. :func:`prefill_group` serves two or three layers of one input with one
-  quantization (and, up to 32 tokens, one launch).
+  split-K tensor-core product of :mod:`bittern.kernels.packed_gemm`; up to 256 tokens (a short prompt) the
+  tensor-core product of :mod:`bittern.kernels.packed_prefill`, one field of a block of byte rows per program —
+  both expand the codes on chip; beyond, the codes unpacked to int8 in one pass (:func:`unpack`) and the int8
+  tensor-core GEMM of :mod:`bittern.kernels.matmul`. :func:`prefill_group` serves two or three layers of one input
+  with one quantization (and, up to 32 tokens, one launch).
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
 output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 
 from bittern import packing, quant
-from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers, tuning
+from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, packed_prefill, quantizers, tuning
 from bittern.kernels.matmul import _rows
 from bittern.kernels.packed_gemm import _epilogue
 from bittern.kernels.quantizers import _round_half_even
@@ -432,8 +433,9 @@ def prefill_linear(
 ) -> torch.Tensor:
     """Any number of tokens: the activations quantized per token, then up to
     :data:`~bittern.kernels.packed_gemm.SKINNY_MAX_M` tokens the split-K tensor-core product of
-    :mod:`bittern.kernels.packed_gemm` (codes unpacked on chip), beyond that the codes unpacked in one pass and the
-    int8 GEMM of :mod:`bittern.kernels.matmul`. Shapes and result as :func:`decode_linear`."""
+    :mod:`bittern.kernels.packed_gemm`, up to :data:`~bittern.kernels.packed_prefill.MAX_M` the product of
+    :mod:`bittern.kernels.packed_prefill` (both expand the codes on chip), beyond that the codes unpacked in one pass
+    and the int8 GEMM of :mod:`bittern.kernels.matmul`. Shapes and result as :func:`decode_linear`."""
     _check(x, packed, out_features, scale)
     xq, act_scale = quantizers.quantize_activations(x)
     return _quantized_products(xq, act_scale, [packed], [out_features], [scale], bias, out_dtype)[0]
@@ -489,10 +491,16 @@ def _quantized_products(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
-    if xq.numel() // max(xq.shape[-1], 1) <= packed_gemm.SKINNY_MAX_M:
+    tokens = xq.numel() // max(xq.shape[-1], 1)
+    if tokens <= packed_gemm.SKINNY_MAX_M:
         return packed_gemm.skinny_gemm(
             xq, act_scale, packed, out_features, scales, bias, out_dtype, dependent_launch=_dependent_launch(xq.device)
         )
+    if tokens <= packed_prefill.MAX_M:
+        return [
+            packed_prefill.prefill_gemm(xq, act_scale, w, n, s, bias if i == 0 else None, out_dtype)
+            for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))
+        ]
     return [
         matmul.int8_ternary_linear(xq, act_scale, unpack(w, n), s, bias if i == 0 else None, out_dtype)
         for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))

@@ -1,0 +1,168 @@
+"""The product of a short prompt's tokens (33–256) with packed 2-bit ternary weights, codes expanded on chip.
+
+Reads the Hugging Face ``bitnet`` layout in place (:mod:`bittern.packing`): uint8 ``[R, K]``, ``R = ceil(N / 4)``,
+byte row ``r`` holding output rows ``r, r+R, r+2R, r+3R`` in its four 2-bit fields (``code + 1``). A program takes
+one field ``q`` of ``BC`` byte rows — output rows ``qR + [r0, r0 + BC)`` — and ``BM`` tokens, and walks ``K``: each
+step loads a ``[BC, BK]`` tile of bytes and a ``[BM, BK]`` tile of int8 activations, expands the field to int8
+codes in registers and makes one int8 tensor-core product ``codes @ xqᵀ`` into a ``[BC, BM]`` int32 tile. The
+codes are the product's register operand, so they never go through shared memory; on a GPU the expansion takes
+four instructions per four codes (``((word >> 2q) & 0x03030303 | 0x80808080) - 0x01010101 ^ 0x80808080``: the
+``- 1`` of each byte without a borrow into the next). The four programs of one block of byte rows run next to each
+other, so the block is read from memory once and from L2 four times.
+
+Against the codes unpacked to int8 in a separate pass and the int8 GEMM (:mod:`bittern.kernels.matmul`), this
+reads a quarter of the weight bytes and writes none. On an H100 (BENCHMARKS.md) it is faster from 33 to 256
+tokens — 10.0 µs against 13.3 for a 128 x 2560 x 2560 product, 12.8 against 21.5 for 6912 x 2560 — and slower
+from 512, where its product waits for each step's expansion (Triton keeps a register operand's product
+synchronous).
+
+The epilogue is the reference's, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the result
+equals :func:`bittern.quant.integer_linear` bit for bit. Tiles are autotuned per (tokens rounded up to a power of
+two, N, K).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from bittern.kernels import interpreter, tuning
+from bittern.kernels.matmul import _bucket, _rows
+from bittern.kernels.packed_gemm import _epilogue
+
+MAX_M = 256
+"""The most tokens this kernel serves; beyond, unpacking once and the int8 GEMM is faster (H100, BENCHMARKS.md)."""
+
+# (BM tokens, BC byte rows, BK, warps, stages); the first is kept when BITTERN_AUTOTUNE=0. On an H100: (64, 64, 256)
+# the fastest for most shapes at 64-128 tokens, (64, 32, 256) for the narrow 2560-wide outputs, (128, 64, 128) at 256
+_TILES = [(64, 64, 256, 4, 3), (64, 32, 256, 4, 3), (64, 64, 128, 4, 3), (128, 64, 128, 4, 3), (128, 128, 128, 8, 3)]
+
+
+def _configs() -> list[triton.Config]:
+    if interpreter.ON_IMPORT:
+        return [triton.Config({"BM": 32, "BC": 16, "BK": 32}, num_warps=4, num_stages=1)]
+    tiles = _TILES[:1] if os.environ.get("BITTERN_AUTOTUNE", "1") == "0" else _TILES
+    return [triton.Config({"BM": bm, "BC": bc, "BK": bk}, num_warps=w, num_stages=s) for bm, bc, bk, w, s in tiles]
+
+
+@triton.jit
+def _codes(packed_bytes, Q: tl.constexpr, USE_ASM: tl.constexpr):
+    """Field ``Q`` of each byte as the int8 code in {-1, 0, 1}. With ``USE_ASM`` (a GPU), four bytes per 32-bit
+    operation: select the field's two bits of each byte, set each byte's top bit, subtract one from every byte
+    (the top bit absorbs the borrow) and clear the top bit again. Under the interpreter, which runs no PTX, the
+    same from per-byte shifts."""
+    if USE_ASM:
+        if Q == 0:
+            codes = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; and.b32 t, $1, 0x03030303; or.b32 t, t, 0x80808080; "
+                "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed_bytes], dtype=tl.int8, is_pure=True, pack=4,
+            )  # fmt: skip
+        elif Q == 1:
+            codes = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed_bytes], dtype=tl.int8, is_pure=True, pack=4,
+            )  # fmt: skip
+        elif Q == 2:
+            codes = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed_bytes], dtype=tl.int8, is_pure=True, pack=4,
+            )  # fmt: skip
+        else:
+            codes = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.b32 t, $1, 6; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed_bytes], dtype=tl.int8, is_pure=True, pack=4,
+            )  # fmt: skip
+    else:
+        codes = ((packed_bytes >> (2 * Q)) & 3).to(tl.int8) - 1
+    return codes
+
+
+@triton.jit
+def _field_sums(x_rows, w_rows, M, K, rm, Q: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                USE_ASM: tl.constexpr):  # fmt: skip
+    """int32 ``[BC, BM]``: field ``Q`` of the byte rows at ``w_rows`` times the token rows at ``x_rows``, all of
+    ``K``. ``Q`` is a compile-time constant so that the expansion's shift is an immediate."""
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BC, BM), dtype=tl.int32)
+    for k0 in range(0, tl.cdiv(K, BK)):
+        k = k0 * BK + rk
+        k_ok = k < K
+        x = tl.load(x_rows + k[None, :], mask=(rm < M)[:, None] & k_ok[None, :], other=0)  # zero: no product
+        b = tl.load(w_rows + k[None, :], mask=k_ok[None, :], other=0)
+        acc = tl.dot(_codes(b, Q, USE_ASM), tl.trans(x), acc, out_dtype=tl.int32)
+    return acc
+
+
+@tuning.autotune(_configs(), key=["M_BUCKET", "N", "K"])
+@triton.jit(do_not_specialize=["M"])
+def _prefill_kernel(
+    xq_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, K, M_BUCKET, stride_xm, stride_wr, stride_ym,
+    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, USE_ASM: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    # program order: token tile fastest, then the field, then the block of byte rows (its bytes read together)
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tile_m = pid % tiles_m
+    q = (pid // tiles_m) % 4
+    block = pid // (tiles_m * 4)
+    rm = tile_m * BM + tl.arange(0, BM)
+    rr = block * BC + tl.arange(0, BC)
+    x_rows = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + (rr % R).to(tl.int64)[:, None] * stride_wr  # rows past the end read a valid row, unstored
+    if q == 0:
+        acc = _field_sums(x_rows, w_rows, M, K, rm, 0, BC, BM, BK, USE_ASM)
+    elif q == 1:
+        acc = _field_sums(x_rows, w_rows, M, K, rm, 1, BC, BM, BK, USE_ASM)
+    elif q == 2:
+        acc = _field_sums(x_rows, w_rows, M, K, rm, 2, BC, BM, BK, USE_ASM)
+    else:
+        acc = _field_sums(x_rows, w_rows, M, K, rm, 3, BC, BM, BK, USE_ASM)
+    m_ok = rm < M
+    n = rr + q * R
+    act_scale = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
+    _epilogue(tl.trans(acc), act_scale, rm, n, m_ok, (rr < R) & (n < N), s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS,
+              PER_CHANNEL)  # fmt: skip
+
+
+def prefill_gemm(
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    packed: torch.Tensor,
+    out_features: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(xq @ codesᵀ) * s * a / 127 (+ bias)`` over packed weights, the codes expanded on chip.
+
+    Args:
+        xq: int8 ``[..., K]`` (any number of tokens; meant for 33 to :data:`MAX_M`); act_scale: float32 ``[..., 1]``
+            (from :func:`bittern.kernels.quantizers.quantize_activations`).
+        packed: uint8 ``[ceil(N / 4), K]`` in the Hugging Face layout; out_features: ``N``.
+        scale: float32 ``[1]`` or ``[N]``; bias: ``[N]`` or None. out_dtype: dtype of the result.
+
+    Returns:
+        ``[..., N]`` in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` of the codes bit for bit. The
+        caller checks shapes (:mod:`bittern.kernels.packed`).
+    """
+    x2 = _rows(xq)
+    m, k = x2.shape
+    w = _rows(packed)
+    rows = w.shape[0]
+    y = torch.empty((m, out_features), dtype=interpreter.store_dtype(out_dtype), device=xq.device)
+    if m and out_features:  # K = 0 too: empty sums through the same epilogue
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * 4 * triton.cdiv(rows, meta["BC"]),)  # noqa: E731
+        _prefill_kernel[grid](
+            x2, act_scale.reshape(-1).contiguous(), w, scale, bias if bias is not None else scale, y,
+            m, out_features, rows, k, _bucket(m), x2.stride(0), w.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1, USE_ASM=not interpreter.ON_IMPORT,
+        )  # fmt: skip
+    return y.to(out_dtype).reshape(*xq.shape[:-1], out_features)
