@@ -30,9 +30,9 @@ def test_product_is_bit_identical_to_the_reference(shape: tuple[int, int, int], 
     m, n, k = shape
     x, xq, act_scale, codes, weight, scale, bias = _operands(m, n, k, per_channel, seed=sum(shape))
     for b in (bias, None):
-        y = packed_prefill.prefill_gemm(xq, act_scale, weight, n, scale, b, torch.float32)
+        (y,) = packed_prefill.prefill_gemm(xq, act_scale, [weight], [n], [scale], b, torch.float32)
         assert torch.equal(y, quant.integer_linear(x, codes, scale, b))
-    y16 = packed_prefill.prefill_gemm(xq, act_scale, weight, n, scale, None, torch.bfloat16)
+    (y16,) = packed_prefill.prefill_gemm(xq, act_scale, [weight], [n], [scale], None, torch.bfloat16)
     assert y16.dtype == torch.bfloat16
     assert torch.equal(y16, quant.integer_linear(x, codes, scale, None, torch.bfloat16))
 
@@ -48,7 +48,7 @@ def test_every_field_lands_on_its_own_output_row() -> None:
     xq, act_scale = quant.quantize_activations(x)
     one = torch.ones(1)
     args = [t.to(DEVICE) for t in (xq, act_scale, packing.pack_ternary_rows(codes), one)]
-    y = packed_prefill.prefill_gemm(args[0], args[1], args[2], n, args[3], None, torch.float32)
+    (y,) = packed_prefill.prefill_gemm(args[0], args[1], [args[2]], [n], [args[3]], None, torch.float32)
     assert torch.equal(y.cpu(), quant.integer_linear(x, codes, one))
 
 
@@ -60,18 +60,40 @@ def test_extreme_values_accumulate_exactly() -> None:
     xq, act_scale = quant.quantize_activations(x)
     weight = packing.pack_ternary_rows(torch.full((n, k), -1, dtype=torch.int8))
     one = torch.ones(1)
-    y = packed_prefill.prefill_gemm(*(t.to(DEVICE) for t in (xq, act_scale, weight)), n, one.to(DEVICE), None,
-                                    torch.float32)  # fmt: skip
+    (y,) = packed_prefill.prefill_gemm(xq.to(DEVICE), act_scale.to(DEVICE), [weight.to(DEVICE)], [n],
+                                       [one.to(DEVICE)], None, torch.float32)  # fmt: skip
     expected = torch.tensor([[-1.0 * k], [1.0 * k]]).repeat(20, n)
     assert torch.equal(y.cpu(), expected)
 
 
 def test_leading_dimensions_are_kept() -> None:
     x, xq, act_scale, codes, weight, scale, _ = _operands(2 * 24, 12, 20, False, seed=4)
-    y = packed_prefill.prefill_gemm(xq.view(2, 24, 20), act_scale.view(2, 24, 1), weight, 12, scale, None,
-                                    torch.float32)  # fmt: skip
+    (y,) = packed_prefill.prefill_gemm(xq.view(2, 24, 20), act_scale.view(2, 24, 1), [weight], [12], [scale], None,
+                                       torch.float32)  # fmt: skip
     assert y.shape == (2, 24, 12)
     assert torch.equal(y.reshape(48, 12), quant.integer_linear(x, codes, scale))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("widths", [(10, 6, 6), (37, 9), (130, 70, 3)])
+def test_layers_of_one_input_in_one_launch_equal_each_layer(widths: tuple[int, ...], per_channel: bool) -> None:
+    # q/k/v and gate/up: byte-row blocks of two or three layers in one grid, each layer with its own N, R and scale
+    generator = torch.Generator().manual_seed(len(widths) + sum(widths))
+    x = torch.randn(45, 70, generator=generator) * 2
+    xq, act_scale = quant.quantize_activations(x)
+    layers = [quant.ternarize(torch.randn(n, 70, generator=generator) * 0.02, per_channel) for n in widths]
+    ys = packed_prefill.prefill_gemm(xq.to(DEVICE), act_scale.to(DEVICE),
+                                     [packing.pack_ternary_rows(c).to(DEVICE) for c, _ in layers], list(widths),
+                                     [s.to(DEVICE) for _, s in layers], None, torch.float32)  # fmt: skip
+    assert [y.shape for y in ys] == [(45, n) for n in widths]
+    for y, (codes, scale) in zip(ys, layers, strict=True):
+        assert torch.equal(y.cpu(), quant.integer_linear(x, codes, scale))
+
+
+def test_a_bias_only_with_a_single_layer() -> None:
+    _, xq, act_scale, _, weight, scale, bias = _operands(40, 8, 16, False, seed=2)
+    with pytest.raises(ValueError, match="single layer"):
+        packed_prefill.prefill_gemm(xq, act_scale, [weight, weight], [8, 8], [scale, scale], bias, torch.float32)
 
 
 @pytest.mark.parametrize(("tokens", "path"), [(32, "skinny"), (33, "prefill"), (256, "prefill"), (257, "unpack")])

@@ -23,7 +23,7 @@
   tensor-core product of :mod:`bittern.kernels.packed_prefill`, one field of a block of byte rows per program —
   both expand the codes on chip; beyond, the codes unpacked to int8 in one pass (:func:`unpack`) and the int8
   tensor-core GEMM of :mod:`bittern.kernels.matmul`. :func:`prefill_group` serves two or three layers of one input
-  with one quantization (and, up to 32 tokens, one launch).
+  with one quantization (and, up to 256 tokens, one launch).
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
 output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
@@ -449,7 +449,7 @@ def prefill_group(
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     """:func:`prefill_linear` of two or three bias-free layers on the same input, the activations quantized once
-    (and up to :data:`~bittern.kernels.packed_gemm.SKINNY_MAX_M` tokens, one launch for every layer). Arguments
+    (and up to :data:`~bittern.kernels.packed_prefill.MAX_M` tokens, one launch for every layer). Arguments
     and results as :func:`decode_group` (any number of tokens, any K)."""
     _check_group(x, packed, out_features, scales, "prefill_group")
     xq, act_scale = quantizers.quantize_activations(x)
@@ -497,10 +497,7 @@ def _quantized_products(
             xq, act_scale, packed, out_features, scales, bias, out_dtype, dependent_launch=_dependent_launch(xq.device)
         )
     if tokens <= packed_prefill.MAX_M:
-        return [
-            packed_prefill.prefill_gemm(xq, act_scale, w, n, s, bias if i == 0 else None, out_dtype)
-            for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))
-        ]
+        return packed_prefill.prefill_gemm(xq, act_scale, packed, out_features, scales, bias, out_dtype)
     return [
         matmul.int8_ternary_linear(xq, act_scale, unpack(w, n), s, bias if i == 0 else None, out_dtype)
         for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))

@@ -17,8 +17,8 @@ from 512, where its product waits for each step's expansion (Triton keeps a regi
 synchronous).
 
 The epilogue is the reference's, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the result
-equals :func:`bittern.quant.integer_linear` bit for bit. Tiles are autotuned per (tokens rounded up to a power of
-two, N, K).
+equals :func:`bittern.quant.integer_linear` bit for bit. Two or three layers of one input (q/k/v, gate/up) share
+one launch. Tiles are autotuned per (tokens rounded up to a power of two, the layers' N, K).
 """
 
 from __future__ import annotations
@@ -100,19 +100,32 @@ def _field_sums(x_rows, w_rows, M, K, rm, Q: tl.constexpr, BC: tl.constexpr, BM:
     return acc
 
 
-@tuning.autotune(_configs(), key=["M_BUCKET", "N", "K"])
-@triton.jit(do_not_specialize=["M"])
+@tuning.autotune(_configs(), key=["M_BUCKET", "N0", "N1", "N2", "K"])
+@triton.jit(do_not_specialize=["M", "R0", "R1", "R2"])
 def _prefill_kernel(
-    xq_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, K, M_BUCKET, stride_xm, stride_wr, stride_ym,
+    xq_ptr, a_ptr, w0_ptr, s0_ptr, bias_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr,
+    M, N0, R0, N1, R1, N2, R2, K, M_BUCKET, stride_xm, stride_wr,
     HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, USE_ASM: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    # program order: token tile fastest, then the field, then the block of byte rows (its bytes read together)
+    # one to three layers of one input in one launch (q/k/v, gate/up; a bias only with a single layer): the first
+    # blocks of byte rows belong to layer 0, the next to layer 1, the rest to layer 2. Program order: token tile
+    # fastest, then the field, then the block of byte rows (so a block's bytes are read together)
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BM)
     tile_m = pid % tiles_m
     q = (pid // tiles_m) % 4
     block = pid // (tiles_m * 4)
+    blocks0 = tl.cdiv(R0, BC)
+    blocks1 = tl.cdiv(R1, BC)
+    if block < blocks0:
+        w_ptr, s_ptr, y_ptr, N, R = w0_ptr, s0_ptr, y0_ptr, N0, R0
+    elif block < blocks0 + blocks1:
+        w_ptr, s_ptr, y_ptr, N, R = w1_ptr, s1_ptr, y1_ptr, N1, R1
+        block -= blocks0
+    else:
+        w_ptr, s_ptr, y_ptr, N, R = w2_ptr, s2_ptr, y2_ptr, N2, R2
+        block -= blocks0 + blocks1
     rm = tile_m * BM + tl.arange(0, BM)
     rr = block * BC + tl.arange(0, BC)
     x_rows = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm
@@ -128,41 +141,57 @@ def _prefill_kernel(
     m_ok = rm < M
     n = rr + q * R
     act_scale = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
-    _epilogue(tl.trans(acc), act_scale, rm, n, m_ok, (rr < R) & (n < N), s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS,
+    _epilogue(tl.trans(acc), act_scale, rm, n, m_ok, (rr < R) & (n < N), s_ptr, bias_ptr, y_ptr, N, HAS_BIAS,
               PER_CHANNEL)  # fmt: skip
 
 
 def prefill_gemm(
     xq: torch.Tensor,
     act_scale: torch.Tensor,
-    packed: torch.Tensor,
-    out_features: int,
-    scale: torch.Tensor,
+    packed: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``(xq @ codesᵀ) * s * a / 127 (+ bias)`` over packed weights, the codes expanded on chip.
+) -> list[torch.Tensor]:
+    """``(xq @ codes_iᵀ) * s_i * a / 127 (+ bias)`` over packed weights for one to three layers of the same int8
+    input, one launch, the codes expanded on chip.
 
     Args:
         xq: int8 ``[..., K]`` (any number of tokens; meant for 33 to :data:`MAX_M`); act_scale: float32 ``[..., 1]``
             (from :func:`bittern.kernels.quantizers.quantize_activations`).
-        packed: uint8 ``[ceil(N / 4), K]`` in the Hugging Face layout; out_features: ``N``.
-        scale: float32 ``[1]`` or ``[N]``; bias: ``[N]`` or None. out_dtype: dtype of the result.
+        packed: per layer, uint8 ``[ceil(N_i / 4), K]`` in the Hugging Face layout.
+        out_features: per layer, ``N_i``. scales: per layer, float32 ``[1]`` or ``[N_i]``; all per tensor or all
+            per row.
+        bias: ``[N_0]``, or None; only a single layer may have one.
+        out_dtype: dtype of the results.
 
     Returns:
-        ``[..., N]`` in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` of the codes bit for bit. The
-        caller checks shapes (:mod:`bittern.kernels.packed`).
+        One ``[..., N_i]`` tensor per layer in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` of that
+        layer's codes bit for bit. The caller checks shapes (:mod:`bittern.kernels.packed`).
     """
+    if bias is not None and len(packed) != 1:
+        raise ValueError("prefill_gemm takes a bias only for a single layer")
     x2 = _rows(xq)
     m, k = x2.shape
-    w = _rows(packed)
-    rows = w.shape[0]
-    y = torch.empty((m, out_features), dtype=interpreter.store_dtype(out_dtype), device=xq.device)
-    if m and out_features:  # K = 0 too: empty sums through the same epilogue
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * 4 * triton.cdiv(rows, meta["BC"]),)  # noqa: E731
+    count = len(packed)
+    words = [_rows(w) for w in packed]
+    rows = [w.shape[0] for w in words]
+    ys = [torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=xq.device) for n in out_features]
+    widths = list(out_features)
+    while len(words) < 3:  # absent layers have no rows: their programs are never launched
+        words.append(words[0])
+        scales = [*scales, scales[0]]
+        ys.append(ys[0])
+        widths.append(0)
+        rows.append(0)
+    if m and sum(rows):  # K = 0 too: empty sums through the same epilogue
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * 4 * sum(triton.cdiv(r, meta["BC"]) for r in rows),)  # noqa: E731
         _prefill_kernel[grid](
-            x2, act_scale.reshape(-1).contiguous(), w, scale, bias if bias is not None else scale, y,
-            m, out_features, rows, k, _bucket(m), x2.stride(0), w.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1, USE_ASM=not interpreter.ON_IMPORT,
+            x2, act_scale.reshape(-1).contiguous(), words[0], scales[0], bias if bias is not None else scales[0],
+            ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2],
+            m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], k, _bucket(m), x2.stride(0),
+            words[0].stride(0), HAS_BIAS=bias is not None, PER_CHANNEL=scales[0].numel() != 1,
+            USE_ASM=not interpreter.ON_IMPORT,
         )  # fmt: skip
-    return y.to(out_dtype).reshape(*xq.shape[:-1], out_features)
+    return [y.to(out_dtype).reshape(*xq.shape[:-1], n) for y, n in zip(ys[:count], out_features, strict=True)]
