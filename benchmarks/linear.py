@@ -7,9 +7,9 @@ For ``M`` tokens (default 1, 16, 512 and 4096) the stack runs, per variant:
 * ``bittern``: :class:`bittern.nn.TernaryLinear` on the Triton kernels — up to 4 tokens the dp4a decode kernel
   reading the 2-bit packed weights in place with the activation quantization fused in, launched inside
   :func:`bittern.kernels.static_weights` (on Hopper, programmatic dependent launch: each layer's weight read
-  overlaps the kernel before it); 5–32 tokens the split-K tensor-core kernel that unpacks on chip; 33–256 the
-  tensor-core kernel of :mod:`bittern.kernels.packed_prefill`, which also expands the codes on chip; beyond, the
-  codes unpacked in one pass and the int8 tensor-core GEMM; exact int32 accumulation, bf16 output;
+  overlaps the kernel before it); 5–256 tokens the int8 tensor-core kernel of :mod:`bittern.kernels.packed_gemm`,
+  which also reads the packed bytes and expands the codes on chip; beyond, the codes unpacked in one pass and the
+  int8 tensor-core GEMM; exact int32 accumulation, bf16 output;
 * ``bittern-serial``: the same without :func:`~bittern.kernels.static_weights` (each kernel waits for the one
   before it to finish before it starts);
 * ``bittern-grouped``: as ``bittern``, with q/k/v and gate/up each one launch on one activation quantization

@@ -15,8 +15,8 @@ from bittern.kernels import interpreter, packed
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (tokens M, outputs N, inputs K); the decode kernel needs K % 4 == 0
 DECODE_SHAPES = [(1, 1, 4), (1, 10, 40), (3, 64, 100), (4, 37, 72), (2, 130, 36)]
-# up to 32 tokens the split-K product (K = 200: four slices of K under the interpreter's tile), up to 256 the product
-# of packed_prefill, beyond unpack + GEMM
+# up to 256 tokens the tensor-core product of packed_gemm (K = 200: several steps of the interpreter's tile), beyond
+# unpack + GEMM
 PREFILL_SHAPES = [(17, 10, 40), (40, 50, 96), (65, 33, 17), (2, 9, 30), (33, 150, 70), (9, 70, 200), (32, 5, 12),
                   (257, 21, 40)]  # fmt: skip
 # forced tile choices: wide and narrow byte-row blocks, one to four warps
@@ -177,18 +177,6 @@ def test_grouped_prefill_equals_each_layer(widths: tuple[int, ...], per_channel:
         assert torch.equal(y, quant.integer_linear(x, codes.to(DEVICE), scale.to(DEVICE)))
 
 
-def test_split_k_workspace_is_left_zeroed_between_calls() -> None:
-    # the split-K product adds partial sums into a workspace that every launch must leave zeroed
-    from bittern.kernels import packed_gemm
-
-    x, codes, weight, scale, bias = _operands(12, 70, 200, False, seed=8)
-    expected = quant.integer_linear(x, codes, scale, bias)
-    for _ in range(3):
-        assert torch.equal(packed.prefill_linear(x, weight, 70, scale, bias, torch.float32), expected)
-    workspace, counters = packed_gemm._workspaces[x.device]
-    assert not workspace.any() and not counters.any()
-
-
 def test_grouped_prefill_refuses_mixed_scales() -> None:
     x, _, weight, scale, _ = _operands(8, 8, 16, False, seed=3)
     with pytest.raises(ValueError, match="per tensor, or every layer's per row"):
@@ -247,10 +235,10 @@ def test_static_weights_asks_for_dependent_launch_only_where_it_exists() -> None
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
-@pytest.mark.parametrize("tokens", [1, 9])  # the decode kernel; the split-K product (its workspace shared)
+@pytest.mark.parametrize("tokens", [1, 9])  # the decode kernel; the tensor-core product between dependent launches
 def test_dependent_launches_replay_from_a_cuda_graph(tokens: int) -> None:
-    # a chain of products, each reading the output of the one before, and beside each a second split-K product
-    # of a fixed input reusing the workspace the first just left: the waits must order them
+    # a chain of products, each reading the output of the one before, and beside each a second product of a fixed
+    # input: kernels under dependent launch and kernels without must still wait for what they read
     generator = torch.Generator().manual_seed(4)
     layers = [quant.ternarize(torch.randn(256, 256, generator=generator) * 0.02) for _ in range(6)]
     weights = [(packing.pack_ternary_rows(c).to(DEVICE), s.to(DEVICE)) for c, s in layers]
@@ -307,7 +295,7 @@ def test_prequantized_input_is_checked() -> None:
         packed.decode_linear(xq, weight, 8, scale, None, torch.float32, act_scale=act_scale[:1])
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 40, 260])  # decode kernel, split-K, packed_prefill, unpack + GEMM
+@pytest.mark.parametrize("tokens", [1, 16, 260])  # the decode kernel, packed_gemm, unpack + GEMM
 def test_compiled_products_quantize_in_traced_code_and_agree(tokens: int) -> None:
     # under torch.compile the input is quantized by traced PyTorch (inductor fuses it into the producer of x) and
     # the kernels take it as int8: the results must not change by a bit

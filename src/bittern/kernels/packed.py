@@ -18,12 +18,12 @@
   and inside :func:`static_weights` (programmatic dependent launch, Hopper) those loads are in flight while the
   kernel before it finishes.
 * :func:`prefill_linear` (everything else): the activations quantized by
-  :func:`bittern.kernels.quantizers.quantize_activations`; then, up to 32 tokens (a batch of decode steps), the
-  split-K tensor-core product of :mod:`bittern.kernels.packed_gemm`; up to 256 tokens (a short prompt) the
-  tensor-core product of :mod:`bittern.kernels.packed_prefill`, one field of a block of byte rows per program —
-  both expand the codes on chip; beyond, the codes unpacked to int8 in one pass (:func:`unpack`) and the int8
-  tensor-core GEMM of :mod:`bittern.kernels.matmul`. :func:`prefill_group` serves two or three layers of one input
-  with one quantization (and, up to 256 tokens, one launch).
+  :func:`bittern.kernels.quantizers.quantize_activations`; then, up to 256 tokens (a batch of decode steps, a short
+  prompt), the int8 tensor-core product of :mod:`bittern.kernels.packed_gemm`, which reads the packed bytes and
+  expands the codes in registers, one 2-bit field of a block of byte rows per program; beyond, the codes unpacked
+  to int8 in one pass (:func:`unpack`) and the int8 tensor-core GEMM of :mod:`bittern.kernels.matmul`.
+  :func:`prefill_group` serves two or three layers of one input with one quantization (and, up to 256 tokens, one
+  launch).
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
 output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from bittern import packing, quant
-from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, packed_prefill, quantizers, tuning
+from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers, tuning
 from bittern.kernels.matmul import _rows
 from bittern.kernels.packed_gemm import _epilogue
 from bittern.kernels.quantizers import _round_half_even
@@ -432,10 +432,9 @@ def prefill_linear(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Any number of tokens: the activations quantized per token, then up to
-    :data:`~bittern.kernels.packed_gemm.SKINNY_MAX_M` tokens the split-K tensor-core product of
-    :mod:`bittern.kernels.packed_gemm`, up to :data:`~bittern.kernels.packed_prefill.MAX_M` the product of
-    :mod:`bittern.kernels.packed_prefill` (both expand the codes on chip), beyond that the codes unpacked in one pass
-    and the int8 GEMM of :mod:`bittern.kernels.matmul`. Shapes and result as :func:`decode_linear`."""
+    :data:`~bittern.kernels.packed_gemm.MAX_M` tokens the tensor-core product of :mod:`bittern.kernels.packed_gemm`
+    (the codes expanded on chip), beyond that the codes unpacked in one pass and the int8 GEMM of
+    :mod:`bittern.kernels.matmul`. Shapes and result as :func:`decode_linear`."""
     _check(x, packed, out_features, scale)
     xq, act_scale = quantizers.quantize_activations(x)
     return _quantized_products(xq, act_scale, [packed], [out_features], [scale], bias, out_dtype)[0]
@@ -449,7 +448,7 @@ def prefill_group(
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     """:func:`prefill_linear` of two or three bias-free layers on the same input, the activations quantized once
-    (and up to :data:`~bittern.kernels.packed_prefill.MAX_M` tokens, one launch for every layer). Arguments
+    (and up to :data:`~bittern.kernels.packed_gemm.MAX_M` tokens, one launch for every layer). Arguments
     and results as :func:`decode_group` (any number of tokens, any K)."""
     _check_group(x, packed, out_features, scales, "prefill_group")
     xq, act_scale = quantizers.quantize_activations(x)
@@ -491,13 +490,8 @@ def _quantized_products(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
-    tokens = xq.numel() // max(xq.shape[-1], 1)
-    if tokens <= packed_gemm.SKINNY_MAX_M:
-        return packed_gemm.skinny_gemm(
-            xq, act_scale, packed, out_features, scales, bias, out_dtype, dependent_launch=_dependent_launch(xq.device)
-        )
-    if tokens <= packed_prefill.MAX_M:
-        return packed_prefill.prefill_gemm(xq, act_scale, packed, out_features, scales, bias, out_dtype)
+    if xq.numel() // max(xq.shape[-1], 1) <= packed_gemm.MAX_M:
+        return packed_gemm.packed_gemm(xq, act_scale, packed, out_features, scales, bias, out_dtype)
     return [
         matmul.int8_ternary_linear(xq, act_scale, unpack(w, n), s, bias if i == 0 else None, out_dtype)
         for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))

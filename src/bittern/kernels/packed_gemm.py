@@ -1,28 +1,29 @@
-"""The product of a few tokens (5–32: a batch of decode steps) with packed 2-bit ternary weights, on tensor cores.
+"""The product of 5–256 tokens (a batch of decode steps, a short prompt) with packed 2-bit ternary weights on int8
+tensor cores, the codes expanded on chip.
 
 Reads the Hugging Face ``bitnet`` layout in place (:mod:`bittern.packing`): uint8 ``[R, K]``, ``R = ceil(N / 4)``,
 byte row ``r`` holding output rows ``r, r+R, r+2R, r+3R`` in its four 2-bit fields (``code + 1``). A program takes
-``BR`` byte rows, all the tokens (``BM >= M``, padded) and one slice of ``K``: each step loads a ``[BR, BK]`` tile
-of bytes and a ``[BM, BK]`` tile of int8 activations and makes four int8 tensor-core products, one per field
-(``((byte >> 2q) & 3) - 1``, unpacked in registers), into four ``[BM, BR]`` int32 tiles.
+one field ``q`` of ``BC`` byte rows — output rows ``qR + [r0, r0 + BC)`` — and ``BM`` tokens, and walks ``K``: each
+step loads a ``[BC, BK]`` tile of bytes and a ``[BM, BK]`` tile of int8 activations, expands the field to int8
+codes in registers and makes one int8 tensor-core product ``codes @ xqᵀ`` into a ``[BC, BM]`` int32 tile. The
+codes are the product's register operand, so they never go through shared memory; on a GPU the expansion takes
+four instructions per four codes (``((word >> 2q) & 0x03030303 | 0x80808080) - 0x01010101 ^ 0x80808080``: the
+``- 1`` of each byte without a borrow into the next). The four programs of one block of byte rows run next to each
+other, so the block is read from memory once and from L2 four times. Two or three layers of one input (q/k/v,
+gate/up) share one launch.
 
-**Split K.** With a few tokens the product is a read of the weights, and a launch with one program per block of
-rows leaves most of the GPU idle while each program walks ``K`` (on an H100, 20 programs for a 2560 x 2560 layer,
-each waiting on one load after another). Here every program takes only ``ITERS * BK`` of ``K``, so hundreds of
-programs issue their loads at once. Each adds its int32 partial sums into a workspace with atomic adds — integer
-sums are exact in any order, so the result stays bit-identical — then counts itself done on its tile's counter;
-the last program of a tile reads the sums (swapping zeros in), runs the epilogue and resets the counter. The
-workspace and counters are zero between launches, so the kernel needs no memset and can be captured in a CUDA
-graph. Launches on one device must not run concurrently on two streams (they share the workspace). Under
-programmatic dependent launch (:func:`bittern.kernels.packed.static_weights`, Hopper) a program loads its first
-tile of weights, then waits for the kernel before it, before it reads the activations or touches the workspace.
+Measured on an H100 (BENCHMARKS.md), µs per call in a chain of distinct layers:
+
+* against the codes unpacked to int8 in a separate pass and the int8 GEMM (:mod:`bittern.kernels.matmul`), which
+  reads four times the weight bytes and writes them once more: 10.0 against 13.3 for 128 x 2560 x 2560, 12.8
+  against 21.5 for 128 x 6912 x 2560; slower from 512 tokens, where the product waits for each step's expansion
+  (Triton keeps a product with a register operand synchronous);
+* against the split-K kernel it replaced for 5–32 tokens (a ``K`` slice per program, int32 atomics into a
+  workspace): 6.9 against 10.6 for 16 x 2560 x 2560, 9.9 against 25.9 for gate and up (16 x 2 x 6912 x 2560).
 
 The epilogue is the reference's, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the result
-equals :func:`bittern.quant.integer_linear` bit for bit. Tiles are autotuned per (tokens, N, K).
-
-Measured on an H100 before this design (BENCHMARKS.md): with one program per block of rows and the whole of
-``K`` each, an on-chip unpacking product took 20–46 µs for a 16 x 2560 x 2560 layer, against 15 µs for unpacking
-to int8 in one pass and an int8 GEMM, and 6 µs for bf16 cuBLAS.
+equals :func:`bittern.quant.integer_linear` bit for bit. Tiles are autotuned per (tokens rounded up to a power of
+two, the layers' N, K).
 """
 
 from __future__ import annotations
@@ -34,29 +35,75 @@ import triton
 import triton.language as tl
 
 from bittern.kernels import interpreter, tuning
-from bittern.kernels.matmul import _rows
+from bittern.kernels.matmul import _bucket, _rows
 
-SKINNY_MAX_M = 32
-"""The most tokens this kernel takes (one tile of tokens)."""
+MAX_M = 256
+"""The most tokens this kernel serves; beyond, unpacking once and the int8 GEMM is faster (H100, BENCHMARKS.md)."""
 
-# (BR byte rows, BK, ITERS steps of BK per program, warps); the first is kept when BITTERN_AUTOTUNE=0
-_TILES = [(16, 256, 1, 4), (32, 256, 1, 4), (16, 128, 2, 4), (32, 128, 2, 4), (16, 512, 1, 4), (64, 128, 1, 4)]
-
-_WORKSPACE_INTS = 1 << 22
-"""Initial workspace per device: int32 values (16 MiB), enough for three 2B4T-sized layers at 32 tokens."""
+# (BM tokens, BC byte rows, BK, warps, stages); the first is kept when BITTERN_AUTOTUNE=0. On an H100: (64, 64, 256)
+# the fastest for most shapes at 64-128 tokens, (64, 32, 256) for the narrow 2560-wide outputs, (128, 64, 128) at 256;
+# at 8-16 tokens (16, 32 | 64, 256), at 32 (16 | 32, 64, 256)
+_TILES = [
+    (64, 64, 256, 4, 3),
+    (64, 32, 256, 4, 3),
+    (64, 64, 128, 4, 3),
+    (128, 64, 128, 4, 3),
+    (128, 128, 128, 8, 3),
+    (16, 32, 256, 4, 3),
+    (16, 64, 256, 4, 3),
+    (32, 64, 256, 4, 3),
+    (16, 16, 256, 4, 3),
+]
 
 
 def _configs() -> list[triton.Config]:
     if interpreter.ON_IMPORT:
-        return [triton.Config({"BR": 16, "BK": 32, "ITERS": 2}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BM": 32, "BC": 16, "BK": 32}, num_warps=4, num_stages=1)]
     tiles = _TILES[:1] if os.environ.get("BITTERN_AUTOTUNE", "1") == "0" else _TILES
-    return [triton.Config({"BR": br, "BK": bk, "ITERS": it}, num_warps=w, num_stages=2) for br, bk, it, w in tiles]
+    return [triton.Config({"BM": bm, "BC": bc, "BK": bk}, num_warps=w, num_stages=s) for bm, bc, bk, w, s in tiles]
+
+
+def _fit_tokens(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The candidates whose tile of tokens is no wider than the tokens rounded up to a power of two (at least 16):
+    wider ones only multiply zeros."""
+    bucket = max(named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 16)), 16)
+    return [c for c in configs if c.kwargs["BM"] <= bucket] or configs[:1]
 
 
 @triton.jit
-def _codes(packed_bytes, Q: tl.constexpr):
-    """Field ``Q`` of each byte as the int8 ternary code in {-1, 0, 1}."""
-    return ((packed_bytes >> (2 * Q)) & 3).to(tl.int8) - 1
+def _codes(packed_bytes, Q: tl.constexpr, USE_ASM: tl.constexpr):
+    """Field ``Q`` of each byte as the int8 code in {-1, 0, 1}. With ``USE_ASM`` (a GPU), four bytes per 32-bit
+    operation: select the field's two bits of each byte, set each byte's top bit, subtract one from every byte
+    (the top bit absorbs the borrow) and clear the top bit again. Under the interpreter, which runs no PTX, the
+    same from per-byte shifts."""
+    if USE_ASM:
+        if Q == 0:
+            codes = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; and.b32 t, $1, 0x03030303; or.b32 t, t, 0x80808080; "
+                "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed_bytes], dtype=tl.int8, is_pure=True, pack=4,
+            )  # fmt: skip
+        elif Q == 1:
+            codes = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed_bytes], dtype=tl.int8, is_pure=True, pack=4,
+            )  # fmt: skip
+        elif Q == 2:
+            codes = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed_bytes], dtype=tl.int8, is_pure=True, pack=4,
+            )  # fmt: skip
+        else:
+            codes = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shr.b32 t, $1, 6; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed_bytes], dtype=tl.int8, is_pure=True, pack=4,
+            )  # fmt: skip
+    else:
+        codes = ((packed_bytes >> (2 * Q)) & 3).to(tl.int8) - 1
+    return codes
 
 
 @triton.jit
@@ -77,135 +124,69 @@ def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_
 
 
 @triton.jit
-def _finish(acc, ws, cell, rm, n, m_ok, n_ok, act_scale, s_ptr, bias_ptr, y_ptr, stride_ym, last,
-            HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):  # fmt: skip
-    """If ``last``: the tile's whole sum (the workspace's, swapped for zeros, plus ``acc``) through
-    :func:`_epilogue`."""
-    if last:
-        live = tl.broadcast_to(m_ok[:, None], acc.shape)
-        total = tl.atomic_xchg(ws + cell, tl.zeros_like(acc), mask=live, sem="relaxed") + acc
-        _epilogue(total, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, PER_CHANNEL)
-
-
-@triton.jit
-def _tile(
-    xq_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, R, K, stride_xm, stride_wr, stride_ym,
-    block, tile, split, SPLITS,
-    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    ITERS: tl.constexpr, USE_GDC: tl.constexpr,
-):  # fmt: skip
-    """Byte rows ``[block * BR, +BR)`` of one layer, every token, ``K`` slice ``split``; ``tile`` indexes the
-    workspace and counter across the launch's layers."""
-    rr = block * BR + tl.arange(0, BR)
-    rm = tl.arange(0, BM)
+def _field_sums(x_rows, w_rows, M, K, rm, Q: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                USE_ASM: tl.constexpr):  # fmt: skip
+    """int32 ``[BC, BM]``: field ``Q`` of the byte rows at ``w_rows`` times the token rows at ``x_rows``, all of
+    ``K``. ``Q`` is a compile-time constant so that the expansion's shift is an immediate."""
     rk = tl.arange(0, BK)
-    m_ok = rm < M
-    w_rows = w_ptr + (rr % R).to(tl.int64)[:, None] * stride_wr  # rows past the end read a valid row, unstored
-    x_rows = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm
-    acc0 = tl.zeros((BM, BR), dtype=tl.int32)
-    acc1 = tl.zeros((BM, BR), dtype=tl.int32)
-    acc2 = tl.zeros((BM, BR), dtype=tl.int32)
-    acc3 = tl.zeros((BM, BR), dtype=tl.int32)
-    # the first tile of weights depends on no earlier kernel: under programmatic dependent launch its load is in
-    # flight while the kernel before this one finishes
-    k_first = split * ITERS * BK + rk
-    b_first = tl.load(w_rows + k_first[None, :], mask=k_first[None, :] < K, other=0)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()  # the activations, the workspace and the output may be the previous kernel's
-        tl.extra.cuda.gdc_launch_dependents()
-    for i in tl.static_range(ITERS):
-        k = (split * ITERS + i) * BK + rk
+    acc = tl.zeros((BC, BM), dtype=tl.int32)
+    for k0 in range(0, tl.cdiv(K, BK)):
+        k = k0 * BK + rk
         k_ok = k < K
-        if i == 0:
-            b = b_first
-        else:
-            b = tl.load(w_rows + k[None, :], mask=k_ok[None, :], other=0)
-        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)  # zero: no product
-        acc0 = tl.dot(x, tl.trans(_codes(b, 0)), acc0, out_dtype=tl.int32)
-        acc1 = tl.dot(x, tl.trans(_codes(b, 1)), acc1, out_dtype=tl.int32)
-        acc2 = tl.dot(x, tl.trans(_codes(b, 2)), acc2, out_dtype=tl.int32)
-        acc3 = tl.dot(x, tl.trans(_codes(b, 3)), acc3, out_dtype=tl.int32)
-    # the tile's four partial sums, [4, BM, BR] int32 per tile in the workspace
-    ws = ws_ptr + tile.to(tl.int64) * (4 * BM * BR)
-    cell = rm[:, None] * BR + tl.arange(0, BR)[None, :]
-    last = split >= 0  # (true) a lone program finishes its own tile
-    if SPLITS > 1:
-        # only the real tokens' rows: the padding rows of the workspace stay zero, untouched
-        live = tl.broadcast_to(m_ok[:, None], (BM, BR))
-        tl.atomic_add(ws + cell, acc0, mask=live, sem="relaxed")
-        tl.atomic_add(ws + BM * BR + cell, acc1, mask=live, sem="relaxed")
-        tl.atomic_add(ws + 2 * BM * BR + cell, acc2, mask=live, sem="relaxed")
-        tl.atomic_add(ws + 3 * BM * BR + cell, acc3, mask=live, sem="relaxed")
-        # release our sums, acquire the others'; the last to arrive finishes the tile and resets its counter
-        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        last = done == SPLITS - 1
-        if last:
-            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
-        acc0 = tl.zeros_like(acc0)  # now in the workspace
-        acc1 = tl.zeros_like(acc1)
-        acc2 = tl.zeros_like(acc2)
-        acc3 = tl.zeros_like(acc3)
-    act_scale = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
-    r_ok = rr < R
-    _finish(acc0, ws, cell, rm, rr, m_ok, r_ok & (rr < N), act_scale, s_ptr, bias_ptr, y_ptr, stride_ym, last,
-            HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _finish(acc1, ws + BM * BR, cell, rm, rr + R, m_ok, r_ok & (rr + R < N), act_scale, s_ptr, bias_ptr, y_ptr,
-            stride_ym, last, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _finish(acc2, ws + 2 * BM * BR, cell, rm, rr + 2 * R, m_ok, r_ok & (rr + 2 * R < N), act_scale, s_ptr,
-            bias_ptr, y_ptr, stride_ym, last, HAS_BIAS, PER_CHANNEL)  # fmt: skip
-    _finish(acc3, ws + 3 * BM * BR, cell, rm, rr + 3 * R, m_ok, r_ok & (rr + 3 * R < N), act_scale, s_ptr,
-            bias_ptr, y_ptr, stride_ym, last, HAS_BIAS, PER_CHANNEL)  # fmt: skip
+        x = tl.load(x_rows + k[None, :], mask=(rm < M)[:, None] & k_ok[None, :], other=0)  # zero: no product
+        b = tl.load(w_rows + k[None, :], mask=k_ok[None, :], other=0)
+        acc = tl.dot(_codes(b, Q, USE_ASM), tl.trans(x), acc, out_dtype=tl.int32)
+    return acc
 
 
-@tuning.autotune(_configs(), key=["BM", "N0", "N1", "N2", "K"])
+@tuning.autotune(
+    _configs(), key=["M_BUCKET", "N0", "N1", "N2", "K"], prune_configs_by={"early_config_prune": _fit_tokens}
+)
 @triton.jit(do_not_specialize=["M", "R0", "R1", "R2"])
-def _skinny_kernel(
-    xq_ptr, a_ptr, w0_ptr, s0_ptr, b0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, ws_ptr, count_ptr,
-    M, N0, R0, N1, R1, N2, R2, K, stride_xm, stride_wr,
-    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr, USE_GDC: tl.constexpr,
-    BR: tl.constexpr, BK: tl.constexpr, ITERS: tl.constexpr,
+def _gemm_kernel(
+    xq_ptr, a_ptr, w0_ptr, s0_ptr, bias_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr,
+    M, N0, R0, N1, R1, N2, R2, K, M_BUCKET, stride_xm, stride_wr,
+    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, USE_ASM: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    # one to three layers of one input in one launch (q/k/v, gate/up): the first blocks of byte rows belong to
-    # layer 0, the next to layer 1, the rest to layer 2 (only layer 0 may have a bias); axis 1 slices K
-    block = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    blocks0 = tl.cdiv(R0, BR)
-    blocks1 = tl.cdiv(R1, BR)
+    # one to three layers of one input in one launch (q/k/v, gate/up; a bias only with a single layer): the first
+    # blocks of byte rows belong to layer 0, the next to layer 1, the rest to layer 2. Program order: token tile
+    # fastest, then the field, then the block of byte rows (so a block's bytes are read together)
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tile_m = pid % tiles_m
+    q = (pid // tiles_m) % 4
+    block = pid // (tiles_m * 4)
+    blocks0 = tl.cdiv(R0, BC)
+    blocks1 = tl.cdiv(R1, BC)
     if block < blocks0:
-        _tile(xq_ptr, a_ptr, w0_ptr, s0_ptr, b0_ptr, y0_ptr, ws_ptr, count_ptr, M, N0, R0, K, stride_xm, stride_wr,
-              N0, block, block, split, splits, HAS_BIAS, PER_CHANNEL, BM, BR, BK, ITERS, USE_GDC)  # fmt: skip
+        w_ptr, s_ptr, y_ptr, N, R = w0_ptr, s0_ptr, y0_ptr, N0, R0
     elif block < blocks0 + blocks1:
-        _tile(xq_ptr, a_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, ws_ptr, count_ptr, M, N1, R1, K, stride_xm, stride_wr,
-              N1, block - blocks0, block, split, splits, False, PER_CHANNEL, BM, BR, BK, ITERS, USE_GDC)  # fmt: skip
+        w_ptr, s_ptr, y_ptr, N, R = w1_ptr, s1_ptr, y1_ptr, N1, R1
+        block -= blocks0
     else:
-        _tile(xq_ptr, a_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, ws_ptr, count_ptr, M, N2, R2, K, stride_xm, stride_wr,
-              N2, block - blocks0 - blocks1, block, split, splits, False, PER_CHANNEL, BM, BR, BK, ITERS,
-              USE_GDC)  # fmt: skip
+        w_ptr, s_ptr, y_ptr, N, R = w2_ptr, s2_ptr, y2_ptr, N2, R2
+        block -= blocks0 + blocks1
+    rm = tile_m * BM + tl.arange(0, BM)
+    rr = block * BC + tl.arange(0, BC)
+    x_rows = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + (rr % R).to(tl.int64)[:, None] * stride_wr  # rows past the end read a valid row, unstored
+    if q == 0:
+        acc = _field_sums(x_rows, w_rows, M, K, rm, 0, BC, BM, BK, USE_ASM)
+    elif q == 1:
+        acc = _field_sums(x_rows, w_rows, M, K, rm, 1, BC, BM, BK, USE_ASM)
+    elif q == 2:
+        acc = _field_sums(x_rows, w_rows, M, K, rm, 2, BC, BM, BK, USE_ASM)
+    else:
+        acc = _field_sums(x_rows, w_rows, M, K, rm, 3, BC, BM, BK, USE_ASM)
+    m_ok = rm < M
+    n = rr + q * R
+    act_scale = tl.load(a_ptr + rm, mask=m_ok, other=1.0)
+    _epilogue(tl.trans(acc), act_scale, rm, n, m_ok, (rr < R) & (n < N), s_ptr, bias_ptr, y_ptr, N, HAS_BIAS,
+              PER_CHANNEL)  # fmt: skip
 
 
-_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, ints: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device's zeroed int32 workspace (at least ``ints`` values) and tile counters (at least ``tiles``).
-
-    Kept for the process's life and left zeroed by every launch; grown (reallocated) only when a launch needs more,
-    which the first call of a shape does before any CUDA-graph capture."""
-    held = _workspaces.get(device)
-    if held is None or held[0].numel() < ints or held[1].numel() < tiles:
-        size = max(ints, _WORKSPACE_INTS, 0 if held is None else held[0].numel())
-        counters = max(tiles, 1 << 14, 0 if held is None else held[1].numel())
-        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the packed skinny product needs a larger workspace during CUDA-graph capture; "
-                               "run the step once before capturing it")  # fmt: skip
-        held = (torch.zeros(size, dtype=torch.int32, device=device), torch.zeros(counters, dtype=torch.int32,
-                                                                                 device=device))  # fmt: skip
-        _workspaces[device] = held
-    return held
-
-
-def skinny_gemm(
+def packed_gemm(
     xq: torch.Tensor,
     act_scale: torch.Tensor,
     packed: list[torch.Tensor],
@@ -213,30 +194,27 @@ def skinny_gemm(
     scales: list[torch.Tensor],
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    dependent_launch: bool = False,
 ) -> list[torch.Tensor]:
-    """``(xq @ codes_iᵀ) * s_i * a / 127 (+ bias)`` for one to three layers of the same int8 input, one launch.
+    """``(xq @ codes_iᵀ) * s_i * a / 127 (+ bias)`` over packed weights for one to three layers of the same int8
+    input, one launch, the codes expanded on chip.
 
     Args:
-        xq: int8 ``[..., K]`` with at most :data:`SKINNY_MAX_M` tokens; act_scale: float32 ``[..., 1]`` (from
-            :func:`bittern.kernels.quantizers.quantize_activations`).
+        xq: int8 ``[..., K]`` (any number of tokens; meant for 5 to :data:`MAX_M`); act_scale: float32 ``[..., 1]``
+            (from :func:`bittern.kernels.quantizers.quantize_activations`).
         packed: per layer, uint8 ``[ceil(N_i / 4), K]`` in the Hugging Face layout.
         out_features: per layer, ``N_i``. scales: per layer, float32 ``[1]`` or ``[N_i]``; all per tensor or all
             per row.
-        bias: ``[N_0]`` for the first layer, or None (only a single layer may have one).
+        bias: ``[N_0]``, or None; only a single layer may have one.
         out_dtype: dtype of the results.
-        dependent_launch: launch with programmatic dependent launch (Hopper; the caller promises that no queued
-            kernel writes the packed weights, see :func:`bittern.kernels.packed.static_weights`): the first tile of
-            weights is loaded while the kernel before finishes.
 
     Returns:
         One ``[..., N_i]`` tensor per layer in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` of that
         layer's codes bit for bit. The caller checks shapes (:mod:`bittern.kernels.packed`).
     """
+    if bias is not None and len(packed) != 1:
+        raise ValueError("packed_gemm takes a bias only for a single layer")
     x2 = _rows(xq)
     m, k = x2.shape
-    if m > SKINNY_MAX_M:
-        raise ValueError(f"skinny_gemm takes at most {SKINNY_MAX_M} tokens, got {m}")
     count = len(packed)
     words = [_rows(w) for w in packed]
     rows = [w.shape[0] for w in words]
@@ -248,23 +226,13 @@ def skinny_gemm(
         ys.append(ys[0])
         widths.append(0)
         rows.append(0)
-    if m and k and sum(rows):
-        bm = max(16, triton.next_power_of_2(m))
-        widest = max(br for br, *_ in _TILES)
-        most_tiles = sum(triton.cdiv(r, 16) for r in rows)  # with the narrowest tile
-        ws, counters = _workspace(xq.device, 4 * bm * (sum(rows) + 3 * widest), most_tiles)
-        grid = lambda meta: (  # noqa: E731
-            sum(triton.cdiv(r, meta["BR"]) for r in rows),
-            triton.cdiv(k, meta["BK"] * meta["ITERS"]),
-        )
-        _skinny_kernel[grid](
+    if m and sum(rows):  # K = 0 too: empty sums through the same epilogue
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]) * 4 * sum(triton.cdiv(r, meta["BC"]) for r in rows),)  # noqa: E731
+        _gemm_kernel[grid](
             x2, act_scale.reshape(-1).contiguous(), words[0], scales[0], bias if bias is not None else scales[0],
-            ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2], ws, counters,
-            m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], k, x2.stride(0), words[0].stride(0),
-            HAS_BIAS=bias is not None, PER_CHANNEL=scales[0].numel() != 1, BM=bm, USE_GDC=dependent_launch,
-            **({"launch_pdl": True} if dependent_launch else {}),
+            ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2],
+            m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], k, _bucket(m), x2.stride(0),
+            words[0].stride(0), HAS_BIAS=bias is not None, PER_CHANNEL=scales[0].numel() != 1,
+            USE_ASM=not interpreter.ON_IMPORT,
         )  # fmt: skip
-    else:
-        for y in ys[:count]:
-            y.zero_()  # K = 0: empty sums
     return [y.to(out_dtype).reshape(*xq.shape[:-1], n) for y, n in zip(ys[:count], out_features, strict=True)]

@@ -1,4 +1,4 @@
-"""The short-prompt product over packed weights (:mod:`bittern.kernels.packed_prefill`) against
+"""The tensor-core product over packed weights for 5-256 tokens (:mod:`bittern.kernels.packed_gemm`) against
 :mod:`bittern.quant`: under the interpreter on CPU (codes expanded by shifts), on a GPU with the four-bytes-a-word
 expansion. Shapes are ragged: tokens, byte rows and K past every tile, N not a multiple of 4."""
 
@@ -10,7 +10,7 @@ import torch
 from bittern import packing, quant
 
 pytest.importorskip("triton")
-from bittern.kernels import packed, packed_prefill
+from bittern.kernels import packed, packed_gemm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -25,14 +25,14 @@ def _operands(m: int, n: int, k: int, per_channel: bool, seed: int):
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("shape", [(33, 10, 40), (70, 150, 100), (64, 64, 64), (40, 3, 7), (100, 37, 33)])
+@pytest.mark.parametrize("shape", [(33, 10, 40), (70, 150, 100), (64, 64, 64), (40, 3, 7), (100, 37, 33), (5, 21, 72)])
 def test_product_is_bit_identical_to_the_reference(shape: tuple[int, int, int], per_channel: bool) -> None:
     m, n, k = shape
     x, xq, act_scale, codes, weight, scale, bias = _operands(m, n, k, per_channel, seed=sum(shape))
     for b in (bias, None):
-        (y,) = packed_prefill.prefill_gemm(xq, act_scale, [weight], [n], [scale], b, torch.float32)
+        (y,) = packed_gemm.packed_gemm(xq, act_scale, [weight], [n], [scale], b, torch.float32)
         assert torch.equal(y, quant.integer_linear(x, codes, scale, b))
-    (y16,) = packed_prefill.prefill_gemm(xq, act_scale, [weight], [n], [scale], None, torch.bfloat16)
+    (y16,) = packed_gemm.packed_gemm(xq, act_scale, [weight], [n], [scale], None, torch.bfloat16)
     assert y16.dtype == torch.bfloat16
     assert torch.equal(y16, quant.integer_linear(x, codes, scale, None, torch.bfloat16))
 
@@ -48,7 +48,7 @@ def test_every_field_lands_on_its_own_output_row() -> None:
     xq, act_scale = quant.quantize_activations(x)
     one = torch.ones(1)
     args = [t.to(DEVICE) for t in (xq, act_scale, packing.pack_ternary_rows(codes), one)]
-    (y,) = packed_prefill.prefill_gemm(args[0], args[1], [args[2]], [n], [args[3]], None, torch.float32)
+    (y,) = packed_gemm.packed_gemm(args[0], args[1], [args[2]], [n], [args[3]], None, torch.float32)
     assert torch.equal(y.cpu(), quant.integer_linear(x, codes, one))
 
 
@@ -60,7 +60,7 @@ def test_extreme_values_accumulate_exactly() -> None:
     xq, act_scale = quant.quantize_activations(x)
     weight = packing.pack_ternary_rows(torch.full((n, k), -1, dtype=torch.int8))
     one = torch.ones(1)
-    (y,) = packed_prefill.prefill_gemm(xq.to(DEVICE), act_scale.to(DEVICE), [weight.to(DEVICE)], [n],
+    (y,) = packed_gemm.packed_gemm(xq.to(DEVICE), act_scale.to(DEVICE), [weight.to(DEVICE)], [n],
                                        [one.to(DEVICE)], None, torch.float32)  # fmt: skip
     expected = torch.tensor([[-1.0 * k], [1.0 * k]]).repeat(20, n)
     assert torch.equal(y.cpu(), expected)
@@ -68,7 +68,7 @@ def test_extreme_values_accumulate_exactly() -> None:
 
 def test_leading_dimensions_are_kept() -> None:
     x, xq, act_scale, codes, weight, scale, _ = _operands(2 * 24, 12, 20, False, seed=4)
-    (y,) = packed_prefill.prefill_gemm(xq.view(2, 24, 20), act_scale.view(2, 24, 1), [weight], [12], [scale], None,
+    (y,) = packed_gemm.packed_gemm(xq.view(2, 24, 20), act_scale.view(2, 24, 1), [weight], [12], [scale], None,
                                        torch.float32)  # fmt: skip
     assert y.shape == (2, 24, 12)
     assert torch.equal(y.reshape(48, 12), quant.integer_linear(x, codes, scale))
@@ -82,7 +82,7 @@ def test_layers_of_one_input_in_one_launch_equal_each_layer(widths: tuple[int, .
     x = torch.randn(45, 70, generator=generator) * 2
     xq, act_scale = quant.quantize_activations(x)
     layers = [quant.ternarize(torch.randn(n, 70, generator=generator) * 0.02, per_channel) for n in widths]
-    ys = packed_prefill.prefill_gemm(xq.to(DEVICE), act_scale.to(DEVICE),
+    ys = packed_gemm.packed_gemm(xq.to(DEVICE), act_scale.to(DEVICE),
                                      [packing.pack_ternary_rows(c).to(DEVICE) for c, _ in layers], list(widths),
                                      [s.to(DEVICE) for _, s in layers], None, torch.float32)  # fmt: skip
     assert [y.shape for y in ys] == [(45, n) for n in widths]
@@ -93,16 +93,13 @@ def test_layers_of_one_input_in_one_launch_equal_each_layer(widths: tuple[int, .
 def test_a_bias_only_with_a_single_layer() -> None:
     _, xq, act_scale, _, weight, scale, bias = _operands(40, 8, 16, False, seed=2)
     with pytest.raises(ValueError, match="single layer"):
-        packed_prefill.prefill_gemm(xq, act_scale, [weight, weight], [8, 8], [scale, scale], bias, torch.float32)
+        packed_gemm.packed_gemm(xq, act_scale, [weight, weight], [8, 8], [scale, scale], bias, torch.float32)
 
 
-@pytest.mark.parametrize(("tokens", "path"), [(32, "skinny"), (33, "prefill"), (256, "prefill"), (257, "unpack")])
+@pytest.mark.parametrize(("tokens", "path"), [(2, "gemm"), (5, "gemm"), (256, "gemm"), (257, "unpack")])
 def test_token_count_picks_the_product(tokens: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bittern.kernels import packed_gemm
-
     calls: list[str] = []
-    for module, name, label in ((packed_gemm, "skinny_gemm", "skinny"), (packed_prefill, "prefill_gemm", "prefill"),
-                                (packed, "unpack", "unpack")):  # fmt: skip
+    for module, name, label in ((packed_gemm, "packed_gemm", "gemm"), (packed, "unpack", "unpack")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **kw: calls.append(_l) or _f(*a, **kw))
     x, _, _, codes, weight, scale, bias = _operands(tokens, 6, 8, False, seed=tokens)
