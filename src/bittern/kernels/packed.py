@@ -290,7 +290,9 @@ def static_weights(enabled: bool = True) -> Iterator[None]:
     On Hopper and newer GPUs the decode kernels then launch with programmatic dependent launch: a kernel starts
     while the one before it finishes, loads its weights, and waits for it only before reading the activations
     and writing its output; once past that wait it lets the next kernel start. The weight read of one layer
-    thus overlaps the launch and the work of the kernel before it. Results are unchanged, bit for bit.
+    thus overlaps the launch and the work of the kernel before it. The tensor-core product of
+    :mod:`bittern.kernels.packed_gemm` (5–256 tokens) launches the same way but waits first thing. Results are
+    unchanged, bit for bit.
     Elsewhere (older GPUs, the interpreter) the block changes nothing.
     """
     before = getattr(_static_weights, "on", False)
@@ -491,7 +493,9 @@ def _quantized_products(
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     if xq.numel() // max(xq.shape[-1], 1) <= packed_gemm.MAX_M:
-        return packed_gemm.packed_gemm(xq, act_scale, packed, out_features, scales, bias, out_dtype)
+        return packed_gemm.packed_gemm(
+            xq, act_scale, packed, out_features, scales, bias, out_dtype, dependent_launch=_dependent_launch(xq.device)
+        )
     return [
         matmul.int8_ternary_linear(xq, act_scale, unpack(w, n), s, bias if i == 0 else None, out_dtype)
         for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))
