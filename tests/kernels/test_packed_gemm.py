@@ -106,3 +106,14 @@ def test_token_count_picks_the_product(tokens: int, path: str, monkeypatch: pyte
     y = packed.prefill_linear(x, weight, 6, scale, bias, torch.float32)
     assert calls == [path]
     assert torch.equal(y, quant.integer_linear(x, codes, scale, bias))
+
+
+def test_tiles_wider_than_the_tokens_are_not_tried() -> None:
+    import triton
+
+    configs = [triton.Config({"BM": bm, "BC": 64, "BK": 256}) for bm in (64, 16, 128, 32)]
+    kept = packed_gemm._fit_tokens(configs, {"M_BUCKET": 8})
+    assert [c.kwargs["BM"] for c in kept] == [16]  # 8 tokens: the narrowest tile of 16
+    assert [c.kwargs["BM"] for c in packed_gemm._fit_tokens(configs, {"M_BUCKET": 64})] == [64, 16, 32]
+    assert packed_gemm._fit_tokens(configs, {"M_BUCKET": 256}) == configs
+    assert packed_gemm._fit_tokens(configs[2:3], {"M_BUCKET": 8}) == configs[2:3]  # none fits: the first is kept
