@@ -120,6 +120,8 @@ def test_bad_operands_are_refused_with_the_reason() -> None:
         packed.decode_linear(x[:, :8], weight, 8, scale, None, torch.float32)
     with pytest.raises(ValueError, match="at most 4 tokens"):
         packed.decode_linear(x.repeat(9, 1), weight, 8, scale, None, torch.float32)
+    with pytest.raises(ValueError, match="K = 0"):
+        packed.prefill_linear(x[:, :0].repeat(20, 1), weight[:, :0], 8, scale, None, torch.float32)
 
 
 def test_packed_linear_op_passes_opcheck() -> None:

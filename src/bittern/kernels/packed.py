@@ -128,6 +128,8 @@ def _check(x: torch.Tensor, packed: torch.Tensor, out_features: int, scale: torc
                          f"{packing.packed_rows(out_features)}")  # fmt: skip
     if x.shape[-1] != packed.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features but the packed weight has {packed.shape[1]}")
+    if packed.shape[1] == 0:
+        raise ValueError("packed weight has no input features (K = 0): nothing to quantize or multiply")
     if scale.numel() not in (1, out_features):
         raise ValueError(f"weight scale has {scale.numel()} values; expected 1 or {out_features}")
 

@@ -234,7 +234,7 @@ def packed_gemm(
         ys.append(ys[0])
         widths.append(0)
         rows.append(0)
-    if m and sum(rows):  # K = 0 too: empty sums through the same epilogue
+    if m and sum(rows):
         grid = lambda meta: (triton.cdiv(m, meta["BM"]) * 4 * sum(triton.cdiv(r, meta["BC"]) for r in rows),)  # noqa: E731
         _gemm_kernel[grid](
             x2, act_scale.reshape(-1).contiguous(), words[0], scales[0], bias if bias is not None else scales[0],
