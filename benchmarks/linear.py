@@ -4,17 +4,17 @@ The stack is every projection of ``--layers`` decoder blocks (30 in 2B4T: 210 la
 2560x2560, k and v 640x2560, gate and up 6912x2560, down 2560x6912 (N x K), each with its own random weights.
 For ``M`` tokens (default 1, 16, 512 and 4096) the stack runs, per variant:
 
-* ``bittern``: :class:`bittern.nn.TernaryLinear` on the Triton kernels — up to 4 tokens the dp4a decode kernel
+* ``bittern``: :class:`bittern.nn.TernaryLinear` on the Triton kernels — up to 3 tokens the dp4a decode kernel
   reading the 2-bit packed weights in place with the activation quantization fused in, launched inside
   :func:`bittern.kernels.static_weights` (on Hopper, programmatic dependent launch: each layer's weight read
-  overlaps the kernel before it); 5–256 tokens the int8 tensor-core kernel of :mod:`bittern.kernels.packed_gemm`,
+  overlaps the kernel before it); 4–256 tokens the int8 tensor-core kernel of :mod:`bittern.kernels.packed_gemm`,
   which also reads the packed bytes and expands the codes on chip; beyond, the codes unpacked in one pass and the
   int8 tensor-core GEMM; exact int32 accumulation, bf16 output;
 * ``bittern-serial``: the same without :func:`~bittern.kernels.static_weights` (each kernel waits for the one
   before it to finish before it starts);
 * ``bittern-grouped``: as ``bittern``, with q/k/v and gate/up each one launch on one activation quantization
   (:func:`bittern.nn.project`, as the engine runs them);
-* ``bittern-int8in`` (up to 4 tokens): the decode kernel given each input already quantized (int8 and its
+* ``bittern-int8in`` (up to 3 tokens): the decode kernel given each input already quantized (int8 and its
   scale, made once per input outside the pass) — what the engine's compiled decode step hands it, inductor having
   fused the quantization into the norm before the projection; the kernel's own cost without the quantization;
 * ``bf16``: ``nn.Linear`` in bf16 with the same ternary values (cuBLAS);

@@ -1,4 +1,4 @@
-"""The tensor-core product over packed weights for 5-256 tokens (:mod:`bittern.kernels.packed_gemm`) against
+"""The tensor-core product over packed weights for 4-256 tokens (:mod:`bittern.kernels.packed_gemm`) against
 :mod:`bittern.quant`: under the interpreter on CPU (codes expanded by shifts), on a GPU with the four-bytes-a-word
 expansion. Shapes are ragged: tokens, byte rows and K past every tile, N not a multiple of 4."""
 
@@ -96,14 +96,15 @@ def test_a_bias_only_with_a_single_layer() -> None:
         packed_gemm.packed_gemm(xq, act_scale, [weight, weight], [8, 8], [scale, scale], bias, torch.float32)
 
 
-@pytest.mark.parametrize(("tokens", "path"), [(2, "gemm"), (5, "gemm"), (256, "gemm"), (257, "unpack")])
+@pytest.mark.parametrize(("tokens", "path"), [(3, "decode"), (4, "gemm"), (256, "gemm"), (257, "unpack")])
 def test_token_count_picks_the_product(tokens: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    for module, name, label in ((packed_gemm, "packed_gemm", "gemm"), (packed, "unpack", "unpack")):
+    for module, name, label in ((packed, "decode_linear", "decode"), (packed_gemm, "packed_gemm", "gemm"),
+                                (packed, "unpack", "unpack")):  # fmt: skip
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **kw: calls.append(_l) or _f(*a, **kw))
     x, _, _, codes, weight, scale, bias = _operands(tokens, 6, 8, False, seed=tokens)
-    y = packed.prefill_linear(x, weight, 6, scale, bias, torch.float32)
+    y = packed.packed_linear(x, weight, 6, scale, bias, torch.float32)
     assert calls == [path]
     assert torch.equal(y, quant.integer_linear(x, codes, scale, bias))
 

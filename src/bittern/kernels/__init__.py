@@ -31,8 +31,11 @@ _backend: str | None = None  # None: read the environment variable
 # Looked up once (find_spec imports nothing): torch.compile cannot trace importlib, but reads a module global.
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
-DECODE_MAX_TOKENS = 4
-"""Token counts up to this run on the decode kernel (:mod:`bittern.kernels.packed`); more go to the prefill path."""
+DECODE_MAX_TOKENS = 3
+"""Token counts up to this run on the decode kernel (:mod:`bittern.kernels.packed`); more go to the prefill path.
+On an H100 (BENCHMARKS.md), per 2B4T block (q/k/v, o, gate/up and down launches, int8 input, dependent launch):
+30.2 µs against 40.1 for :mod:`bittern.kernels.packed_gemm` at 2 tokens, 40.3 against 42.2 at 3, 50.7 against
+42.2 at 4."""
 
 
 def _check(name: str) -> str:

@@ -11,7 +11,7 @@ Registered ops (namespace ``bittern``):
   widening of int8 tensors saved for backward (``cublas-int8``).
 * ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
 * ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
-  decode kernel with fused activation quantization for up to 4 tokens, the prefill path beyond;
+  decode kernel with fused activation quantization for up to 3 tokens, the prefill path beyond;
   ``packed_linear_group`` — two or three layers of one input (q/k/v, gate/up) in one launch.
 * ``decode_attention`` — the decode step's rope, KV-cache write (in place) and attention of one token per
   sequence (:mod:`bittern.kernels.attention`).

@@ -50,7 +50,7 @@ from bittern.kernels.quantizers import _round_half_even
 
 DECODE_MAX_M = DECODE_MAX_TOKENS
 """Token counts up to this use the decode kernel. It handles one token after another (the weights come from L1/L2
-after the first), so its cost grows with M: on the H100 the prefill path is faster from about 6 tokens."""
+after the first), so its cost grows with M: on the H100 the tensor-core product is faster from 4 tokens."""
 
 DECODE_MAX_K = 16384
 """Longest input row of the decode kernel (a program holds its block of weight words and a token's row at once)."""
@@ -293,7 +293,7 @@ def static_weights(enabled: bool = True) -> Iterator[None]:
     while the one before it finishes, loads its weights, and waits for it only before reading the activations
     and writing its output; once past that wait it lets the next kernel start. The weight read of one layer
     thus overlaps the launch and the work of the kernel before it. The tensor-core product of
-    :mod:`bittern.kernels.packed_gemm` (5–256 tokens) launches the same way but waits first thing. Results are
+    :mod:`bittern.kernels.packed_gemm` (4–256 tokens) launches the same way but waits first thing. Results are
     unchanged, bit for bit.
     Elsewhere (older GPUs, the interpreter) the block changes nothing.
     """

@@ -1,4 +1,4 @@
-"""The product of 5–256 tokens (a batch of decode steps, a short prompt) with packed 2-bit ternary weights on int8
+"""The product of 4–256 tokens (a batch of decode steps, a short prompt) with packed 2-bit ternary weights on int8
 tensor cores, the codes expanded on chip.
 
 Reads the Hugging Face ``bitnet`` layout in place (:mod:`bittern.packing`): uint8 ``[R, K]``, ``R = ceil(N / 4)``,
@@ -21,7 +21,8 @@ Measured on an H100 (BENCHMARKS.md), µs per call in a chain of distinct layers:
   against 21.5 for 128 x 6912 x 2560; slower from 512 tokens, where the product waits for each step's expansion
   (Triton keeps a product with a register operand synchronous);
 * against the split-K kernel it replaced for 5–32 tokens (a ``K`` slice per program, int32 atomics into a
-  workspace): 6.9 against 10.6 for 16 x 2560 x 2560, 9.9 against 25.9 for gate and up (16 x 2 x 6912 x 2560).
+  workspace): 6.9 against 10.6 for 16 x 2560 x 2560, 9.9 against 25.9 for gate and up (16 x 2 x 6912 x 2560);
+* against the dp4a decode kernel (:mod:`bittern.kernels.packed`), which keeps 1–3 tokens: faster per block from 4.
 
 The epilogue is the reference's, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the result
 equals :func:`bittern.quant.integer_linear` bit for bit. Tiles are autotuned per (tokens rounded up to a power of
@@ -205,7 +206,7 @@ def packed_gemm(
     input, one launch, the codes expanded on chip.
 
     Args:
-        xq: int8 ``[..., K]`` (any number of tokens; meant for 5 to :data:`MAX_M`); act_scale: float32 ``[..., 1]``
+        xq: int8 ``[..., K]`` (any number of tokens; meant for 4 to :data:`MAX_M`); act_scale: float32 ``[..., 1]``
             (from :func:`bittern.kernels.quantizers.quantize_activations`).
         packed: per layer, uint8 ``[ceil(N_i / 4), K]`` in the Hugging Face layout.
         out_features: per layer, ``N_i``. scales: per layer, float32 ``[1]`` or ``[N_i]``; all per tensor or all
