@@ -209,3 +209,45 @@ def test_prompt_forward_on_the_fused_norms_matches_the_model(trained, monkeypatc
     norms_per_block = 4 if arch == "bitnet" else 2  # BitNet adds a norm before o_proj and before down_proj
     blocks = model.config.num_hidden_layers
     assert quantizing == ([True] * norms_per_block) * blocks + [False]  # the LM head is not packed
+
+
+@pytest.mark.skipif(not bittern.kernels.triton_available(), reason="needs Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_on_the_fused_projections_match_the_reference(
+    trained, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode step on the Triton backend (interpreter here) runs each block as four fused projections, every norm,
+    the gated activation and both residual adds inside them: the logits must equal the reference backend's step up
+    to the norms' order of additions, and no norm of a block may run on its own."""
+    from bittern import kernels
+
+    arch, model, ids, _ = trained
+    fused_calls, norm_calls = [], []
+    fused, norm = kernels.fused_projection, kernels.rms_norm
+    monkeypatch.setattr(kernels, "fused_projection", lambda *args: fused_calls.append(args) or fused(*args))
+    monkeypatch.setattr(kernels, "rms_norm", lambda *args: norm_calls.append(args) or norm(*args))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need a GPU, or the interpreter on CPU
+    decoder = Engine(copy.deepcopy(model).to(device, dtype), max_seq_len=64).decoder
+    assert all(decoder.fusable)
+    rows = ids[:2, :10].to(device)
+    pad = torch.zeros(2, dtype=torch.long, device=device)
+    cache = decoder.new_cache(2)  # shared: each step of the two backends sees the same cache before it
+    with torch.no_grad():
+        with kernels.use_backend("reference"):
+            decoder.forward(rows[:, :8], decoder.slots[:8], pad, cache, 8)
+        for slot in range(8, 10):
+            slots = decoder.slots[slot : slot + 1]
+            token = rows[:, slot : slot + 1]
+            with kernels.use_backend("reference"):
+                want = decoder.forward(token, slots, pad, cache, slot + 1)
+            fused_calls.clear(), norm_calls.clear()
+            with kernels.use_backend("triton"):
+                got = decoder.forward(token, slots, pad, cache, slot + 1)
+            # bfloat16: a norm rounded the other way can move an int8 activation by one step; 2e-2 is the issue's
+            # bound for bfloat16 against float32
+            assert _relative_error(got, want) <= (1e-5 if dtype == torch.float32 else 2e-2)
+            assert _argmax_agreement(got, want) == 1.0
+            assert len(fused_calls) == 4 * model.config.num_hidden_layers
+            assert len(norm_calls) == 1  # the final norm before the LM head only
+    activations = {call[6] for call in fused_calls}
+    assert activations == {None, "relu2" if arch == "bitnet" else "silu"}
