@@ -18,7 +18,6 @@ every softmax row has a finite maximum (no NaN reaches the cache).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +27,6 @@ from torch import nn
 from bittern import kernels
 from bittern.errors import ConfigError
 from bittern.nn import TernaryLinear, project
-
-FUSED_PROJECTIONS_ENV = "BITTERN_FUSED_PROJECTIONS"
-"""Set to ``0`` to run every block's norms and residual adds on their own even where they could fuse into the
-projections (:func:`_fusable`), to compare."""
 
 SUPPORTED_MODEL_TYPES = ("llama", "bitnet", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose decoder layer :class:`Decoder` reproduces."""
@@ -137,51 +132,6 @@ def _norm(
     return summed, norm(summed), None
 
 
-_GATED_ACTIVATIONS = {"ReLUSquaredActivation": "relu2", "SiLU": "silu", "SiLUActivation": "silu"}
-"""Activation modules by class name, and the name :func:`bittern.kernels.fused_projection` knows them by."""
-
-
-def _fusable(layer: _Layer, dtype: torch.dtype) -> bool:
-    """Whether a decode step can run ``layer`` as four fused projections (:func:`bittern.kernels.fused_projection`):
-    every projection a packed :class:`TernaryLinear` (q/k/v and gate/up bias-free, each group's scales all per
-    tensor or all per row), every norm a Hugging Face RMSNorm with its gain in the model's ``dtype``, and an
-    activation the kernel knows."""
-    groups = ([layer.q_proj, layer.k_proj, layer.v_proj], [layer.gate_proj, layer.up_proj])
-    projections = [*groups[0], layer.o_proj, *groups[1], layer.down_proj]
-    norms = [n for n in (layer.input_norm, layer.attn_sub_norm, layer.post_norm, layer.ffn_sub_norm) if n is not None]
-    return (
-        all(isinstance(p, TernaryLinear) for p in projections)
-        and all(p.bias is None for group in groups for p in group)
-        and all(len({p.weight_scale.numel() != 1 for p in group}) == 1 for group in groups)
-        and all(type(n).__name__ in _HF_RMS_NORMS and n.weight.dtype == dtype for n in norms)
-        and type(layer.act).__name__ in _GATED_ACTIVATIONS
-    )
-
-
-def _fused(
-    x: torch.Tensor,
-    layers: list[nn.Module],
-    norm: nn.Module | None,
-    residual: torch.Tensor | None = None,
-    up: torch.Tensor | None = None,
-    activation: str | None = None,
-) -> list[torch.Tensor]:
-    """``layers`` (packed :class:`TernaryLinear`) of ``norm(act(x) * up)`` plus ``residual``, in one kernel
-    (:func:`bittern.kernels.fused_projection`; the arguments as it takes them)."""
-    return kernels.fused_projection(
-        x,
-        [layer.packed_weight for layer in layers],
-        [layer.out_features for layer in layers],
-        [layer.weight_scale for layer in layers],
-        layers[0].bias,
-        up,
-        activation,
-        None if norm is None else norm.weight,
-        0.0 if norm is None else norm.variance_epsilon,
-        residual,
-    )
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -230,9 +180,6 @@ class Decoder:
         cos, sin = _module(base, "rotary_emb", "the decoder")(probe, position_ids=positions)
         self.cos, self.sin = cos[0], sin[0]
         self.slots = torch.arange(max_seq_len, device=self.device)
-        off = os.environ.get(FUSED_PROJECTIONS_ENV, "1") == "0"
-        self.fusable = [not off and _fusable(layer, self.dtype) for layer in self.layers]
-        """Per block, whether its decode steps may run as four fused projections (:func:`_fusable`)."""
 
     @staticmethod
     def _layer(block: nn.Module, index: int, sliding_window: int | None) -> _Layer:
@@ -309,16 +256,8 @@ class Decoder:
         pending: torch.Tensor | None = None  # the last block's output, added into x by the next norm
         for index, layer in enumerate(self.layers):
             qkv = [layer.q_proj, layer.k_proj, layer.v_proj]
-            # fused: each projection's kernel also runs the norm (and gated activation) before it and the residual
-            # add after it, so a decode step launches no kernel of its own for them
-            fuse = self.fusable[index] and kernels.fused_projection_applies(x)
-            if fuse:
-                if pending is not None:  # left by a block that did not run fused
-                    x, pending = x + pending, None
-                q, k, v = _fused(x, qkv, layer.input_norm)
-            else:
-                x, h, quantized = _norm(layer.input_norm, x, pending, qkv)
-                q, k, v = project(h, qkv, quantized)  # one launch when they are packed
+            x, h, quantized = _norm(layer.input_norm, x, pending, qkv)
+            q, k, v = project(h, qkv, quantized)  # one launch when they are packed
             q = q.view(batch, length, self.num_heads, self.head_dim)
             k = k.view(batch, length, self.num_kv_heads, self.head_dim)
             v = v.view(batch, length, self.num_kv_heads, self.head_dim)
@@ -338,36 +277,22 @@ class Decoder:
             else:
                 out = self._attention(index, layer, q, k, v, cos, sin, slots, pad, cache, key_len, masks)
             out = out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
-            gate_up = [layer.gate_proj, layer.up_proj]
-            if fuse:
-                x = _fused(out, [layer.o_proj], layer.attn_sub_norm, residual=x)[0]
-                gate, up = _fused(x, gate_up, layer.post_norm)
-                if kernels.fused_projection_applies(gate):
-                    activation = _GATED_ACTIVATIONS[type(layer.act).__name__]
-                    x = _fused(gate, [layer.down_proj], layer.ffn_sub_norm, residual=x, up=up, activation=activation)[0]
-                else:
-                    pending = self._down(layer, gate, up)
-                continue
             quantized = None
             if layer.attn_sub_norm is not None:
                 _, out, quantized = _norm(layer.attn_sub_norm, out, None, [layer.o_proj])
             attended = project(out, [layer.o_proj], quantized)[0]
+            gate_up = [layer.gate_proj, layer.up_proj]
             x, h, quantized = _norm(layer.post_norm, x, attended, gate_up)
             gate, up = project(h, gate_up, quantized)
-            pending = self._down(layer, gate, up)
+            h = layer.act(gate) * up
+            quantized = None
+            if layer.ffn_sub_norm is not None:
+                _, h, quantized = _norm(layer.ffn_sub_norm, h, None, [layer.down_proj])
+            pending = project(h, [layer.down_proj], quantized)[0]
         if last_only:
             x = x[:, -1:]
             pending = None if pending is None else pending[:, -1:]
         return self.head(_norm(self.norm, x, pending, [self.head])[1])
-
-    @staticmethod
-    def _down(layer: _Layer, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """The block's output from its gate and up projections: ``down(sub_norm(act(gate) * up))``."""
-        h = layer.act(gate) * up
-        quantized = None
-        if layer.ffn_sub_norm is not None:
-            _, h, quantized = _norm(layer.ffn_sub_norm, h, None, [layer.down_proj])
-        return project(h, [layer.down_proj], quantized)[0]
 
     def _attention(
         self,

@@ -38,11 +38,6 @@ On an H100 (BENCHMARKS.md), per 2B4T block (q/k/v, o, gate/up and down launches,
 42.2 at 4."""
 
 
-GATED_ACTIVATIONS = ("relu2", "silu")
-"""The gated activations ``act(x) * up`` :func:`fused_projection` computes, by name: BitNet's ``relu2``
-(``square(relu(x))``, transformers' ``ReLUSquaredActivation``) and Llama's ``silu``."""
-
-
 def _check(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -258,64 +253,6 @@ def packed_quantized(
         )
         for i, (w, n, s) in enumerate(zip(packed_weights, out_features, scales, strict=True))
     ]
-
-
-def fused_projection_applies(x: torch.Tensor) -> bool:
-    """Whether :func:`fused_projection` runs on ``x`` ``[..., K]`` as one kernel: the Triton backend, no gradient
-    wanted, a floating input of at most :data:`DECODE_MAX_TOKENS` tokens with ``K % 4 == 0`` (and ``K <= 16384``)."""
-    if (torch.is_grad_enabled() and x.requires_grad) or not x.is_floating_point() or not uses_triton(x):
-        return False
-    from bittern.kernels import packed
-
-    return packed.decode_applies(x)
-
-
-def _gated(x: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(x) * up`` in PyTorch, each operation in ``x``'s dtype (the modules' own formula)."""
-    if activation == "relu2":
-        return torch.square(torch.relu(x)) * up
-    if activation == "silu":
-        return torch.nn.functional.silu(x) * up
-    raise ValueError(f"unknown gated activation {activation!r}; choose one of {', '.join(GATED_ACTIVATIONS)}")
-
-
-def fused_projection(
-    x: torch.Tensor,
-    packed_weights: list[torch.Tensor],
-    out_features: list[int],
-    scales: list[torch.Tensor],
-    bias: torch.Tensor | None = None,
-    up: torch.Tensor | None = None,
-    activation: str | None = None,
-    norm_weight: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
-    residual: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """A decode step's projection with the work around it: ``h = act(x) * up`` (with ``activation``, a name of
-    :data:`GATED_ACTIVATIONS`), ``h = RMSNorm(h)`` (with ``norm_weight`` ``[K]`` and ``norm_eps``, a Hugging Face
-    ``LlamaRMSNorm``'s formula), then one to three packed layers of ``h`` (:func:`packed_quantized`'s products;
-    ``bias`` for a single layer), and with ``residual`` ``[..., N]`` (single layer) ``residual + y``.
-
-    ``x`` ``[..., K]`` floating; the results ``[..., N_i]`` in ``x.dtype``, every step rounded to it as PyTorch
-    rounds it. Where :func:`fused_projection_applies`, one kernel does all of it
-    (:func:`bittern.kernels.packed.decode_fused`: the decode step then has no kernel of its own for a norm, the
-    gated activation or a residual add); elsewhere the same steps run one after another in PyTorch and the
-    packed products."""
-    if fused_projection_applies(x):
-        return _ops().decode_fused(x, packed_weights, out_features, scales, bias, up, activation, norm_weight,
-                                   norm_eps, residual)  # fmt: skip
-    if (activation is None) != (up is None):
-        raise ValueError("fused_projection: an activation needs 'up' (act(x) * up), and 'up' needs an activation")
-    h = x if activation is None else _gated(x, up, activation)
-    if norm_weight is not None:
-        h = rms_norm(h, norm_weight, norm_eps)[1]
-    ys = [packed_linear(h, w, n, s, bias if i == 0 else None, x.dtype)
-          for i, (w, n, s) in enumerate(zip(packed_weights, out_features, scales, strict=True))]  # fmt: skip
-    if residual is not None:
-        if len(ys) != 1:
-            raise ValueError("fused_projection takes a residual only for a single layer")
-        ys[0] = residual + ys[0]
-    return ys
 
 
 def rms_norm(

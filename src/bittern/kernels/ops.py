@@ -12,9 +12,7 @@ Registered ops (namespace ``bittern``):
 * ``integer_linear`` — inference: ``y`` from a float input and fixed codes.
 * ``packed_linear`` — inference straight from the packed 2-bit weights (:mod:`bittern.kernels.packed`): the
   decode kernel with fused activation quantization for up to 3 tokens, the prefill path beyond;
-  ``packed_linear_group`` — two or three layers of one input (q/k/v, gate/up) in one launch;
-  ``decode_fused`` — the decode product with the gated activation and RMSNorm before it and the residual add
-  after it in the same launch.
+  ``packed_linear_group`` — two or three layers of one input (q/k/v, gate/up) in one launch.
 * ``decode_attention`` — the decode step's rope, KV-cache write (in place) and attention of one token per
   sequence (:mod:`bittern.kernels.attention`).
 
@@ -361,32 +359,6 @@ def packed_quantized(
 @packed_quantized.register_fake
 def _(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype):  # type: ignore[no-untyped-def]
     return [xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype) for n in out_features]
-
-
-@_custom_op("bittern::decode_fused")
-def decode_fused(
-    x: torch.Tensor,
-    packed_weights: list[torch.Tensor],
-    out_features: list[int],
-    scales: list[torch.Tensor],
-    bias: torch.Tensor | None,
-    up: torch.Tensor | None,
-    activation: str | None,
-    norm_weight: torch.Tensor | None,
-    norm_eps: float,
-    residual: torch.Tensor | None,
-) -> list[torch.Tensor]:
-    """The decode product with the gated activation, the RMSNorm before it and the residual add after it in the
-    same launch (:func:`bittern.kernels.packed.decode_fused`): ``[..., K]`` → ``[..., N_i]`` per layer."""
-    with _device_guard(x):
-        return packed.decode_fused(x, packed_weights, out_features, scales, x.dtype, bias=bias, up=up,
-                                   activation=activation, norm_weight=norm_weight, norm_eps=norm_eps,
-                                   residual=residual)  # fmt: skip
-
-
-@decode_fused.register_fake
-def _(x, packed_weights, out_features, scales, bias, up, activation, norm_weight, norm_eps, residual):  # type: ignore[no-untyped-def]
-    return [x.new_empty((*x.shape[:-1], n)) for n in out_features]
 
 
 @_custom_op("bittern::decode_attention", mutates_args=("keys", "values"))

@@ -43,10 +43,9 @@ import triton
 import triton.language as tl
 
 from bittern import packing, quant
-from bittern.kernels import DECODE_MAX_TOKENS, GATED_ACTIVATIONS, interpreter, matmul, packed_gemm, quantizers, tuning
+from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers, tuning
 from bittern.kernels.matmul import _rows
-from bittern.kernels.norms import _rounded
-from bittern.kernels.packed_gemm import _epilogue, _rescaled
+from bittern.kernels.packed_gemm import _epilogue
 from bittern.kernels.quantizers import _round_half_even
 
 DECODE_MAX_M = DECODE_MAX_TOKENS
@@ -148,48 +147,17 @@ def _check_group(
 
 
 @triton.jit
-def _input_words(x_row, u_row, j, j_ok, lanes, ACT: tl.constexpr, DTYPE: tl.constexpr, BY_HAND: tl.constexpr):
-    """float32 ``[W, 4]``: the input features ``4j + lane`` of one token (zero past ``K``), or with ``ACT`` the gated
-    activation ``act(x) * u`` rounded to ``DTYPE`` after each operation as PyTorch computes it in that dtype
-    (``ACT`` 1: ``square(relu(x))``, BitNet's ``relu2``; 2: ``silu(x)``)."""
-    at = j[:, None] * 4 + lanes[None, :]
-    x = tl.load(x_row + at, mask=j_ok[:, None], other=0.0).to(tl.float32)
-    if ACT != 0:
-        u = tl.load(u_row + at, mask=j_ok[:, None], other=0.0).to(tl.float32)
-        if ACT == 1:
-            r = tl.maximum(x, 0.0)
-            x = _rounded(r * r, DTYPE, BY_HAND).to(tl.float32)
-        else:
-            x = _rounded(x / (1.0 + tl.exp(-x)), DTYPE, BY_HAND).to(tl.float32)
-        x = _rounded(x * u, DTYPE, BY_HAND).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _normed(x, inv_rms, g_ptr, j, j_ok, lanes, DTYPE: tl.constexpr, BY_HAND: tl.constexpr):
-    """``gain * (x * inv_rms).to(DTYPE)`` rounded to ``DTYPE``: a Hugging Face RMSNorm's last two operations on
-    ``[W, 4]`` features (float32 values)."""
-    gain = tl.load(g_ptr + j[:, None] * 4 + lanes[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
-    normed = _rounded(x * inv_rms, DTYPE, BY_HAND).to(tl.float32)
-    return _rounded(gain * normed, DTYPE, BY_HAND).to(tl.float32)
-
-
-@triton.jit
 def _decode_rows(
-    x_ptr, u_ptr, g_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, r_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym,
-    block, norm_eps,
+    x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym, block,
     K: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, PREQUANTIZED: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
-    RESIDUAL: tl.constexpr, DTYPE: tl.constexpr, BY_HAND: tl.constexpr, USE_ASM: tl.constexpr,
-    USE_GDC: tl.constexpr, BR: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr,
+    BR: tl.constexpr,
 ):  # fmt: skip
     """Byte rows ``[block * BR, (block + 1) * BR)`` of one layer for every token. The program loads its whole
     ``[BR, K/4]`` block of weight words first, then (``USE_GDC``) waits for the kernel before it, then takes one
-    token after another: its input row (with ``ACT``, the gated activation of ``x`` and ``u``; with ``NORM``, then
-    RMS-normalized with the gain at ``g_ptr``), quantized and packed four to a word (or, with ``PREQUANTIZED``, the
-    int8 row read as words and its scale from ``a_ptr``), then ``dp4a``; with ``RESIDUAL`` the product, rounded to
-    ``DTYPE``, is added to the row of ``r_ptr``. The ``K/4`` words are split in two power-of-two parts, ``KW0``
-    and a tail of at most ``KW1`` (masked): 640 words are 512 + 128, with no lane wasted."""
+    token after another: quantize its row and pack it four to a word (or, with ``PREQUANTIZED``, read the int8
+    row as words and its scale from ``a_ptr``), then ``dp4a``. The ``K/4`` words are split in two power-of-two
+    parts, ``KW0`` and a tail of at most ``KW1`` (masked): 640 words are 512 + 128, with no lane wasted."""
     KW: tl.constexpr = K // 4
     rr = block * BR + tl.arange(0, BR)
     r_ok = rr < R
@@ -215,14 +183,8 @@ def _decode_rows(
             xw1 = tl.load(x_row + j1, mask=j1_ok, other=0)
             amax = tl.load(a_ptr + m)
         else:
-            u_row = u_ptr + m * stride_xm
-            x0 = _input_words(x_row, u_row, j0, j0 < KW, lanes, ACT, DTYPE, BY_HAND)
-            x1 = _input_words(x_row, u_row, j1, j1_ok, lanes, ACT, DTYPE, BY_HAND)
-            if NORM:
-                squares = tl.sum(tl.sum(x0 * x0, axis=1), axis=0) + tl.sum(tl.sum(x1 * x1, axis=1), axis=0)
-                inv_rms = tl.math.rsqrt(squares / K + norm_eps)
-                x0 = _normed(x0, inv_rms, g_ptr, j0, j0 < KW, lanes, DTYPE, BY_HAND)
-                x1 = _normed(x1, inv_rms, g_ptr, j1, j1_ok, lanes, DTYPE, BY_HAND)
+            x0 = tl.load(x_row + j0[:, None] * 4 + lanes[None, :]).to(tl.float32)
+            x1 = tl.load(x_row + j1[:, None] * 4 + lanes[None, :], mask=j1_ok[:, None], other=0.0).to(tl.float32)
             amax = tl.maximum(tl.max(tl.max(tl.abs(x0), axis=1), axis=0), tl.max(tl.max(tl.abs(x1), axis=1), axis=0))
             amax = tl.maximum(amax, EPS)
             xw0 = _pack_quantized(x0, amax, lanes)
@@ -236,16 +198,8 @@ def _decode_rows(
             acc = _row_dot((w0 >> (2 * q)) & 0x03030303, xw0, USE_ASM)
             acc += _row_dot((w1 >> (2 * q)) & 0x03030303, xw1, USE_ASM)
             n = rr + q * R
-            n_ok = r_ok & (n < N)
-            if RESIDUAL:  # the product as the layer returns it, then the block's residual add in that dtype
-                y = _rescaled((acc - total)[None, :], a, n, n_ok, s_ptr, bias_ptr, HAS_BIAS, PER_CHANNEL)
-                ok = m_ok[:, None] & n_ok[None, :]
-                at = rm.to(tl.int64)[:, None] * stride_ym + n[None, :]
-                y = _rounded(y, DTYPE, BY_HAND).to(tl.float32) + tl.load(r_ptr + at, mask=ok, other=0.0).to(tl.float32)
-                tl.store(y_ptr + at, _rounded(y, DTYPE, BY_HAND).to(y_ptr.dtype.element_ty), mask=ok)
-            else:
-                _epilogue((acc - total)[None, :], a, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS,
-                          PER_CHANNEL)  # fmt: skip
+            _epilogue((acc - total)[None, :], a, rm, n, m_ok, r_ok & (n < N), s_ptr, bias_ptr, y_ptr, stride_ym,
+                      HAS_BIAS, PER_CHANNEL)  # fmt: skip
 
 
 @triton.jit
@@ -263,55 +217,49 @@ def _row_dot(words, xw, USE_ASM: tl.constexpr):
     return tl.sum(_dp4a(words, xb, tl.zeros(words.shape, dtype=tl.int32), USE_ASM), axis=1)
 
 
-@triton.jit(do_not_specialize=["M", "N", "R", "norm_eps"])
+@triton.jit(do_not_specialize=["M", "N", "R"])
 def _decode_kernel(
-    x_ptr, u_ptr, g_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, r_ptr, y_ptr,
-    M, N, R, stride_xm, stride_wr, stride_ym, norm_eps,
+    x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr,
+    M, N, R, stride_xm, stride_wr, stride_ym,
     K: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr, EPS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, PREQUANTIZED: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
-    RESIDUAL: tl.constexpr, DTYPE: tl.constexpr, BY_HAND: tl.constexpr, USE_ASM: tl.constexpr,
-    USE_GDC: tl.constexpr, BR: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr,
+    BR: tl.constexpr,
 ):  # fmt: skip
-    _decode_rows(x_ptr, u_ptr, g_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, r_ptr, y_ptr, M, N, R, stride_xm, stride_wr,
-                 stride_ym, tl.program_id(0), norm_eps, K, KW0, KW1, EPS, HAS_BIAS, PER_CHANNEL, PREQUANTIZED, ACT,
-                 NORM, RESIDUAL, DTYPE, BY_HAND, USE_ASM, USE_GDC, BR)  # fmt: skip
+    _decode_rows(x_ptr, a_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, R, stride_xm, stride_wr, stride_ym,
+                 tl.program_id(0), K, KW0, KW1, EPS, HAS_BIAS, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
+                 BR)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["M", "N0", "R0", "N1", "R1", "N2", "R2", "norm_eps"])
+@triton.jit(do_not_specialize=["M", "N0", "R0", "N1", "R1", "N2", "R2"])
 def _decode_group_kernel(
-    x_ptr, u_ptr, g_ptr, a_ptr, w0_ptr, s0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr,
-    M, N0, R0, N1, R1, N2, R2, stride_xm, stride_wr, norm_eps,
+    x_ptr, a_ptr, w0_ptr, s0_ptr, y0_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr,
+    M, N0, R0, N1, R1, N2, R2, stride_xm, stride_wr,
     K: tl.constexpr, KW0: tl.constexpr, KW1: tl.constexpr, EPS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    PREQUANTIZED: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, DTYPE: tl.constexpr,
-    BY_HAND: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr, BR: tl.constexpr,
+    PREQUANTIZED: tl.constexpr, USE_ASM: tl.constexpr, USE_GDC: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     # up to three layers of one input (q/k/v, gate/up) in one launch: the first blocks of programs take layer 0,
-    # the next layer 1, the rest layer 2 (a launch costs about as much as a small layer's whole product); no bias,
-    # no residual
+    # the next layer 1, the rest layer 2 (a launch costs about as much as a small layer's whole product)
     pid = tl.program_id(0)
     blocks0 = tl.cdiv(R0, BR)
     blocks1 = tl.cdiv(R1, BR)
     if pid < blocks0:
-        _decode_rows(x_ptr, u_ptr, g_ptr, a_ptr, w0_ptr, s0_ptr, s0_ptr, y0_ptr, y0_ptr, M, N0, R0, stride_xm,
-                     stride_wr, N0, pid, norm_eps, K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, ACT, NORM,
-                     False, DTYPE, BY_HAND, USE_ASM, USE_GDC, BR)  # fmt: skip
+        _decode_rows(x_ptr, a_ptr, w0_ptr, s0_ptr, s0_ptr, y0_ptr, M, N0, R0, stride_xm, stride_wr, N0, pid,
+                     K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
     elif pid < blocks0 + blocks1:
-        _decode_rows(x_ptr, u_ptr, g_ptr, a_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, y1_ptr, M, N1, R1, stride_xm,
-                     stride_wr, N1, pid - blocks0, norm_eps, K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, ACT,
-                     NORM, False, DTYPE, BY_HAND, USE_ASM, USE_GDC, BR)  # fmt: skip
+        _decode_rows(x_ptr, a_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, M, N1, R1, stride_xm, stride_wr, N1,
+                     pid - blocks0, K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
+                     BR)  # fmt: skip
     else:
-        _decode_rows(x_ptr, u_ptr, g_ptr, a_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, y2_ptr, M, N2, R2, stride_xm,
-                     stride_wr, N2, pid - blocks0 - blocks1, norm_eps, K, KW0, KW1, EPS, False, PER_CHANNEL,
-                     PREQUANTIZED, ACT, NORM, False, DTYPE, BY_HAND, USE_ASM, USE_GDC, BR)  # fmt: skip
+        _decode_rows(x_ptr, a_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, M, N2, R2, stride_xm, stride_wr, N2,
+                     pid - blocks0 - blocks1, K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
+                     BR)  # fmt: skip
 
 
 _PRUNE = {"early_config_prune": _fits_registers}
-# the input's form is part of the key: a fused prologue repeats more work per program than an int8 input does
-_INPUT_KEY = ["PREQUANTIZED", "ACT", "NORM"]
-_decode_tuned = tuning.autotune(_decode_configs(), key=["N", "K", *_INPUT_KEY], prune_configs_by=_PRUNE)(_decode_kernel)
-_decode_group_tuned = tuning.autotune(
-    _decode_configs(), key=["N0", "N1", "N2", "K", *_INPUT_KEY], prune_configs_by=_PRUNE
-)(_decode_group_kernel)
+_decode_tuned = tuning.autotune(_decode_configs(), key=["N", "K"], prune_configs_by=_PRUNE)(_decode_kernel)
+_decode_group_tuned = tuning.autotune(_decode_configs(), key=["N0", "N1", "N2", "K"], prune_configs_by=_PRUNE)(
+    _decode_group_kernel
+)
 
 
 def _decode_rows_of(x: torch.Tensor, act_scale: torch.Tensor | None, caller: str) -> tuple[torch.Tensor, dict]:
@@ -370,13 +318,12 @@ def _dependent_launch(device: torch.device) -> bool:
 
 
 def _decode_flags(k: int, per_channel: bool, device: torch.device) -> dict:
-    """The decode kernels' compile-time flags for inputs of ``k`` features on ``device`` (no prologue)."""
+    """The decode kernels' compile-time flags for inputs of ``k`` features on ``device``."""
     dependent = _dependent_launch(device)
     words = k // 4
     main = 1 << (words.bit_length() - 1)  # the largest power of two <= words (K > 0)
     return dict(K=k, KW0=main, KW1=triton.next_power_of_2(max(words - main, 1)), EPS=quant.EPS, PER_CHANNEL=per_channel,
-                USE_ASM=not interpreter.active(), USE_GDC=dependent, ACT=0, NORM=False, DTYPE=tl.float32,
-                BY_HAND=False)  # fmt: skip
+                USE_ASM=not interpreter.active(), USE_GDC=dependent)  # fmt: skip
 
 
 def _launch(kernel, tuned, byte_rows: list[int], args: tuple, flags: dict, config: dict[str, int] | None) -> None:  # type: ignore[no-untyped-def]
@@ -390,66 +337,6 @@ def _launch(kernel, tuned, byte_rows: list[int], args: tuple, flags: dict, confi
         warps = chosen.pop("num_warps", 4)
         grid = (sum(triton.cdiv(r, chosen["BR"]) for r in byte_rows),)
         kernel[grid](*args, **flags, **chosen, num_warps=warps, **launch)
-
-
-_ACTIVATION_CODES = {name: code for code, name in enumerate(GATED_ACTIVATIONS, start=1)}
-"""The kernel's ``ACT`` code of each gated activation :func:`decode_fused` takes by name."""
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _decode(
-    x: torch.Tensor,
-    packed: list[torch.Tensor],
-    out_features: list[int],
-    scales: list[torch.Tensor],
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    config: dict[str, int] | None,
-    act_scale: torch.Tensor | None,
-    caller: str,
-    up: torch.Tensor | None = None,
-    activation: str | None = None,
-    norm_weight: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
-    residual: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """One launch of the decode kernel (one layer) or of the group kernel (two or three), the arguments checked by
-    the public callers; the prologue and the residual as :func:`decode_fused` describes them."""
-    x2, input_flags = _decode_rows_of(x, act_scale, caller)
-    m, k = x2.shape[0], x.shape[-1]
-    if up is not None and _rows(up).stride(0) != x2.stride(0):
-        x2, up = x2.contiguous(), up.contiguous()
-    u2 = x2 if up is None else _rows(up)
-    gain = x2 if norm_weight is None else norm_weight.contiguous()
-    words = [_rows(w).view(torch.int32) for w in packed]  # [R, K/4]; K % 4 == 0 keeps every row word-aligned
-    rows = [w.shape[0] for w in packed]
-    ys = [torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device) for n in out_features]
-    flags = _decode_flags(k, scales[0].numel() != 1, x.device)
-    flags.update(input_flags, ACT=_ACTIVATION_CODES[activation] if activation else 0, NORM=norm_weight is not None)
-    if activation or norm_weight is not None or residual is not None:
-        flags.update(DTYPE=_TL_DTYPES[x.dtype], BY_HAND=interpreter.ON_IMPORT and x.dtype == torch.bfloat16)
-    a_ptr = act_scale if act_scale is not None else scales[0]
-    if m and len(packed) == 1 and out_features[0]:
-        res = _rows(residual).contiguous() if residual is not None else ys[0]
-        args = (
-            x2, u2, gain, a_ptr, words[0], scales[0], bias if bias is not None else scales[0], res, ys[0],
-            m, out_features[0], rows[0], x2.stride(0), words[0].stride(0), ys[0].stride(0), float(norm_eps),
-        )  # fmt: skip
-        flags.update(HAS_BIAS=bias is not None, RESIDUAL=residual is not None)
-        _launch(_decode_kernel, _decode_tuned, rows, args, flags, config)
-    elif m and len(packed) > 1:
-        widths = list(out_features)
-        if len(packed) == 2:  # a third layer of no rows: its programs are never launched
-            words, rows, scales = [*words, words[1]], [*rows, 0], [*scales, scales[1]]
-            ys, widths = [*ys, ys[1]], [*widths, 0]
-        args = (
-            x2, u2, gain, a_ptr, words[0], scales[0], ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2],
-            m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], x2.stride(0), words[0].stride(0),
-            float(norm_eps),
-        )  # fmt: skip
-        _launch(_decode_group_kernel, _decode_group_tuned, rows, args, flags, config)
-    return [y.to(out_dtype).reshape(*x.shape[:-1], n) for y, n in zip(ys, out_features, strict=False)]
 
 
 def decode_linear(
@@ -479,7 +366,18 @@ def decode_linear(
         ``[..., N]`` in ``out_dtype``, equal to :func:`bittern.quant.integer_linear` bit for bit.
     """
     _check(x, packed, out_features, scale)
-    return _decode(x, [packed], [out_features], [scale], bias, out_dtype, config, act_scale, "decode_linear")[0]
+    x2, input_flags = _decode_rows_of(x, act_scale, "decode_linear")
+    m, k = x2.shape[0], x.shape[-1]
+    words = _rows(packed).view(torch.int32)  # [R, K/4]; K % 4 == 0 keeps every row word-aligned
+    n = out_features
+    rows = packed.shape[0]
+    y = torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device)
+    if m and n:
+        args = (x2, act_scale if act_scale is not None else scale, words, scale, bias if bias is not None else scale,
+                y, m, n, rows, x2.stride(0), words.stride(0), y.stride(0))  # fmt: skip
+        flags = {**_decode_flags(k, scale.numel() != 1, x.device), **input_flags, "HAS_BIAS": bias is not None}
+        _launch(_decode_kernel, _decode_tuned, [rows], args, flags, config)
+    return y.to(out_dtype).reshape(*x.shape[:-1], n)
 
 
 def decode_group(
@@ -504,80 +402,29 @@ def decode_group(
         One ``[..., N_i]`` tensor per layer, each equal to that layer's :func:`decode_linear` bit for bit.
     """
     _check_group(x, packed, out_features, scales, "decode_group")
-    return _decode(x, packed, out_features, scales, None, out_dtype, config, act_scale, "decode_group")
-
-
-def decode_fused(
-    x: torch.Tensor,
-    packed: list[torch.Tensor],
-    out_features: list[int],
-    scales: list[torch.Tensor],
-    out_dtype: torch.dtype,
-    bias: torch.Tensor | None = None,
-    up: torch.Tensor | None = None,
-    activation: str | None = None,
-    norm_weight: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
-    residual: torch.Tensor | None = None,
-    config: dict[str, int] | None = None,
-) -> list[torch.Tensor]:
-    """The decode product of one to three layers with the work around it in the same launch, so that a decode step
-    runs no separate kernel for its norms, gated activation or residual adds. Per token:
-
-    1. ``h = x``, or with ``activation`` the gated activation ``act(x) * up``
-       (:data:`~bittern.kernels.GATED_ACTIVATIONS`);
-    2. with ``norm_weight``, a Hugging Face RMSNorm: ``h = w * (h * rsqrt(mean(h²) + norm_eps)).to(dtype)``;
-    3. ``h`` quantized per token and multiplied (each layer's :func:`decode_linear`, bias included);
-    4. with ``residual`` (one layer only), ``y = residual + y``.
-
-    Every operation rounds to ``x.dtype`` where PyTorch would, computing it in that dtype; only the mean's order of
-    additions (and ``rsqrt``'s and ``exp``'s last bit) may differ from PyTorch's, as they do between its own
-    kernels. Each program repeats steps 1–2 on the token's row (from L2) rather than waiting for another kernel.
-
-    Args:
-        x: float ``[..., K]``: at most :data:`DECODE_MAX_M` tokens, ``K % 4 == 0``, ``K <= DECODE_MAX_K``.
-        packed, out_features, scales: per layer, as :func:`decode_group` takes them.
-        out_dtype: the results' dtype; ``x.dtype`` when any of steps 1, 2 or 4 is asked for.
-        bias: ``[N]`` of a single layer, or None.
-        up: ``[..., K]`` like ``x``, the gate's partner; needed by ``activation``.
-        activation: a name of :data:`~bittern.kernels.GATED_ACTIVATIONS`, or None.
-        norm_weight: ``[K]`` in ``x.dtype``, the norm's gain; ``norm_eps`` its epsilon.
-        residual: ``[..., N]`` in ``x.dtype``: what the single layer's output is added to.
-        config: a fixed tile choice (tests).
-
-    Returns:
-        One ``[..., N_i]`` per layer (with ``residual``, the sum).
-    """
-    if not x.is_floating_point():
-        raise ValueError(f"decode_fused takes a float input (it quantizes it itself), got {x.dtype}")
-    if len(packed) == 1:
-        _check(x, packed[0], out_features[0], scales[0])
+    per_channel = {s.numel() != 1 for s in scales}
+    x2, input_flags = _decode_rows_of(x, act_scale, "decode_group")
+    m, k = x2.shape[0], x.shape[-1]
+    words = [_rows(w).view(torch.int32) for w in packed]
+    rows = [w.shape[0] for w in packed]
+    ys = [torch.empty((m, n), dtype=interpreter.store_dtype(out_dtype), device=x.device) for n in out_features]
+    if len(packed) == 2:  # a third layer of no rows: its programs are never launched
+        words.append(words[1])
+        rows.append(0)
+        scales = [*scales, scales[1]]
+        ys.append(ys[1])
+        widths = [*out_features, 0]
     else:
-        _check_group(x, packed, out_features, scales, "decode_fused")
-        if bias is not None or residual is not None:
-            raise ValueError("decode_fused takes a bias or a residual only for a single layer")
-    fused = activation is not None or norm_weight is not None or residual is not None
-    if fused and (x.dtype not in _TL_DTYPES or out_dtype != x.dtype):
-        raise ValueError(f"decode_fused rounds its steps to the input's dtype: x is {x.dtype}, out_dtype "
-                         f"{out_dtype}; they must be one floating dtype")  # fmt: skip
-    if activation is not None and activation not in _ACTIVATION_CODES:
-        raise ValueError(f"decode_fused: unknown activation {activation!r}; choose one of "
-                         f"{', '.join(GATED_ACTIVATIONS)}")  # fmt: skip
-    if (activation is None) != (up is None):
-        raise ValueError("decode_fused: an activation needs 'up' (act(x) * up), and 'up' needs an activation")
-    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
-        raise ValueError(f"decode_fused: up {up.dtype} {tuple(up.shape)} does not match x {x.dtype} {tuple(x.shape)}")
-    k = x.shape[-1]
-    if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
-        raise ValueError(f"decode_fused: norm_weight is {norm_weight.dtype} {tuple(norm_weight.shape)}; the input "
-                         f"needs {x.dtype} ({k},)")  # fmt: skip
-    if residual is not None:
-        want = (*x.shape[:-1], out_features[0])
-        if residual.shape != want or residual.dtype != x.dtype:
-            raise ValueError(f"decode_fused: residual is {residual.dtype} {tuple(residual.shape)}; the output "
-                             f"is {x.dtype} {want}")  # fmt: skip
-    return _decode(x, packed, out_features, scales, bias, out_dtype, config, None, "decode_fused", up=up,
-                   activation=activation, norm_weight=norm_weight, norm_eps=norm_eps, residual=residual)  # fmt: skip
+        widths = list(out_features)
+    if m:
+        args = (
+            x2, act_scale if act_scale is not None else scales[0],
+            words[0], scales[0], ys[0], words[1], scales[1], ys[1], words[2], scales[2], ys[2],
+            m, widths[0], rows[0], widths[1], rows[1], widths[2], rows[2], x2.stride(0), words[0].stride(0),
+        )  # fmt: skip
+        flags = {**_decode_flags(k, per_channel.pop(), x.device), **input_flags}
+        _launch(_decode_group_kernel, _decode_group_tuned, rows, args, flags, config)
+    return [y.to(out_dtype).reshape(*x.shape[:-1], n) for y, n in zip(ys, out_features, strict=False)]
 
 
 def prefill_linear(

@@ -110,9 +110,9 @@ def _codes(packed_bytes, Q: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _rescaled(acc, act_scale, n, n_ok, s_ptr, bias_ptr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """float32 ``acc * s * a / 127 (+ bias)`` in the reference's order: int32 ``acc`` ``[BM, BN]``, ``act_scale``
-    ``[BM]``, output columns ``n`` ``[BN]``."""
+def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym,
+              HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):  # fmt: skip
+    """``y = acc * s * a / 127 (+ bias)`` in the reference's float32 order, stored for the valid rows/columns."""
     y = acc.to(tl.float32)
     if PER_CHANNEL:
         y = y * tl.load(s_ptr + n, mask=n_ok, other=1.0)[None, :]
@@ -122,14 +122,6 @@ def _rescaled(acc, act_scale, n, n_ok, s_ptr, bias_ptr, HAS_BIAS: tl.constexpr, 
     y = tl.math.div_rn(y, tl.full(y.shape, 127.0, tl.float32))
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    return y
-
-
-@triton.jit
-def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym,
-              HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):  # fmt: skip
-    """``y = acc * s * a / 127 (+ bias)`` (:func:`_rescaled`), stored for the valid rows/columns."""
-    y = _rescaled(acc, act_scale, n, n_ok, s_ptr, bias_ptr, HAS_BIAS, PER_CHANNEL)
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + n[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
