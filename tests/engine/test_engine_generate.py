@@ -192,3 +192,19 @@ def test_bad_requests_name_the_argument(engine: Engine) -> None:
     with pytest.raises(MissingFileError, match="tokenizer"):
         bare.generate("text", 4)
     assert bare.generate_ids([[1, 2, 3]], 4).texts == [""]
+
+
+@pytest.mark.parametrize("vocab", [7, 256, 1000, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_equal_argmax_with_its_tie_rule(vocab: int, dtype: torch.dtype) -> None:
+    from bittern.engine.sampling import greedy_tokens
+
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=generator).to(dtype)
+    logits[1, vocab // 3] = logits[1, -1] = 50.0  # equal maxima in different pieces: the first wins
+    logits[2] = float("-inf")  # nothing above -inf: token 0
+    logits[3, vocab // 2] = float("nan")  # NaN counts as the maximum
+    logits[4, :] = 1.0  # all equal
+    want = logits.float().argmax(dim=-1)
+    assert torch.equal(greedy_tokens(logits), want)
+    assert want[1] == vocab // 3 and want[2] == 0 and want[3] == vocab // 2 and want[4] == 0

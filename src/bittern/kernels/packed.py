@@ -256,10 +256,13 @@ def _decode_group_kernel(
 
 
 _PRUNE = {"early_config_prune": _fits_registers}
-_decode_tuned = tuning.autotune(_decode_configs(), key=["N", "K"], prune_configs_by=_PRUNE)(_decode_kernel)
-_decode_group_tuned = tuning.autotune(_decode_configs(), key=["N0", "N1", "N2", "K"], prune_configs_by=_PRUNE)(
-    _decode_group_kernel
+# an int8 input and a float one quantized in the kernel prefer different tiles (BENCHMARKS.md): both in the key
+_decode_tuned = tuning.autotune(_decode_configs(), key=["N", "K", "PREQUANTIZED"], prune_configs_by=_PRUNE)(
+    _decode_kernel
 )
+_decode_group_tuned = tuning.autotune(
+    _decode_configs(), key=["N0", "N1", "N2", "K", "PREQUANTIZED"], prune_configs_by=_PRUNE
+)(_decode_group_kernel)
 
 
 def _decode_rows_of(x: torch.Tensor, act_scale: torch.Tensor | None, caller: str) -> tuple[torch.Tensor, dict]:
