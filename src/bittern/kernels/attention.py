@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bittern.kernels import interpreter
+from bittern.kernels import interpreter, packed
 
 # Triton's interpreter multiplies bf16 tiles wrongly (see bittern.kernels.matmul): there the tiles are widened to
 # float32 after rounding to their dtype, which leaves every product unchanged.
@@ -60,11 +60,17 @@ def _decode_attention_kernel(
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_og,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr,
     SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):  # fmt: skip
     """One KV head of one row (axis 0) over slots ``[split * SPLIT, (split + 1) * SPLIT)`` (axis 1) of those the
     query sees. The split holding the new slot writes the new key and value there and adds that slot from
     registers; the cached slots before it come from memory. One split: the output. Several: the split's running
-    max, sum and unnormalised ``p·v`` into the workspace, for :func:`_combine_kernel`."""
+    max, sum and unnormalised ``p·v`` into the workspace, for :func:`_combine_kernel`. With ``USE_GDC``
+    (programmatic dependent launch) the program is resident before the previous kernel ends, and waits for it
+    first thing."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()  # every input may be the previous kernel's
+        tl.extra.cuda.gdc_launch_dependents()  # only past the wait (see bittern.kernels.packed._decode_rows)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // kv_heads
@@ -142,9 +148,12 @@ def _decode_attention_kernel(
 @triton.jit
 def _combine_kernel(
     part_ptr, stat_ptr, out_ptr, kv_heads, stride_ob, stride_oh, stride_og,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
 ):  # fmt: skip
     """One KV head of one row: the splits' partial softmax sums rescaled to their common max and added."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // kv_heads
     h = pid % kv_heads
@@ -237,6 +246,10 @@ def decode_attention(
     if splits > 1:
         part = torch.empty((programs * splits * padded, dim), dtype=torch.float32, device=q.device)
         stats = torch.empty((programs * splits * padded, 2), dtype=torch.float32, device=q.device)
+    # inside static_weights() on Hopper (the engine's decode step): the kernel's programs are launched while the
+    # q/k/v product before it finishes, and wait for it before reading anything
+    dependent = packed._dependent_launch(q.device)
+    launch = {"launch_pdl": True} if dependent else {}
     _decode_attention_kernel[(programs, splits)](
         q, k, v, cos, sin, keys, values, slot, pad, out, part, stats, kv_heads, scale, window or 0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
@@ -244,10 +257,11 @@ def decode_attention(
         out.stride(0), out.stride(1), out.stride(2),
         G=groups, GP=padded, D=dim, BS=block, SPLIT=split, SPLITS=splits, HAS_WINDOW=window is not None,
         UPCAST=_UPCAST_DOTS, PRECISION="ieee" if q.dtype == torch.float32 or _UPCAST_DOTS else "tf32", num_warps=4,
+        USE_GDC=dependent, **launch,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(programs,)](
             part, stats, out, kv_heads, out.stride(0), out.stride(1), out.stride(2),
-            G=groups, GP=padded, D=dim, SPLITS=splits, num_warps=4,
+            G=groups, GP=padded, D=dim, SPLITS=splits, num_warps=4, USE_GDC=dependent, **launch,
         )  # fmt: skip
     return out.to(q.dtype)
