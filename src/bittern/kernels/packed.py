@@ -296,8 +296,8 @@ def static_weights(enabled: bool = True) -> Iterator[None]:
     while the one before it finishes, loads its weights, and waits for it only before reading the activations
     and writing its output; once past that wait it lets the next kernel start. The weight read of one layer
     thus overlaps the launch and the work of the kernel before it. The tensor-core product of
-    :mod:`bittern.kernels.packed_gemm` (4–256 tokens) launches the same way but waits first thing. Results are
-    unchanged, bit for bit.
+    :mod:`bittern.kernels.packed_gemm` (4–256 tokens) and the decode attention of :mod:`bittern.kernels.attention`
+    launch the same way but wait first thing. Results are unchanged, bit for bit.
     Elsewhere (older GPUs, the interpreter) the block changes nothing.
     """
     before = getattr(_static_weights, "on", False)
