@@ -248,7 +248,7 @@ def decode_attention(
         stats = torch.empty((programs * splits * padded, 2), dtype=torch.float32, device=q.device)
     # inside static_weights() on Hopper (the engine's decode step): the kernel's programs are launched while the
     # q/k/v product before it finishes, and wait for it before reading anything
-    dependent = packed._dependent_launch(q.device)
+    dependent = packed.launches_dependently(q.device)
     launch = {"launch_pdl": True} if dependent else {}
     _decode_attention_kernel[(programs, splits)](
         q, k, v, cos, sin, keys, values, slot, pad, out, part, stats, kv_heads, scale, window or 0,

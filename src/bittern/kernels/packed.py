@@ -313,7 +313,7 @@ def _supports_dependent_launch(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _dependent_launch(device: torch.device) -> bool:
+def launches_dependently(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with programmatic dependent launch now (inside
     :func:`static_weights`, on a GPU that has it, not under the interpreter)."""
     return (getattr(_static_weights, "on", False) and not interpreter.active()
@@ -322,7 +322,7 @@ def _dependent_launch(device: torch.device) -> bool:
 
 def _decode_flags(k: int, per_channel: bool, device: torch.device) -> dict:
     """The decode kernels' compile-time flags for inputs of ``k`` features on ``device``."""
-    dependent = _dependent_launch(device)
+    dependent = launches_dependently(device)
     words = k // 4
     main = 1 << (words.bit_length() - 1)  # the largest power of two <= words (K > 0)
     return dict(K=k, KW0=main, KW1=triton.next_power_of_2(max(words - main, 1)), EPS=quant.EPS, PER_CHANNEL=per_channel,
@@ -498,8 +498,9 @@ def _quantized_products(
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     if xq.numel() // max(xq.shape[-1], 1) <= packed_gemm.MAX_M:
+        dependent = launches_dependently(xq.device)
         return packed_gemm.packed_gemm(
-            xq, act_scale, packed, out_features, scales, bias, out_dtype, dependent_launch=_dependent_launch(xq.device)
+            xq, act_scale, packed, out_features, scales, bias, out_dtype, dependent_launch=dependent
         )
     return [
         matmul.int8_ternary_linear(xq, act_scale, unpack(w, n), s, bias if i == 0 else None, out_dtype)
