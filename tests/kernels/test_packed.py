@@ -288,6 +288,37 @@ def test_decode_kernel_takes_a_prequantized_input(shape: tuple[int, int, int]) -
         assert torch.equal(y_i, quant.integer_linear(x, c.to(DEVICE), s.to(DEVICE)))
 
 
+def test_prequantized_extremes_accumulate_exactly() -> None:
+    # codes +1 put the largest byte (2 << 6 = 128) in the top field, and an int8 input may hold -128: every field
+    # of every byte row, its sum over K = 4096, must come back exact from the in-place masks
+    k, n = 4096, 12
+    xq = torch.full((3, k), 127, dtype=torch.int8)
+    xq[1] = -128
+    xq[2, ::2] = -128
+    codes = torch.ones((n, k), dtype=torch.int8)
+    codes[::3] = -1
+    codes[1::3, ::5] = 0
+    act_scale = torch.full((3, 1), 2.5)
+    one = torch.ones(1)
+    y = packed.decode_linear(xq.to(DEVICE), packing.pack_ternary_rows(codes).to(DEVICE), n, one.to(DEVICE), None,
+                             torch.float32, act_scale=act_scale.to(DEVICE))  # fmt: skip
+    expected = (xq.long() @ codes.long().T).float() * one * act_scale / 127
+    assert torch.equal(y.cpu(), expected)
+
+
+def test_prequantized_tile_takes_the_fewest_warps_that_hold_the_row() -> None:
+    limit = packed.PREQUANTIZED_WORDS_PER_THREAD * 32
+    for main, tail in ((4, 1), (512, 128), (1024, 1024), (2048, 1), (4096, 1)):  # K = 16 … 16384
+        tile = packed._prequantized_tile(main, tail)
+        warps = tile["num_warps"]
+        assert tile["BR"] == 1
+        assert 2 * (main + tail) <= limit * warps  # weight words and activation words, per thread
+        assert warps == 1 or 2 * (main + tail) > limit * warps // 2  # and no fewer would do
+    assert packed._prequantized_tile(512, 128)["num_warps"] == 1  # 2B4T's K = 2560
+    assert packed._prequantized_tile(1024, 1024)["num_warps"] == 2  # K = 6912 (1728 words)
+    assert packed._prequantized_tile(4096, 1)["num_warps"] == 8  # K = 16384
+
+
 def test_prequantized_input_is_checked() -> None:
     x, _, weight, scale, _ = _operands(2, 8, 16, False, seed=1)
     xq, act_scale = quant.quantize_activations(x)

@@ -5,10 +5,11 @@
 2-bit fields (``code + 1``). No second copy in another layout is kept, and nothing is converted at load time.
 
 * :func:`decode_linear` (``M <= DECODE_MAX_M`` tokens, ``K % 4 == 0``): the packed bytes are read as int32
-  words, four consecutive ``k`` of one byte row each. Masking field ``q`` of every byte in place
-  (``(w >> 2q) & 0x03030303``) gives four unsigned int8 values ``c = code + 1`` of output row ``r + qR``: exactly
-  the operand of the ``dp4a`` instruction (a 4-way int8 dot product with int32 accumulation), so one word yields
-  16 weights' products in 4 shifts, 4 masks and 4 ``dp4a``. The activations are quantized per token inside the
+  words, four consecutive ``k`` of one byte row each. Masking field ``q`` of every byte where it lies
+  (``w & (0x03030303 << 2q)``) gives four unsigned bytes ``4^q c`` (``c = code + 1`` of output row ``r + qR``, at
+  most 128): the operand of the ``dp4a`` instruction (a 4-way int8 dot product with int32 accumulation), whose
+  sum over ``K`` is then ``4^q`` times the field's and is shifted back exactly. One word yields 16 weights'
+  products in 4 masks and 4 ``dp4a``, with no shift per word. The activations are quantized per token inside the
   kernel (each program reads the token's whole row, which sits in L2, for its absmax) and packed four to a word
   the same way — or, given already quantized (``act_scale``: under ``torch.compile`` inductor fuses the
   quantization into the norm before the projection), read as words. Since
@@ -61,12 +62,35 @@ def _decode_configs() -> list[triton.Config]:
     if interpreter.ON_IMPORT:
         return [triton.Config({"BR": 4}, num_warps=4, num_stages=1)]
     # few candidates, as each compiles per K; those holding over 64 weight words per thread are pruned per K. On
-    # an H100 (BENCHMARKS.md, the 210 layers of 2B4T at M = 1): (2, 4) is the fastest with a prequantized input,
-    # (8, 8) with the quantization in the kernel, where fewer programs repeat it
+    # an H100 (BENCHMARKS.md, the 210 layers of 2B4T at M = 1) (8, 8) is the fastest with the quantization in the
+    # kernel, where fewer programs repeat it. A prequantized input takes _prequantized_tile instead.
     shapes = [(2, 4), (8, 8), (4, 4), (8, 4), (16, 8)]
     if os.environ.get("BITTERN_AUTOTUNE", "1") == "0":
         shapes = shapes[:1]
     return [triton.Config({"BR": br}, num_warps=w, num_stages=1) for br, w in shapes]
+
+
+PREQUANTIZED_WORDS_PER_THREAD = 64
+"""Most words a thread of :func:`_prequantized_tile`'s program holds: its share of one byte row's weight words
+and of the activation row's."""
+
+
+def _prequantized_tile(kw0: int, kw1: int) -> dict[str, int]:
+    """The decode kernel's tile for an int8 input whose ``K/4`` words are split ``kw0 + kw1``: one byte row per
+    program and the fewest warps (one up to ``K`` = 4096) whose threads hold at most
+    :data:`PREQUANTIZED_WORDS_PER_THREAD` words each (more spill registers: ptxas, sm_90).
+
+    Not autotuned: each kernel alone is timed without the ones around it, and inside the decode step a product's
+    cost is what it adds after the kernel before it ends (its wait, then the ``dp4a`` work and the sums over
+    ``K``). There few warps win: a sum over ``K`` within one warp needs no barrier. On an H100 (chain of 30
+    layers of the 2B4T shapes, each after a one-program kernel, µs added per layer; BENCHMARKS.md), against the
+    (4 byte rows, 4 warps) autotuning had chosen: 6.28 → 5.00 for 13824 x 2560 (one warp), 3.39 → 2.61 for
+    2560 x 2560 (one warp), 4.78 → 4.20 for 2560 x 6912 (two warps)."""
+    words = kw0 + kw1
+    warps = 1
+    while 2 * words > PREQUANTIZED_WORDS_PER_THREAD * 32 * warps and warps < 8:
+        warps *= 2
+    return {"BR": 1, "num_warps": warps}
 
 
 def _fits_registers(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -195,8 +219,11 @@ def _decode_rows(
         a = tl.zeros([1], dtype=tl.float32) + amax
         m_ok = rm < M
         for q in tl.static_range(4):
-            acc = _row_dot((w0 >> (2 * q)) & 0x03030303, xw0, USE_ASM)
-            acc += _row_dot((w1 >> (2 * q)) & 0x03030303, xw1, USE_ASM)
+            # field q where it lies: bytes 4^q (code + 1) <= 128, so the sum is exactly 4^q times the field's
+            field = tl.full([1, 1], 0x03030303, tl.int32) << (2 * q)
+            acc = _row_dot(w0 & field, xw0, USE_ASM)
+            acc += _row_dot(w1 & field, xw1, USE_ASM)
+            acc = acc >> (2 * q)
             n = rr + q * R
             _epilogue((acc - total)[None, :], a, rm, n, m_ok, r_ok & (n < N), s_ptr, bias_ptr, y_ptr, stride_ym,
                       HAS_BIAS, PER_CHANNEL)  # fmt: skip
@@ -256,13 +283,11 @@ def _decode_group_kernel(
 
 
 _PRUNE = {"early_config_prune": _fits_registers}
-# an int8 input and a float one quantized in the kernel prefer different tiles (BENCHMARKS.md): both in the key
-_decode_tuned = tuning.autotune(_decode_configs(), key=["N", "K", "PREQUANTIZED"], prune_configs_by=_PRUNE)(
-    _decode_kernel
+# autotuned only for a float input quantized in the kernel: an int8 input takes _prequantized_tile
+_decode_tuned = tuning.autotune(_decode_configs(), key=["N", "K"], prune_configs_by=_PRUNE)(_decode_kernel)
+_decode_group_tuned = tuning.autotune(_decode_configs(), key=["N0", "N1", "N2", "K"], prune_configs_by=_PRUNE)(
+    _decode_group_kernel
 )
-_decode_group_tuned = tuning.autotune(
-    _decode_configs(), key=["N0", "N1", "N2", "K", "PREQUANTIZED"], prune_configs_by=_PRUNE
-)(_decode_group_kernel)
 
 
 def _decode_rows_of(x: torch.Tensor, act_scale: torch.Tensor | None, caller: str) -> tuple[torch.Tensor, dict]:
@@ -330,9 +355,12 @@ def _decode_flags(k: int, per_channel: bool, device: torch.device) -> dict:
 
 
 def _launch(kernel, tuned, byte_rows: list[int], args: tuple, flags: dict, config: dict[str, int] | None) -> None:  # type: ignore[no-untyped-def]
-    """Launch ``tuned`` (autotuned), or ``kernel`` with a fixed ``config`` (tests), one program per ``BR`` byte
-    rows of every layer in ``byte_rows``; with programmatic dependent launch where ``flags`` ask for it."""
+    """Launch ``tuned`` (autotuned), or ``kernel`` with a fixed ``config`` (tests; for an int8 input,
+    :func:`_prequantized_tile` when none is given), one program per ``BR`` byte rows of every layer in
+    ``byte_rows``; with programmatic dependent launch where ``flags`` ask for it."""
     launch = {"launch_pdl": True} if flags["USE_GDC"] else {}
+    if config is None and flags["PREQUANTIZED"]:
+        config = _prequantized_tile(flags["KW0"], flags["KW1"])
     if config is None:
         tuned[lambda meta: (sum(triton.cdiv(r, meta["BR"]) for r in byte_rows),)](*args, **flags, **launch)
     else:
