@@ -200,7 +200,7 @@ def test_prompt_forward_on_the_fused_norms_matches_the_model(trained, monkeypatc
     arch, model, ids, ref = trained
     quantizing = []
     fused = kernels.rms_norm
-    monkeypatch.setattr(kernels, "rms_norm", lambda *args, **kw: quantizing.append(args[4]) or fused(*args, **kw))
+    monkeypatch.setattr(kernels, "rms_norm", lambda *args: quantizing.append(args[4]) or fused(*args))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need a GPU, or the interpreter on CPU
     engine = Engine(copy.deepcopy(model).to(device), max_seq_len=128)
     with kernels.use_backend("triton"):

@@ -106,39 +106,3 @@ def test_packed_products_of_a_quantized_input_equal_the_packed_linear(backend: s
     for y, (codes, scale) in zip(group, layers, strict=True):
         assert torch.equal(y, quant.integer_linear(x, codes.to(DEVICE), scale.to(DEVICE)))
     assert torch.equal(single[0], quant.integer_linear(x, layers[0][0].to(DEVICE), scales[0], bias))
-
-
-def test_rms_norm_op_passes_opcheck() -> None:
-    import bittern.kernels.ops  # noqa: F401  (registers torch.ops.bittern)
-
-    module, x, residual = _norm_and_inputs(48, torch.float32, seed=6)
-    weight = module.weight.detach()
-    for args in ((x, weight, 1e-5, residual, True, True), (x, weight, 1e-5, None, False, False)):
-        torch.library.opcheck(torch.ops.bittern.rms_norm.default, args)
-
-
-@pytest.mark.parametrize("residual_given", [False, True])
-def test_compiled_norm_is_the_kernel_and_equals_it(residual_given: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    # under torch.compile kernels.rms_norm is the opaque op around the same kernel: bit for bit what it gives
-    # eagerly, the residual stream returned as the summed input, and x itself when there is no residual
-    launched = []
-    kernel = norms.rms_norm
-    monkeypatch.setattr(norms, "rms_norm", lambda *args: launched.append(args[-1]) or kernel(*args))
-    module, x, residual = _norm_and_inputs(80, torch.bfloat16, seed=7)
-    weight = module.weight.detach()
-    delta = residual if residual_given else None
-
-    def norm(x: torch.Tensor, delta: torch.Tensor | None):  # type: ignore[no-untyped-def]
-        return kernels.rms_norm(x, weight, 1e-5, delta, quantize=True, settled=delta is not None)
-
-    with kernels.use_backend("triton"):
-        eager = norm(x, delta)
-        torch._dynamo.reset()
-        compiled = torch.compile(norm, fullgraph=True)(x, delta)
-    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
-    assert torch.equal(compiled[2][0], eager[2][0]) and torch.equal(compiled[2][1], eager[2][1])
-    assert launched == [residual_given, residual_given]  # eager, then the compiled op; settled with a residual
-    if not residual_given:
-        assert torch.equal(compiled[0], x)
-    with torch.no_grad():
-        assert torch.equal(eager[1], module(x if delta is None else x + delta))

@@ -109,32 +109,25 @@ _HF_RMS_NORMS = frozenset({"LlamaRMSNorm", "BitNetRMSNorm", "MistralRMSNorm", "Q
 
 
 def _norm(
-    norm: nn.Module,
-    x: torch.Tensor,
-    delta: torch.Tensor | None,
-    consumers: list[nn.Module],
-    inductor_fuses_input: bool = False,
+    norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, consumers: list[nn.Module]
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """``s = x + delta`` (``x`` when ``delta`` is None), ``norm(s)`` and, when every one of ``consumers`` (the layers
     reading the norm's output) is a packed ternary layer, the output's int8 quantization for them:
     ``(s, normed, quantized or None)``.
 
-    On the Triton backend a Hugging Face RMSNorm is one fused kernel (:func:`bittern.kernels.rms_norm`: the add,
-    the norm and the quantization in one pass; the eager prompt forward would otherwise launch seven or more
-    kernels), compiled too (an opaque op that, in the captured decode step, launches dependently). Only with
-    ``inductor_fuses_input`` (``x`` an elementwise product that inductor computes in the same kernel as the norm)
-    does the compiled step run the module itself. With a ``delta``, ``x`` is the residual stream, last written
-    by the norm before this one, two or more kernels back: the kernel may read it before waiting for the last.
-    """
+    On the Triton backend, outside torch.compile, a Hugging Face RMSNorm is one fused kernel
+    (:func:`bittern.kernels.rms_norm`: the add, the norm and the quantization in one pass; the eager prompt forward
+    would otherwise launch seven or more kernels). Elsewhere the module itself runs: under torch.compile inductor
+    fuses the same work, and the traced graph stays the model's own."""
     fused = (
         type(norm).__name__ in _HF_RMS_NORMS
-        and not (torch.compiler.is_compiling() and inductor_fuses_input)
+        and not torch.compiler.is_compiling()
         and kernels.uses_triton(x)
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))  # kernels: no autograd
     )
     if fused:
         quantize = all(isinstance(layer, TernaryLinear) for layer in consumers)
-        return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, delta, quantize, settled=delta is not None)
+        return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, delta, quantize)
     summed = x if delta is None else x + delta
     return summed, norm(summed), None
 
@@ -294,7 +287,7 @@ class Decoder:
             h = layer.act(gate) * up
             quantized = None
             if layer.ffn_sub_norm is not None:
-                _, h, quantized = _norm(layer.ffn_sub_norm, h, None, [layer.down_proj], inductor_fuses_input=True)
+                _, h, quantized = _norm(layer.ffn_sub_norm, h, None, [layer.down_proj])
             pending = project(h, [layer.down_proj], quantized)[0]
         if last_only:
             x = x[:, -1:]

@@ -261,23 +261,17 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,
     quantize: bool = False,
-    settled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Residual add, a Hugging Face ``LlamaRMSNorm``'s forward and, with ``quantize``, the per-token int8
     quantization of its output: ``(s, y, (yq, a) or None)`` with ``s = x + residual`` (``x`` if None),
     ``y = weight * (s_f32 * rsqrt(mean(s_f32²) + eps)).to(s.dtype)``, ``(yq, a) = quantize_activations(y)``.
-    ``x`` ``[..., D]``; ``y`` in ``promote_types(weight.dtype, x.dtype)``. On the Triton backend one kernel
-    (:mod:`bittern.kernels.norms`; under torch.compile the op ``bittern::rms_norm``, which launches dependently
-    where :func:`bittern.kernels.packed.static_weights` allows, with ``settled`` as that module explains);
-    else PyTorch, the module's own formula."""
-    if uses_triton(x):
+    ``x`` ``[..., D]``; ``y`` in ``promote_types(weight.dtype, x.dtype)``. On the Triton backend (outside
+    torch.compile) one kernel (:mod:`bittern.kernels.norms`); else PyTorch, the module's own formula."""
+    if not torch.compiler.is_compiling() and uses_triton(x):
         from bittern.kernels import norms
 
-        if norms.applies(x) and torch.compiler.is_compiling():
-            summed, y, yq, scale = _ops().rms_norm(x, weight, eps, residual, quantize, settled)
-            return (summed if residual is not None else x), y, ((yq, scale) if quantize else None)
         if norms.applies(x):
-            return norms.rms_norm(x, weight, eps, residual, quantize, settled)
+            return norms.rms_norm(x, weight, eps, residual, quantize)
     summed = x if residual is None else x + residual
     s32 = summed.to(torch.float32)
     y = weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(summed.dtype)

@@ -48,27 +48,18 @@ def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, q_ptr, a_ptr, D, stride_x, stride_r, eps,
     IN_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, IN_BY_HAND: tl.constexpr, OUT_BY_HAND: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, QEPS: tl.constexpr, BLOCK: tl.constexpr,
-    USE_GDC: tl.constexpr, EARLY_X: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
-    # under dependent launch the gain (a model's weight) and, EARLY_X, a settled x are read while the kernel
-    # before this one finishes; only the residual (that kernel's output) waits for it
-    weight = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    if EARLY_X:
-        s = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # only after the wait (see packed.static_weights)
-    if not EARLY_X:
-        s = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:  # x + residual in the input dtype, as PyTorch's add rounds it
         s += tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
         s = _rounded(s, IN_DTYPE, IN_BY_HAND).to(tl.float32)
         tl.store(s_ptr + row * D + cols, s, mask=ok)
     variance = tl.sum(s * s, axis=0) / D
     normed = _rounded(s * tl.math.rsqrt(variance + eps), IN_DTYPE, IN_BY_HAND).to(tl.float32)
+    weight = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     y = _rounded(weight * normed, OUT_DTYPE, OUT_BY_HAND).to(tl.float32)
     tl.store(y_ptr + row * D + cols, y, mask=ok)
     if QUANTIZE:  # of y as stored
@@ -91,15 +82,8 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,
     quantize: bool = False,
-    settled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """``s = x + residual``; ``y = RMSNorm(s)``; optionally ``y``'s per-token int8 quantization, in one launch.
-
-    Inside :func:`bittern.kernels.packed.static_weights`, on a GPU with programmatic dependent launch, the kernel
-    launches dependently: it reads the gain (a model's weight) while the kernel before it finishes, then waits
-    for it. With ``settled`` (and a residual) it reads ``x`` before waiting too: the caller's promise that ``x``
-    was written before the kernel just before this call on the stream, as a decoder's residual stream is (that
-    kernel wrote ``residual``).
 
     Args:
         x: ``[..., D]`` float32 / bfloat16 / float16, ``D <= MAX_WIDTH``.
@@ -109,7 +93,6 @@ def rms_norm(
         residual: ``[..., D]`` in ``x``'s dtype, or None (then ``s`` is ``x`` itself).
         quantize: also return ``(yq int8 [..., D], a float32 [..., 1])``, equal to
             :func:`bittern.quant.quantize_activations` of ``y`` bit for bit.
-        settled: ``x`` predates the kernel before this call (see above); only read early with a residual.
 
     Returns:
         ``(s, y, quantized or None)``.
@@ -138,9 +121,6 @@ def rms_norm(
     yq = torch.empty((rows, width), dtype=torch.int8, device=x.device) if quantize else y
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if quantize else y
     if rows:
-        from bittern.kernels import packed  # the dependent-launch switch lives with the decode kernels
-
-        dependent = packed.launches_dependently(x.device)
         block = triton.next_power_of_2(width)
         _rms_norm_kernel[(rows,)](
             rows_x, rows_r if rows_r is not None else rows_x, weight.contiguous(), summed, y, yq, scale, width,
@@ -148,9 +128,8 @@ def rms_norm(
             IN_DTYPE=_TL_DTYPES[x.dtype], OUT_DTYPE=_TL_DTYPES[out_dtype],
             IN_BY_HAND=interpreter.ON_IMPORT and x.dtype == torch.bfloat16,
             OUT_BY_HAND=interpreter.ON_IMPORT and out_dtype == torch.bfloat16,
-            HAS_RESIDUAL=rows_r is not None, QUANTIZE=quantize, QEPS=quant.EPS, BLOCK=block, USE_GDC=dependent,
-            EARLY_X=dependent and settled and rows_r is not None, num_warps=max(4, min(16, block // 512)),
-            **({"launch_pdl": True} if dependent else {}),
+            HAS_RESIDUAL=rows_r is not None, QUANTIZE=quantize, QEPS=quant.EPS, BLOCK=block,
+            num_warps=max(4, min(16, block // 512)),
         )  # fmt: skip
     shape = x.shape
     summed = summed.to(x.dtype).reshape(shape) if rows_r is not None else x

@@ -34,7 +34,7 @@ import weakref
 import torch
 
 from bittern import quant
-from bittern.kernels import attention, matmul, norms, packed, quantizers
+from bittern.kernels import attention, matmul, packed, quantizers
 
 BACKWARD_GEMMS = ("cublas", "cublas-int8", "triton")
 
@@ -384,32 +384,6 @@ def decode_attention(
 @decode_attention.register_fake
 def _(q, k, v, cos, sin, keys, values, slot, pad, scale, window):  # type: ignore[no-untyped-def]
     return torch.empty_like(q)
-
-
-@_custom_op("bittern::rms_norm")
-def rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None,
-    quantize: bool,
-    settled: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`bittern.kernels.norms.rms_norm` as one opaque op, for torch.compile: ``(s, y, yq, a)``, with ``s``
-    empty when there is no residual (it would be ``x`` itself) and ``yq`` / ``a`` empty without ``quantize``."""
-    with _device_guard(x):
-        summed, y, quantized = norms.rms_norm(x, weight, eps, residual, quantize, settled)
-    yq, scale = quantized if quantized is not None else (_nothing(x), _nothing(x))
-    return (summed if residual is not None else _nothing(x)), y, yq, scale
-
-
-@rms_norm.register_fake
-def _(x, weight, eps, residual, quantize, settled):  # type: ignore[no-untyped-def]
-    y = x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
-    summed = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    if not quantize:
-        return summed, y, x.new_empty(0), x.new_empty(0)
-    return summed, y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
 def unpack_codes(packed_weight: torch.Tensor, out_features: int) -> torch.Tensor:
