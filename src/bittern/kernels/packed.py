@@ -70,22 +70,23 @@ def _decode_configs() -> list[triton.Config]:
     return [triton.Config({"BR": br}, num_warps=w, num_stages=1) for br, w in shapes]
 
 
-PREQUANTIZED_WORDS_PER_THREAD = 64
+PREQUANTIZED_WORDS_PER_THREAD = 128
 """Most words a thread of :func:`_prequantized_tile`'s program holds: its share of one byte row's weight words
 and of the activation row's."""
 
 
 def _prequantized_tile(kw0: int, kw1: int) -> dict[str, int]:
     """The decode kernel's tile for an int8 input whose ``K/4`` words are split ``kw0 + kw1``: one byte row per
-    program and the fewest warps (one up to ``K`` = 4096) whose threads hold at most
-    :data:`PREQUANTIZED_WORDS_PER_THREAD` words each (more spill registers: ptxas, sm_90).
+    program and the fewest warps (one up to ``K`` = 8192) whose threads hold at most
+    :data:`PREQUANTIZED_WORDS_PER_THREAD` words each.
 
     Not autotuned: each kernel alone is timed without the ones around it, and inside the decode step a product's
     cost is what it adds after the kernel before it ends (its wait, then the ``dp4a`` work and the sums over
     ``K``). There few warps win: a sum over ``K`` within one warp needs no barrier. On an H100 (chain of 30
     layers of the 2B4T shapes, each after a one-program kernel, µs added per layer; BENCHMARKS.md), against the
-    (4 byte rows, 4 warps) autotuning had chosen: 6.28 → 5.00 for 13824 x 2560 (one warp), 3.39 → 2.61 for
-    2560 x 2560 (one warp), 4.78 → 4.20 for 2560 x 6912 (two warps)."""
+    (4 byte rows, 4 warps) autotuning had chosen: 6.28 → 5.00 for 13824 x 2560, 3.39 → 2.61 for 2560 x 2560,
+    4.78 → 3.77 for 2560 x 6912. At K = 6912 one warp holds 128 words a thread and ptxas (sm_90) spills 104 bytes
+    of its 255 registers, yet the decode step is faster than on two warps (885 against 860 tokens/s, twice each)."""
     words = kw0 + kw1
     warps = 1
     while 2 * words > PREQUANTIZED_WORDS_PER_THREAD * 32 * warps and warps < 8:
