@@ -28,7 +28,8 @@
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
 output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
-(N, K). Import through :mod:`bittern.kernels` (lazily).
+(N, K) for a float input; an int8 input takes one byte row per program on the fewest warps
+(:func:`_prequantized_tile`). Import through :mod:`bittern.kernels` (lazily).
 """
 
 from __future__ import annotations
