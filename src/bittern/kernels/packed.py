@@ -64,8 +64,8 @@ def _decode_configs() -> list[triton.Config]:
         return [triton.Config({"BR": 4}, num_warps=4, num_stages=1)]
     # few candidates, as each compiles per K; those holding over 64 weight words per thread are pruned per K. On
     # an H100 (BENCHMARKS.md, the 210 layers of 2B4T at M = 1) (8, 8) is the fastest with the quantization in the
-    # kernel, where fewer programs repeat it. A prequantized input takes _prequantized_tile instead.
-    shapes = [(2, 4), (8, 8), (4, 4), (8, 4), (16, 8)]
+    # kernel, where fewer programs repeat it, so it comes first (a prequantized input takes _prequantized_tile)
+    shapes = [(8, 8), (2, 4), (4, 4), (8, 4), (16, 8)]
     if os.environ.get("BITTERN_AUTOTUNE", "1") == "0":
         shapes = shapes[:1]
     return [triton.Config({"BR": br}, num_warps=w, num_stages=1) for br, w in shapes]
