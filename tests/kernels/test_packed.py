@@ -306,17 +306,23 @@ def test_prequantized_extremes_accumulate_exactly() -> None:
     assert torch.equal(y.cpu(), expected)
 
 
-def test_prequantized_tile_takes_the_fewest_warps_that_hold_the_row() -> None:
-    limit = packed.PREQUANTIZED_WORDS_PER_THREAD * 32
-    for main, tail in ((4, 1), (512, 128), (1024, 1024), (2048, 1), (4096, 1)):  # K = 16 … 16384
+def test_prequantized_tile_takes_two_rows_or_the_fewest_warps_that_hold_one() -> None:
+    one_row = packed.PREQUANTIZED_WORDS_PER_THREAD * 32
+    two_rows = packed.TWO_ROWS_WORDS_PER_THREAD * 32
+    for main, tail in ((4, 1), (512, 128), (1024, 1), (1024, 128), (1024, 1024), (2048, 1), (4096, 1)):  # K 16 … 16384
         tile = packed._prequantized_tile(main, tail)
-        warps = tile["num_warps"]
+        words, warps = main + tail, tile["num_warps"]
+        if 3 * words <= two_rows:  # two rows' weight words and the activation words, per thread of one warp
+            assert tile == {"BR": 2, "num_warps": 1}
+            continue
         assert tile["BR"] == 1
-        assert 2 * (main + tail) <= limit * warps  # weight words and activation words, per thread
-        assert warps == 1 or 2 * (main + tail) > limit * warps // 2  # and no fewer would do
-    assert packed._prequantized_tile(512, 128)["num_warps"] == 1  # 2B4T's K = 2560
-    assert packed._prequantized_tile(1024, 1024)["num_warps"] == 1  # K = 6912 (1728 words)
-    assert packed._prequantized_tile(4096, 1)["num_warps"] == 4  # K = 16384
+        assert 2 * words <= one_row * warps  # one row's weight words and the activation words, per thread
+        assert warps == 1 or 2 * words > one_row * warps // 2  # and no fewer would do
+    assert packed._prequantized_tile(512, 128) == {"BR": 2, "num_warps": 1}  # 2B4T's K = 2560
+    assert packed._prequantized_tile(1024, 1) == {"BR": 2, "num_warps": 1}  # K = 4096
+    assert packed._prequantized_tile(1024, 128) == {"BR": 1, "num_warps": 1}  # K = 4608
+    assert packed._prequantized_tile(1024, 1024) == {"BR": 1, "num_warps": 1}  # K = 6912 (1728 words)
+    assert packed._prequantized_tile(4096, 1) == {"BR": 1, "num_warps": 4}  # K = 16384
 
 
 def test_prequantized_input_is_checked() -> None:

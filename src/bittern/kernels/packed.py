@@ -28,7 +28,7 @@
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
 output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
-(N, K) for a float input; an int8 input takes one byte row per program on the fewest warps
+(N, K) for a float input; an int8 input takes one warp per program and one or two byte rows
 (:func:`_prequantized_tile`). Import through :mod:`bittern.kernels` (lazily).
 """
 
@@ -72,23 +72,30 @@ def _decode_configs() -> list[triton.Config]:
 
 
 PREQUANTIZED_WORDS_PER_THREAD = 128
-"""Most words a thread of :func:`_prequantized_tile`'s program holds: its share of one byte row's weight words
-and of the activation row's."""
+"""Most words a thread of :func:`_prequantized_tile`'s one-row program holds: its share of one byte row's weight
+words and of the activation row's."""
+
+TWO_ROWS_WORDS_PER_THREAD = 100
+"""Most words a thread of a two-row program holds (two byte rows' weight words and the activation row's): a
+one-warp program takes two byte rows up to ``K`` = 4096 (96 words; 127 registers on sm_90)."""
 
 
 def _prequantized_tile(kw0: int, kw1: int) -> dict[str, int]:
-    """The decode kernel's tile for an int8 input whose ``K/4`` words are split ``kw0 + kw1``: one byte row per
-    program and the fewest warps (one up to ``K`` = 8192) whose threads hold at most
+    """The decode kernel's tile for an int8 input whose ``K/4`` words are split ``kw0 + kw1``: two byte rows on
+    one warp where a thread then holds at most :data:`TWO_ROWS_WORDS_PER_THREAD` words (``K`` <= 4096), else one
+    byte row on the fewest warps (one up to ``K`` = 8192) whose threads hold at most
     :data:`PREQUANTIZED_WORDS_PER_THREAD` words each.
 
     Not autotuned: each kernel alone is timed without the ones around it, and inside the decode step a product's
     cost is what it adds after the kernel before it ends (its wait, then the ``dp4a`` work and the sums over
     ``K``). There few warps win: a sum over ``K`` within one warp needs no barrier. On an H100 (chain of 30
-    layers of the 2B4T shapes, each after a one-program kernel, µs added per layer; BENCHMARKS.md), against the
-    (4 byte rows, 4 warps) autotuning had chosen: 6.28 → 5.00 for 13824 x 2560, 3.39 → 2.61 for 2560 x 2560,
-    4.78 → 3.77 for 2560 x 6912. At K = 6912 one warp holds 128 words a thread and ptxas (sm_90) spills 104 bytes
-    of its 255 registers, yet the decode step is faster than on two warps (885 against 860 tokens/s, twice each)."""
+    layers of the 2B4T shapes, each after a one-program kernel, µs added per layer; BENCHMARKS.md), one byte row on
+    one warp against the (4 byte rows, 4 warps) autotuning had chosen: 6.28 → 5.00 for 13824 x 2560, 3.39 → 2.61
+    for 2560 x 2560, 4.78 → 3.77 for 2560 x 6912. Two byte rows at ``K`` = 2560 read the activation row once for
+    eight outputs: the batch-1 decode step went from 898 to 916 tokens/s (two runs each, alternating)."""
     words = kw0 + kw1
+    if 3 * words <= TWO_ROWS_WORDS_PER_THREAD * 32:
+        return {"BR": 2, "num_warps": 1}
     warps = 1
     while 2 * words > PREQUANTIZED_WORDS_PER_THREAD * 32 * warps and warps < 8:
         warps *= 2
@@ -222,9 +229,8 @@ def _decode_rows(
         m_ok = rm < M
         for q in tl.static_range(4):
             # field q where it lies: bytes 4^q (code + 1) <= 128, so the sum is exactly 4^q times the field's
-            field = tl.full([1, 1], 0x03030303, tl.int32) << (2 * q)
-            acc = _row_dot(w0 & field, xw0, USE_ASM)
-            acc += _row_dot(w1 & field, xw1, USE_ASM)
+            acc = _field_dot(w0, xw0, q, USE_ASM)
+            acc += _field_dot(w1, xw1, q, USE_ASM)
             acc = acc >> (2 * q)
             n = rr + q * R
             _epilogue((acc - total)[None, :], a, rm, n, m_ok, r_ok & (n < N), s_ptr, bias_ptr, y_ptr, stride_ym,
@@ -237,6 +243,32 @@ def _pack_quantized(x, amax, lanes):
     q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
     q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32) & 0xFF
     return tl.sum(q << (8 * lanes)[None, :], axis=1)
+
+
+@triton.jit
+def _field_dot(words, xw, Q: tl.constexpr, USE_ASM: tl.constexpr):
+    """``sum_k`` of the ``dp4a`` of field ``Q`` of each row of ``words`` ``[B, W]``, masked where it lies (bytes
+    ``4^Q (code + 1)``), with ``xw`` ``[W]``: ``[B]``, ``4^Q`` times the field's sum.
+
+    The mask and the ``dp4a`` are one inline-assembly step that takes the activation words. Written as a separate
+    ``&``, the masks (four per weight word) depend on no token, and LLVM hoists them all out of the token loop, to
+    be held in registers at once: at K = 6912 on one warp, ptxas (sm_90) then spilled 104 bytes of 255 registers
+    a thread; now it uses 128 and spills nothing (58 instead of 118 at K = 2560)."""
+    xb = tl.broadcast_to(xw[None, :], words.shape)
+    if USE_ASM:
+        if Q == 0:
+            code: tl.constexpr = "{ .reg .b32 t; and.b32 t, $1, 0x03030303; dp4a.u32.s32 $0, t, $2, 0; }"
+        elif Q == 1:
+            code: tl.constexpr = "{ .reg .b32 t; and.b32 t, $1, 0x0C0C0C0C; dp4a.u32.s32 $0, t, $2, 0; }"
+        elif Q == 2:
+            code: tl.constexpr = "{ .reg .b32 t; and.b32 t, $1, 0x30303030; dp4a.u32.s32 $0, t, $2, 0; }"
+        else:
+            code: tl.constexpr = "{ .reg .b32 t; and.b32 t, $1, 0xC0C0C0C0; dp4a.u32.s32 $0, t, $2, 0; }"
+        dots = tl.inline_asm_elementwise(code, "=r,r,r", [words, xb], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        field = tl.full([1, 1], 0x03030303, tl.int32) << (2 * Q)
+        dots = _dp4a(words & field, xb, tl.zeros(words.shape, dtype=tl.int32), False)
+    return tl.sum(dots, axis=1)
 
 
 @triton.jit
