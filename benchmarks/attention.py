@@ -45,9 +45,10 @@ from bittern.kernels import attention  # noqa: E402
 def make_step(batch: int, kv_heads: int, groups: int, slots: int, dim: int, dtype: torch.dtype,
               device: torch.device, seed: int) -> dict[str, torch.Tensor]:  # fmt: skip
     """Random operands of one decode step: the new token's ``q`` ``[B, H_kv, G, D]``, ``k`` / ``v`` ``[B, H_kv, D]``,
-    rope tables ``cos`` / ``sin`` ``[B, D]``, and a cache ``keys`` / ``values`` ``[B, H_kv, S, D]``."""
+    rope tables ``cos`` / ``sin`` ``[S, D]`` (a row per position), and a cache ``keys`` / ``values``
+    ``[B, H_kv, S, D]``."""
     generator = torch.Generator().manual_seed(seed)
-    angles = torch.rand(batch, dim // 2, generator=generator) * 6.0
+    angles = torch.rand(slots, dim // 2, generator=generator) * 6.0
 
     def normal(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
@@ -64,13 +65,14 @@ def make_step(batch: int, kv_heads: int, groups: int, slots: int, dim: int, dtyp
 
 
 def torch_call(step: dict[str, torch.Tensor], slot: torch.Tensor, mask: torch.Tensor, scale: float) -> Callable:
-    """The PyTorch path: rope, ``index_put_`` into the cache, masked SDPA over every slot."""
+    """The PyTorch path: the rope tables' row at the slot (no padding), rope, ``index_put_`` into the cache,
+    masked SDPA over every slot."""
     batch, kv_heads = step["q"].shape[:2]
     rows = torch.arange(batch, device=slot.device)[:, None]
     heads = torch.arange(kv_heads, device=slot.device)[None, :]
-    cos, sin = step["cos"][:, None, None, :], step["sin"][:, None, None, :]
 
     def call() -> torch.Tensor:
+        cos, sin = step["cos"][slot][:, None, None, :], step["sin"][slot][:, None, None, :]  # [1, 1, 1, D]
         q = step["q"] * cos + _rotate_half(step["q"]) * sin
         k = step["k"] * cos[:, 0] + _rotate_half(step["k"]) * sin[:, 0]
         step["keys"].index_put_((rows, heads, slot), k)

@@ -21,9 +21,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def _reference(step: dict, slot: int, pad: list[int], scale: float, window: int | None):
     """float64: the cache after the write, and the softmax attention of slot ``slot`` over the slots it sees:
     ``pad[b] … slot`` (only its own slot when ``pad[b] > slot``), within ``window``."""
-    q, k, v, cos, sin = (step[name].double() for name in ("q", "k", "v", "cos", "sin"))
+    q, k, v = (step[name].double() for name in ("q", "k", "v"))
     keys, values = step["keys"].double().clone(), step["values"].double().clone()
     batch = q.shape[0]
+    positions = [max(slot - p, 0) for p in pad]  # each row's rope position: its row of the tables
+    cos, sin = step["cos"].double()[positions], step["sin"].double()[positions]
     q = _rope(q, cos[:, None, None, :], sin[:, None, None, :])
     keys[:batch, :, slot] = _rope(k, cos[:, None, :], sin[:, None, :])
     values[:batch, :, slot] = v
@@ -39,7 +41,7 @@ def _reference(step: dict, slot: int, pad: list[int], scale: float, window: int 
 
 def _step(batch: int, cache_rows: int, kv_heads: int, groups: int, slots: int, dim: int, dtype, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    angles = torch.rand(batch, dim // 2, generator=generator) * 6.0
+    angles = torch.rand(slots + 3, dim // 2, generator=generator) * 6.0  # rope tables of more rows than slots
     tensors = {
         "q": torch.randn(batch, kv_heads, groups, dim, generator=generator),
         "k": torch.randn(batch, kv_heads, dim, generator=generator),
@@ -113,6 +115,8 @@ def test_decode_attention_refuses_bad_operands() -> None:
         attention.decode_attention(q, k, v, cos, sin, keys, values, slot, torch.tensor([0, 0]), 1.0)
     with pytest.raises(ValueError, match="dividing split"):
         attention.decode_attention(q, k, v, cos, sin, keys, values, slot, pad, 1.0, block=32, split=48)
+    with pytest.raises(ValueError, match="rope tables"):  # fewer rows than the cache has slots
+        attention.decode_attention(q, k, v, cos[:7], sin[:7], keys, values, slot, pad, 1.0)
 
 
 def test_decode_attention_without_splitting_past_the_first_split(monkeypatch: pytest.MonkeyPatch) -> None:

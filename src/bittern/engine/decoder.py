@@ -251,7 +251,6 @@ class Decoder:
         sin = self.sin[positions][:, None]
         masks: dict[int | None, torch.Tensor] = {}
         groups = self.num_heads // self.num_kv_heads
-        rope_now: tuple[torch.Tensor, torch.Tensor] | None = None  # the decode kernel's [B, D] tables, made once
         x = self.embed(input_ids)
         pending: torch.Tensor | None = None  # the last block's output, added into x by the next norm
         for index, layer in enumerate(self.layers):
@@ -266,13 +265,12 @@ class Decoder:
             if layer.k_norm is not None:
                 k = layer.k_norm(k)
             if length == 1 and kernels.decode_attention_applies(q):  # rope, cache write and attention: one kernel
-                if rope_now is None:
-                    rope_now = (cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous())
-                out = kernels.decode_attention(
+                out = kernels.decode_attention(  # the rope tables whole: the kernel reads its positions' rows
                     q.reshape(batch, self.num_kv_heads, groups, self.head_dim),  # the query heads of one KV head
                     k.reshape(batch, self.num_kv_heads, self.head_dim),
                     v.reshape(batch, self.num_kv_heads, self.head_dim),
-                    *rope_now, cache.keys[index], cache.values[index], slots, pad, layer.scaling, layer.sliding_window,
+                    self.cos, self.sin, cache.keys[index], cache.values[index], slots, pad, layer.scaling,
+                    layer.sliding_window,
                 )  # fmt: skip
             else:
                 out = self._attention(index, layer, q, k, v, cos, sin, slots, pad, cache, key_len, masks)

@@ -301,10 +301,11 @@ def decode_attention(
 ) -> torch.Tensor:
     """The decode step's attention on the Triton backend (where :func:`decode_attention_applies`), rope and cache
     write included: the new token's query heads ``q`` ``[B, H_kv, G, D]``, key ``k`` and value ``v``
-    ``[B, H_kv, D]`` (before rope), its rope table ``cos`` / ``sin`` ``[B, D]`` and cache slot ``slot`` (int64
-    ``[1]``). Writes the roped key and the value into the cache ``keys`` / ``values`` ``[B_max, H_kv, S, D]`` at
-    that slot, then attends over the slots each row sees, from its padding ``pad`` (int64 ``[B]``) to the new one
-    (within ``window``, if any), reading only those (:mod:`bittern.kernels.attention`). ``[B, H_kv, G, D]``."""
+    ``[B, H_kv, D]`` (before rope), the rope tables ``cos`` / ``sin`` ``[P >= S, D]`` (the kernel reads row
+    ``max(slot - pad[b], 0)``) and the cache slot ``slot`` (int64 ``[1]``). Writes the roped key and the value
+    into the cache ``keys`` / ``values`` ``[B_max, H_kv, S, D]`` at that slot, then attends over the slots each
+    row sees, from its padding ``pad`` (int64 ``[B]``) to the new one (within ``window``, if any), reading only
+    those (:mod:`bittern.kernels.attention`). ``[B, H_kv, G, D]``."""
     return _ops().decode_attention(q, k, v, cos, sin, keys, values, slot, pad, scale, window)
 
 

@@ -5,10 +5,11 @@ The engine's decode step attends from one query slot to a cache of ``S`` preallo
 a CUDA graph), in a kernel built for long query tiles: on an H100, 11 µs per layer of the 2B4T shape, a sixth of
 the whole step; rope and the cache write were two more kernels. Here one program takes one KV head of one
 sequence, with every query head of its group as the rows of one tile. It applies rope to the new token's query
-heads and key, writes its key and value into the cache at its slot, and attends over the cached slots the query
-sees plus the new one (from registers). The slot is read from device memory, so the loop bound follows the
-sequence while the launch, captured once, stays the same. A cache longer than :data:`_SPLIT` slots is split
-across programs, whose partial softmax sums a second kernel adds (flash decoding).
+heads and key (reading the rope tables' row at the token's position itself: a gather before the kernel was one
+more small kernel on the step's critical path), writes its key and value into the cache at its slot, and attends
+over the cached slots the query sees plus the new one (from registers). The slot is read from device memory, so
+the loop bound follows the sequence while the launch, captured once, stays the same. A cache longer than
+:data:`_SPLIT` slots is split across programs, whose partial softmax sums a second kernel adds (flash decoding).
 
 Visibility is the decoder's (:mod:`bittern.engine.decoder`): the query at slot ``i`` of row ``b`` sees slots
 ``pad[b] … i`` (and, with a sliding window ``w``, only those ``> i - w``); a query in the padding sees only its own
@@ -56,7 +57,7 @@ def _rope(x_ptrs, rd, cos, sin, D: tl.constexpr):
 def _decode_attention_kernel(
     q_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, pad_ptr, out_ptr, part_ptr, stat_ptr,
     kv_heads, scale, window,
-    stride_qb, stride_qh, stride_qg, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb,
+    stride_qb, stride_qh, stride_qg, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cp,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_og,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr,
     SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -76,7 +77,9 @@ def _decode_attention_kernel(
     b = pid // kv_heads
     h = pid % kv_heads
     i = tl.load(slot_ptr)
-    first = tl.minimum(tl.load(pad_ptr + b), i)  # a padding query sees only its own slot
+    pad = tl.load(pad_ptr + b)
+    position = tl.maximum(i - pad, 0)  # the token's rope position (0 for a query in the padding)
+    first = tl.minimum(pad, i)  # a padding query sees only its own slot
     if HAS_WINDOW:
         first = tl.maximum(first, i - window + 1)
     end = i  # the cached slots; slot i is the new token's
@@ -89,8 +92,8 @@ def _decode_attention_kernel(
     rd = tl.arange(0, D)
     g_ok = rg < G
     dtype = k_ptr.dtype.element_ty
-    cos = tl.load(cos_ptr + b * stride_cb + rd).to(tl.float32)
-    sin = tl.load(sin_ptr + b * stride_cb + rd).to(tl.float32)
+    cos = tl.load(cos_ptr + position.to(tl.int64) * stride_cp + rd).to(tl.float32)
+    sin = tl.load(sin_ptr + position.to(tl.int64) * stride_cp + rd).to(tl.float32)
     q_rows = q_ptr + b * stride_qb + h * stride_qh + tl.minimum(rg, G - 1)[:, None] * stride_qg  # padded rows: unused
     q = _rope(q_rows, rd, cos, sin, D).to(dtype)  # [GP, D]
     k_new = _rope(kn_ptr + b * stride_knb + h * stride_knh + tl.zeros([1, 1], tl.int32), rd, cos, sin, D)
@@ -204,7 +207,8 @@ def decode_attention(
         q: ``[B, H_kv, G, D]``, the new token's query heads before rope, the ``G`` heads that share each KV head
             (grouped-query attention) together; ``D`` a power of two, at least 16.
         k, v: ``[B, H_kv, D]``, its key (before rope) and value.
-        cos, sin: ``[B, D]``, each row's rope table at the token's position.
+        cos, sin: ``[P, D]`` with ``P >= S``, the rope tables of positions ``0 … P-1``: row ``b`` takes the row
+            of its token's position ``max(slot - pad[b], 0)``.
         keys, values: ``[B_max, H_kv, S, D]`` (``B_max >= B``), the whole cache: rows ``< B`` get the roped key and
             the value at slot ``slot``; nothing else is written.
         slot: int64 ``[1]`` on the device, the token's cache slot ``i`` (``< S``).
@@ -221,10 +225,13 @@ def decode_attention(
     if keys.shape != values.shape or keys.shape[0] < batch or keys.shape[1] != kv_heads or keys.shape[3] != dim:
         raise ValueError(f"decode_attention: q {tuple(q.shape)} needs a cache [B_max >= B, H_kv, S, D] of the same "
                          f"H_kv and D; got keys {tuple(keys.shape)} and values {tuple(values.shape)}")  # fmt: skip
-    if k.shape != (batch, kv_heads, dim) or v.shape != k.shape or cos.shape != (batch, dim) or sin.shape != cos.shape:
-        raise ValueError(f"decode_attention: for q {tuple(q.shape)}, k and v must be [B, H_kv, D] and cos, sin "
-                         f"[B, D]; got {tuple(k.shape)}, {tuple(v.shape)}, {tuple(cos.shape)}, "
-                         f"{tuple(sin.shape)}")  # fmt: skip
+    if k.shape != (batch, kv_heads, dim) or v.shape != k.shape:
+        raise ValueError(f"decode_attention: for q {tuple(q.shape)}, k and v must be [B, H_kv, D]; got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")  # fmt: skip
+    if cos.dim() != 2 or cos.shape[1] != dim or cos.shape[0] < keys.shape[2] or sin.shape != cos.shape or \
+            sin.stride() != cos.stride():  # fmt: skip
+        raise ValueError(f"decode_attention: cos and sin must be rope tables [P >= S, D] covering the cache's "
+                         f"{keys.shape[2]} slots; got {tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
     if dim < 16 or dim & (dim - 1):
         raise ValueError(f"decode_attention takes a head dimension that is a power of two >= 16, got {dim}")
     if slot.numel() != 1 or pad.shape != (batch,):
