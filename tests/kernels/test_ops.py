@@ -171,7 +171,7 @@ def test_inference_ops_pass_the_torch_library_checks() -> None:
     batch, kv_heads, groups, dim, slots = 2, 2, 2, 16, 24
     q = torch.randn(batch, kv_heads, groups, dim, generator=generator)
     k, v = torch.randn(2, batch, kv_heads, dim, generator=generator)
-    angles = torch.rand(batch, dim // 2, generator=generator)
+    angles = torch.rand(slots, dim // 2, generator=generator)  # rope tables: a row per position
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
     keys, values = torch.randn(2, batch + 1, kv_heads, slots, dim, generator=generator)
     args = (q, k, v, cos, sin, keys, values, torch.tensor([5]), torch.tensor([0, 2]), 0.25, None)
