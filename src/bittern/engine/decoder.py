@@ -246,9 +246,7 @@ class Decoder:
             logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``) in the model's dtype.
         """
         batch, length = input_ids.shape
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
-        cos = self.cos[positions][:, None]  # [B, 1, T, D]
-        sin = self.sin[positions][:, None]
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [B, 1, T, D] of the masked path, made once
         masks: dict[int | None, torch.Tensor] = {}
         groups = self.num_heads // self.num_kv_heads
         x = self.embed(input_ids)
@@ -273,7 +271,10 @@ class Decoder:
                     layer.sliding_window,
                 )  # fmt: skip
             else:
-                out = self._attention(index, layer, q, k, v, cos, sin, slots, pad, cache, key_len, masks)
+                if rope is None:
+                    positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
+                    rope = (self.cos[positions][:, None], self.sin[positions][:, None])
+                out = self._attention(index, layer, q, k, v, *rope, slots, pad, cache, key_len, masks)
             out = out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
             quantized = None
             if layer.attn_sub_norm is not None:

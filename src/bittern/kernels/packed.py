@@ -92,7 +92,7 @@ def _prequantized_tile(kw0: int, kw1: int) -> dict[str, int]:
     layers of the 2B4T shapes, each after a one-program kernel, µs added per layer; BENCHMARKS.md), one byte row on
     one warp against the (4 byte rows, 4 warps) autotuning had chosen: 6.28 → 5.00 for 13824 x 2560, 3.39 → 2.61
     for 2560 x 2560, 4.78 → 3.77 for 2560 x 6912. Two byte rows at ``K`` = 2560 read the activation row once for
-    eight outputs: the batch-1 decode step went from 898 to 916 tokens/s (two runs each, alternating)."""
+    eight outputs: the batch-1 decode step went from 898 to 917 tokens/s (alternating runs)."""
     words = kw0 + kw1
     if 3 * words <= TWO_ROWS_WORDS_PER_THREAD * 32:
         return {"BR": 2, "num_warps": 1}
