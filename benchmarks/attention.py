@@ -6,8 +6,9 @@ For one new token per sequence, over a static KV cache of ``--slots`` slots with
 * ``torch``: what the engine ran before the kernel, and still runs on other backends: rope on the query and key
   (``x * cos + rotate_half(x) * sin``), the key and value written into the cache with ``index_put_``, then
   ``F.scaled_dot_product_attention`` with the boolean mask of the slots the query sees (every cache slot read);
-* ``bittern``: :func:`bittern.kernels.attention.decode_attention` — rope, cache write and attention in one kernel
-  that reads only the slots the query sees (a long cache split across programs while they are few).
+* ``bittern``: :func:`bittern.kernels.attention.decode_attention` — rope (reading the rope tables' row at the
+  token's position itself), cache write and attention in one kernel that reads only the slots the query sees (a
+  long cache split across programs while they are few).
 
 Each is captured in a CUDA graph of ``--calls`` calls and replayed: ``--warmup`` untimed, then the median of
 ``--repeats`` timed replays (CUDA events), in µs per call. The table also gives the relative difference of the
@@ -65,14 +66,15 @@ def make_step(batch: int, kv_heads: int, groups: int, slots: int, dim: int, dtyp
 
 
 def torch_call(step: dict[str, torch.Tensor], slot: torch.Tensor, mask: torch.Tensor, scale: float) -> Callable:
-    """The PyTorch path: the rope tables' row at the slot (no padding), rope, ``index_put_`` into the cache,
-    masked SDPA over every slot."""
+    """The PyTorch path: rope, ``index_put_`` into the cache, masked SDPA over every slot. The rope tables' row at
+    the slot (no padding) is gathered once, outside the timed call, as the engine gathered it once per step for
+    every layer."""
     batch, kv_heads = step["q"].shape[:2]
     rows = torch.arange(batch, device=slot.device)[:, None]
     heads = torch.arange(kv_heads, device=slot.device)[None, :]
+    cos, sin = step["cos"][slot][:, None, None, :], step["sin"][slot][:, None, None, :]  # [1, 1, 1, D]
 
     def call() -> torch.Tensor:
-        cos, sin = step["cos"][slot][:, None, None, :], step["sin"][slot][:, None, None, :]  # [1, 1, 1, D]
         q = step["q"] * cos + _rotate_half(step["q"]) * sin
         k = step["k"] * cos[:, 0] + _rotate_half(step["k"]) * sin[:, 0]
         step["keys"].index_put_((rows, heads, slot), k)
