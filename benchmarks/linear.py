@@ -14,9 +14,12 @@ For ``M`` tokens (default 1, 16, 512 and 4096) the stack runs, per variant:
   before it to finish before it starts);
 * ``bittern-grouped``: as ``bittern``, with q/k/v and gate/up each one launch on one activation quantization
   (:func:`bittern.nn.project`, as the engine runs them);
-* ``bittern-int8in`` (up to 3 tokens): the decode kernel given each input already quantized (int8 and its
-  scale, made once per input outside the pass) — what the engine's compiled decode step hands it, inductor having
-  fused the quantization into the norm before the projection; the kernel's own cost without the quantization;
+* ``bittern-int8in``: the products given each input already quantized (int8 and its scale, made once per input
+  outside the pass; :func:`bittern.kernels.packed.quantized_products`: the decode kernel up to 3 tokens, the
+  tensor-core product over the packed bytes up to 256, the unpack pass and the int8 GEMM beyond) — what the
+  engine hands them, its norms quantizing their output in the same kernel (inductor's in the compiled decode
+  step, :func:`bittern.kernels.rms_norm` in the prompt's forward); the products' own cost without the quantization;
+* ``bittern-int8in-grouped``: the same with q/k/v and gate/up each one call, as the engine runs them;
 * ``bf16``: ``nn.Linear`` in bf16 with the same ternary values (cuBLAS);
 * ``bf16-grouped``: the bf16 weights of q/k/v and of gate/up concatenated, one GEMM each (what bf16 engines do);
 * ``transformers``: ``transformers.integrations.bitnet.BitLinear`` (the packed layer stock transformers loads
@@ -70,7 +73,10 @@ PROJECTIONS = [
     ("down", 2560, 6912),
 ]
 TINY_PROJECTIONS = [("q", 64, 64), ("k", 16, 64), ("down", 64, 96)]
-VARIANTS = ("bittern", "bittern-serial", "bittern-grouped", "bittern-int8in", "bf16", "bf16-grouped", "transformers")
+VARIANTS = (
+    "bittern", "bittern-serial", "bittern-grouped", "bittern-int8in", "bittern-int8in-grouped", "bf16", "bf16-grouped",
+    "transformers",
+)  # fmt: skip
 GROUPS = (("q", "k", "v"), ("gate", "up"))
 """Projections of one input that the grouped variants run together."""
 BUILT = ("bittern", "bf16", "transformers")
@@ -109,15 +115,13 @@ Step = tuple[Callable[[torch.Tensor], object], int]
 """One call of a pass over the stack, and the width of the input it takes."""
 
 
-def steps_of(variant: str, layers: dict[str, list[nn.Module]], projections) -> list[Step]:
-    """The calls of one pass over the stack for ``variant``: one per layer, or one per group of layers of one
-    input (:data:`GROUPS`) for the grouped variants."""
-    base = variant.split("-")[0]
-    stack = layers[base]
-    if not variant.endswith("-grouped"):
-        return [(layer, layer.in_features) for layer in stack]
+def calls_of(stack: list[nn.Module], projections, grouped: bool) -> list[list[nn.Module]]:
+    """The layers of one pass over ``stack`` in call order: one per call, or with ``grouped`` the layers of one
+    input (:data:`GROUPS`) together."""
+    if not grouped:
+        return [[layer] for layer in stack]
     names = [name for name, _, _ in projections]
-    steps: list[Step] = []
+    calls: list[list[nn.Module]] = []
     for start in range(0, len(stack), len(projections)):
         block = dict(zip(names, stack[start : start + len(projections)], strict=True))
         done: set[str] = set()
@@ -125,24 +129,36 @@ def steps_of(variant: str, layers: dict[str, list[nn.Module]], projections) -> l
             if name in done:
                 continue
             group = next((g for g in GROUPS if name in g), (name,))
-            members = [block[n] for n in group if n in block]
+            calls.append([block[n] for n in group if n in block])
             done.update(n for n in group if n in block)
-            steps.append((_grouped_call(base, members), members[0].in_features))
-    return steps
+    return calls
 
 
-def prequantized_steps(stack: list[nn.Module], inputs: dict[int, torch.Tensor]) -> list[Step]:
-    """``bittern-int8in``: each layer's decode kernel fed its input quantized beforehand (once per width)."""
+def steps_of(variant: str, layers: dict[str, list[nn.Module]], projections) -> list[Step]:
+    """The calls of one pass over the stack for ``variant``: one per layer, or one per group of layers of one
+    input (:data:`GROUPS`) for the grouped variants."""
+    base = variant.split("-")[0]
+    calls = calls_of(layers[base], projections, variant.endswith("-grouped"))
+    return [(_grouped_call(base, members), members[0].in_features) for members in calls]
+
+
+def prequantized_steps(
+    stack: list[nn.Module], inputs: dict[int, torch.Tensor], projections, grouped: bool
+) -> list[Step]:
+    """``bittern-int8in`` (``-grouped``): the products of each layer (or group) fed its input quantized beforehand,
+    once per width."""
     from bittern.kernels import packed
 
     quantized = {k: quant.quantize_activations(x) for k, x in inputs.items()}
 
-    def call_of(layer: TernaryLinear) -> Callable[[torch.Tensor], object]:
-        xq, act_scale = quantized[layer.in_features]
-        return lambda _x: packed.decode_linear(xq, layer.packed_weight, layer.out_features, layer.weight_scale,
-                                               None, torch.bfloat16, act_scale=act_scale)  # fmt: skip
+    def call_of(members: list[TernaryLinear]) -> Callable[[torch.Tensor], object]:
+        xq, act_scale = quantized[members[0].in_features]
+        weights = [m.packed_weight for m in members]
+        widths = [m.out_features for m in members]
+        scales = [m.weight_scale for m in members]
+        return lambda _x: packed.quantized_products(xq, act_scale, weights, widths, scales, None, torch.bfloat16)
 
-    return [(call_of(layer), layer.in_features) for layer in stack]
+    return [(call_of(members), members[0].in_features) for members in calls_of(stack, projections, grouped)]
 
 
 def _grouped_call(base: str, members: list[nn.Module]) -> Callable[[torch.Tensor], object]:
@@ -280,10 +296,8 @@ def main() -> None:
             agreement = check_agreement(layers, inputs[projections[0][2]])
             row = {"tokens": tokens, "agreement_vs_reference": agreement}
             for variant in variants:
-                if variant == "bittern-int8in":
-                    if tokens > kernels.DECODE_MAX_TOKENS:
-                        continue  # beyond the decode kernel, every path quantizes its input itself
-                    steps = prequantized_steps(layers["bittern"], inputs)
+                if variant.startswith("bittern-int8in"):
+                    steps = prequantized_steps(layers["bittern"], inputs, projections, variant.endswith("-grouped"))
                 else:
                     steps = steps_of(variant, layers, projections)
                 run = stack_pass(steps, inputs, static=variant != "bittern-serial")

@@ -8,6 +8,9 @@ import torch
 from bittern import quant
 
 pytest.importorskip("triton")
+import triton
+import triton.language as tl
+
 from bittern.kernels import quantizers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,3 +168,50 @@ def test_dequantized_weights_are_bit_identical(per_channel: bool, dtype: torch.d
     codes, scale = quant.ternarize(_randn(45, 70, seed=8, scale=0.02), per_channel)
     got = quantizers.dequantize_weight(codes, scale, dtype)
     assert got.dtype == dtype and torch.equal(got, quant.dequantize_weight(codes, scale, dtype))
+
+
+# --- the division by 127 -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _divide_by_127_kernel(y_ptr, out_ptr, n, block: tl.constexpr):
+    offs = tl.program_id(0) * block + tl.arange(0, block)
+    ok = offs < n
+    tl.store(out_ptr + offs, quantizers.divide_by_127(tl.load(y_ptr + offs, mask=ok, other=0.0)), mask=ok)
+
+
+def divide_by_127(y: torch.Tensor) -> torch.Tensor:
+    """The kernel helper applied to a float32 tensor (one program per 1024 values)."""
+    out = torch.empty_like(y)
+    _divide_by_127_kernel[(triton.cdiv(y.numel(), 1024),)](y, out, y.numel(), block=1024)
+    return out
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise: equal float32 bit patterns, any NaN matching any NaN."""
+    return (a.view(torch.int32) == b.view(torch.int32)) | (torch.isnan(a) & torch.isnan(b))
+
+
+def test_divide_by_127_rounds_as_ieee_division() -> None:
+    generator = torch.Generator().manual_seed(127)
+    patterns = torch.randint(-(2**31), 2**31, (1 << 18,), generator=generator, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor(
+        [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 1.1754942e-38, 1.17549435e-38,
+         3.4028235e38, -3.4028235e38, 127.0, -127.0, 63.5, 1.0, 254.0, 381.0, 1e-40 * 127],
+    )  # fmt: skip
+    integers = torch.arange(-(1 << 16), 1 << 16, dtype=torch.float32)  # acc * 1.0 * 1.0: whole products
+    y = torch.cat([patterns.view(torch.float32), special, integers, integers * 0.02]).to(DEVICE)
+    expected = y.cpu() / 127.0  # IEEE division on the CPU
+    got = divide_by_127(y).cpu()
+    wrong = ~same_bits(got, expected)
+    assert not wrong.any(), f"{int(wrong.sum())} values differ, e.g. {y.cpu()[wrong][:4].tolist()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_divide_by_127_rounds_as_ieee_division_for_every_float32() -> None:
+    chunk = 1 << 28
+    for start in range(-(2**31), 2**31, chunk):
+        y = torch.arange(start, start + chunk, dtype=torch.int64, device="cuda").to(torch.int32).view(torch.float32)
+        wrong = ~same_bits(divide_by_127(y), y / 127.0)
+        assert not wrong.any(), f"{int(wrong.sum())} values differ, e.g. {y[wrong][:4].tolist()}"

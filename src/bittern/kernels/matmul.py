@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from bittern.kernels import interpreter, tuning
+from bittern.kernels.quantizers import divide_by_127
 
 # Triton 3.9's interpreter computes bf16 x bf16 dots (and int8 -> bf16 casts) wrongly: there the backward kernels
 # widen both operands to float32 after rounding them to the gradient's dtype, which leaves the products unchanged.
@@ -101,14 +102,14 @@ def _forward_kernel(
             a = tl.load(a_rows + cols[None, :], mask=cols[None, :] < K, other=0)
             b = tl.load(b_rows + cols[None, :], mask=cols[None, :] < K, other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-    # epilogue in the reference's order: acc * s * a / 127 (+ bias), float32, IEEE division
+    # epilogue in the reference's order: acc * s * a / 127 (+ bias), float32, the division rounded as IEEE's
     y = acc.to(tl.float32)
     if PER_CHANNEL:
         y = y * tl.load(s_ptr + rn % N)[None, :]
     else:
         y = y * tl.load(s_ptr)
     y = y * tl.load(a_ptr + rm % M)[:, None]
-    y = tl.math.div_rn(y, tl.full((BM, BN), 127.0, tl.float32))
+    y = divide_by_127(y)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn % N).to(tl.float32)[None, :]
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]

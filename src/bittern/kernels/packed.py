@@ -26,10 +26,10 @@
   :func:`prefill_group` serves two or three layers of one input with one quantization (and, up to 256 tokens, one
   launch).
 
-Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the
-output equals :func:`bittern.quant.integer_linear` bit for bit. The decode kernel's tiles are autotuned per
-(N, K) for a float input; an int8 input takes one warp per program and one or two byte rows
-(:func:`_prequantized_tile`). Import through :mod:`bittern.kernels` (lazily).
+Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32, the division rounded as IEEE's
+(:func:`~bittern.kernels.quantizers.divide_by_127`), so the output equals :func:`bittern.quant.integer_linear` bit
+for bit. The decode kernel's tiles are autotuned per (N, K) for a float input; an int8 input takes one warp per
+program and one or two byte rows (:func:`_prequantized_tile`). Import through :mod:`bittern.kernels` (lazily).
 """
 
 from __future__ import annotations

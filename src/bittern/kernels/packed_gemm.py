@@ -24,9 +24,9 @@ Measured on an H100 (BENCHMARKS.md), µs per call in a chain of distinct layers:
   workspace): 6.9 against 10.6 for 16 x 2560 x 2560, 9.9 against 25.9 for gate and up (16 x 2 x 6912 x 2560);
 * against the dp4a decode kernel (:mod:`bittern.kernels.packed`), which keeps 1–3 tokens: faster per block from 4.
 
-The epilogue is the reference's, ``acc * s * a / 127 (+ bias)`` in float32 with an IEEE division, so the result
-equals :func:`bittern.quant.integer_linear` bit for bit. Tiles are autotuned per (tokens rounded up to a power of
-two, the layers' N, K).
+The epilogue is the reference's, ``acc * s * a / 127 (+ bias)`` in float32, the division rounded as IEEE's
+(:func:`~bittern.kernels.quantizers.divide_by_127`), so the result equals :func:`bittern.quant.integer_linear` bit
+for bit. Tiles are autotuned per (tokens rounded up to a power of two, the layers' N, K).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import triton.language as tl
 
 from bittern.kernels import interpreter, tuning
 from bittern.kernels.matmul import _bucket, _rows
+from bittern.kernels.quantizers import divide_by_127
 
 MAX_M = 256
 """The most tokens this kernel serves; beyond, unpacking once and the int8 GEMM is faster (H100, BENCHMARKS.md)."""
@@ -119,7 +120,7 @@ def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_
     else:
         y = y * tl.load(s_ptr)
     y = y * act_scale[:, None]
-    y = tl.math.div_rn(y, tl.full(y.shape, 127.0, tl.float32))
+    y = divide_by_127(y)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + n[None, :]

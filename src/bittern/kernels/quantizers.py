@@ -3,7 +3,8 @@
 Both reproduce :mod:`bittern.quant` bit for bit (tested in ``tests/kernels``):
 
 * every division that feeds a rounding is IEEE round-to-nearest (``tl.math.div_rn``; Triton's ``/`` on
-  float32 is an approximate division on NVIDIA GPUs);
+  float32 is an approximate division on NVIDIA GPUs); a division by 127 is :func:`divide_by_127`, the same bits
+  from a multiplication and two fused multiply-adds;
 * rounding is half to even, done by adding and subtracting 1.5·2²³ in float32 — exact for |v| < 2²², so
   values are clamped into that range first where they could exceed it;
 * the weight scale sums ``|W|`` in float64 over fixed blocks, then in a fixed order, and rounds the mean to
@@ -41,6 +42,25 @@ def _round_half_even(v):
     return (v + _ROUND_MAGIC) - _ROUND_MAGIC
 
 
+_INV_127 = tl.constexpr(0.007874015748031496)
+"""``1/127``, rounded to float32 where it meets a float32 tensor."""
+
+
+@triton.jit
+def divide_by_127(y):
+    """``y / 127`` rounded to nearest, as IEEE division (``tl.math.div_rn``) gives it, for every float32 ``y``.
+
+    ``q = y * fl(1/127)`` is within an ulp of the quotient; the remainder ``r = y - 127 q`` is exact in one fused
+    multiply-add, and ``q + r * fl(1/127)``, rounded once by another, is the correctly rounded quotient (Markstein's
+    correction step). Checked against ``div_rn`` for all 2³² float32 bit patterns on an H100: equal except for
+    ±inf (the remainder is NaN) and -0 (the sum is +0), where ``q`` itself is the quotient and is taken. Three
+    instructions and a select instead of ``div_rn``'s subroutine: the int8 GEMM's epilogue (4096 x 2560 x 2560)
+    went from 60.9 to 56.1 µs (BENCHMARKS.md)."""
+    q = y * _INV_127
+    r = tl.fma(-q, 127.0, y)
+    return tl.where((r != r) | (y == 0.0), q, tl.fma(r, _INV_127, q))
+
+
 @triton.jit
 def _act_codes(x, amax):
     q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
@@ -51,7 +71,7 @@ def _act_codes(x, amax):
 def _store_act_row(xq_row, xhat_row, offs, mask, q, amax, WIDEN: tl.constexpr):
     tl.store(xq_row + offs, q.to(tl.int8), mask=mask)
     if WIDEN:  # xq * a / 127, the value quant.dequantize_activations gives
-        xhat = tl.math.div_rn(q * amax, tl.full(q.shape, 127.0, tl.float32))
+        xhat = divide_by_127(q * amax)
         tl.store(xhat_row + offs, xhat.to(xhat_row.dtype.element_ty), mask=mask)
 
 
@@ -80,7 +100,7 @@ def _act_quant_kernel(
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
         tl.store(xq_row + offs, q.to(tl.int8), mask=mask)
         if WIDEN:  # xq * a / 127, the value quant.dequantize_activations gives
-            xhat = tl.math.div_rn(q * amax, tl.full(q.shape, 127.0, tl.float32))
+            xhat = divide_by_127(q * amax)
             tl.store(xhat_row + offs, xhat.to(xhat_row.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, amax)
 
@@ -167,7 +187,7 @@ def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, K, ROW_SCALE: tl.constexpr, DI
     s = tl.load(scale_ptr + row) if ROW_SCALE else tl.load(scale_ptr)
     value = q * s
     if DIVIDE_127:
-        value = tl.math.div_rn(value, tl.full((BLOCK,), 127.0, tl.float32))
+        value = divide_by_127(value)
     tl.store(out_ptr + row * K + cols, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
