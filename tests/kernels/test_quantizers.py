@@ -187,6 +187,12 @@ def divide_by_127(y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def ieee_divide_by_127(y: torch.Tensor) -> torch.Tensor:
+    """``y / 127`` as the reference divides (by a tensor: CUDA turns a division by a Python number into a
+    multiplication by its reciprocal)."""
+    return y / torch.full((), 127.0, device=y.device)
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise: equal float32 bit patterns, any NaN matching any NaN."""
     return (a.view(torch.int32) == b.view(torch.int32)) | (torch.isnan(a) & torch.isnan(b))
@@ -201,9 +207,7 @@ def test_divide_by_127_rounds_as_ieee_division() -> None:
     )  # fmt: skip
     integers = torch.arange(-(1 << 16), 1 << 16, dtype=torch.float32)  # acc * 1.0 * 1.0: whole products
     y = torch.cat([patterns.view(torch.float32), special, integers, integers * 0.02]).to(DEVICE)
-    expected = y.cpu() / 127.0  # IEEE division on the CPU
-    got = divide_by_127(y).cpu()
-    wrong = ~same_bits(got, expected)
+    wrong = ~same_bits(divide_by_127(y), ieee_divide_by_127(y)).cpu()
     assert not wrong.any(), f"{int(wrong.sum())} values differ, e.g. {y.cpu()[wrong][:4].tolist()}"
 
 
@@ -213,5 +217,5 @@ def test_divide_by_127_rounds_as_ieee_division_for_every_float32() -> None:
     chunk = 1 << 28
     for start in range(-(2**31), 2**31, chunk):
         y = torch.arange(start, start + chunk, dtype=torch.int64, device="cuda").to(torch.int32).view(torch.float32)
-        wrong = ~same_bits(divide_by_127(y), y / 127.0)
+        wrong = ~same_bits(divide_by_127(y), ieee_divide_by_127(y))
         assert not wrong.any(), f"{int(wrong.sum())} values differ, e.g. {y[wrong][:4].tolist()}"
