@@ -83,10 +83,22 @@ def test_extreme_values_accumulate_exactly() -> None:
 
 
 def test_unpack_kernel_matches_the_layout() -> None:
-    # 150 outputs: 38 byte rows, so the last block of 16 has rows past R whose n = r + qR is still < N
-    for n, k in ((1, 1), (10, 33), (37, 300), (150, 70)):
+    # 150 outputs: 38 byte rows, so the last block of 16 has rows past R whose n = r + qR is still < N. K % 4 == 0
+    # takes the word-wise kernel (300, 68, 260: a partial block of 64 words), the others the byte-wise one
+    for n, k in ((1, 1), (10, 33), (37, 300), (150, 70), (150, 68), (45, 260), (3, 4)):
         codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
         assert torch.equal(packed.unpack(packing.pack_ternary_rows(codes).to(DEVICE), n).cpu(), codes)
+
+
+def test_unpack_of_a_strided_or_misaligned_weight_matches_the_layout() -> None:
+    codes = torch.randint(-1, 2, (90, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    weight = packing.pack_ternary_rows(codes).to(DEVICE)  # [23, 64]
+    wide = torch.zeros((23, 80), dtype=torch.uint8, device=DEVICE)
+    wide[:, :64] = weight  # rows 80 bytes apart: words, with a row stride of 20 words
+    assert torch.equal(packed.unpack(wide[:, :64], 90).cpu(), codes)
+    shifted = torch.zeros((23 * 64 + 1,), dtype=torch.uint8, device=DEVICE)
+    shifted[1:] = weight.reshape(-1)
+    assert torch.equal(packed.unpack(shifted[1:].view(23, 64), 90).cpu(), codes)  # 1 byte off: byte by byte
 
 
 def test_unpack_codes_on_either_backend_equals_the_layout() -> None:
