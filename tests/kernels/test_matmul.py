@@ -49,6 +49,33 @@ def test_forward_keeps_leading_dimensions() -> None:
     assert torch.equal(y.reshape(12, 20), matmul.int8_ternary_linear(xq, act_scale, codes, scale, bias, torch.float32))
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("widths", [(40, 12, 12), (5, 70), (32, 32)])  # layers ending inside a tile, or on its edge
+def test_grouped_forward_equals_each_layer(widths: tuple[int, ...], per_channel: bool) -> None:
+    generator = torch.Generator().manual_seed(sum(widths))
+    xq, act_scale = quant.quantize_activations(torch.randn(3, 37, 70, generator=generator) * 2)
+    layers = [quant.ternarize(torch.randn(n, 70, generator=generator) * 0.02, per_channel) for n in widths]
+    stacked = torch.cat([codes for codes, _ in layers]).to(DEVICE)
+    scales = [scale.to(DEVICE) for _, scale in layers]
+    for dtype in (torch.float32, torch.bfloat16):
+        ys = matmul.int8_ternary_group(xq.to(DEVICE), act_scale.to(DEVICE), stacked, list(widths), scales, dtype)
+        assert len(ys) == len(widths)
+        for y, (codes, scale) in zip(ys, layers, strict=True):
+            expected = quant.linear_from_integers(xq, act_scale, codes, scale, None).to(dtype)
+            assert y.shape == (3, 37, codes.shape[0]) and y.dtype == dtype and y.is_contiguous()
+            assert torch.equal(y.cpu(), expected)
+
+
+def test_grouped_forward_refuses_mismatched_layers() -> None:
+    xq, act_scale, codes, scale, _ = _operands(4, 8, 16, False, seed=1)
+    with pytest.raises(ValueError, match="2 or 3 layers"):
+        matmul.int8_ternary_group(xq, act_scale, codes, [8], [scale], torch.float32)
+    with pytest.raises(ValueError, match="2 or 3 layers"):
+        matmul.int8_ternary_group(xq, act_scale, codes, [4, 5], [scale, scale], torch.float32)
+    with pytest.raises(ValueError, match="per tensor, or every layer's per row"):
+        matmul.int8_ternary_group(xq, act_scale, codes, [4, 4], [scale, scale.expand(4)], torch.float32)
+
+
 def test_forward_accumulates_exactly_at_the_int8_extremes() -> None:
     # every product is -128 * -1: a float16 or bf16 accumulator would round 128 * K, int32 does not
     k = 1000

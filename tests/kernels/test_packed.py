@@ -175,7 +175,7 @@ def test_grouped_decode_equals_each_layer(widths: tuple[int, ...], per_channel: 
             assert torch.equal(y, quant.integer_linear(x, codes.to(DEVICE), scale.to(DEVICE)))
 
 
-@pytest.mark.parametrize("tokens", [5, 40])
+@pytest.mark.parametrize("tokens", [5, 40, 260])  # packed_gemm; beyond 256, the unpack passes and one int8 GEMM
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("widths", [(10, 6, 6), (37, 9), (130, 70)])
 def test_grouped_prefill_equals_each_layer(widths: tuple[int, ...], per_channel: bool, tokens: int) -> None:

@@ -77,19 +77,12 @@ def _grouped_tile(pid, size0, size1, BLOCK0: tl.constexpr, BLOCK1: tl.constexpr,
     return tile0, tile1
 
 
-@tuning.autotune(_configs(_FORWARD_SHAPES, ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K"])
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
-def _forward_kernel(
-    xq_ptr, codes_ptr, a_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_cn, stride_ym,
-    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-):  # fmt: skip
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP)
-    rm = tile_m * BM + tl.arange(0, BM)
-    rn = tile_n * BN + tl.arange(0, BN)
+def _int8_tile(xq_ptr, codes_ptr, rm, rn, M, N, K, stride_xm, stride_cn,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """int32 ``[BM, BN]``: token rows ``rm`` of ``xq`` times code rows ``rn`` over all of ``K`` (rows past the end
+    read a valid row; their results are masked at the store)."""
     rk = tl.arange(0, BK)
-    # rows past the end read a valid row (their results are masked at the store)
     a_rows = xq_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
     b_rows = codes_ptr + (rn % N).to(tl.int64)[:, None] * stride_cn
     acc = tl.zeros((BM, BN), dtype=tl.int32)
@@ -102,6 +95,21 @@ def _forward_kernel(
             a = tl.load(a_rows + cols[None, :], mask=cols[None, :] < K, other=0)
             b = tl.load(b_rows + cols[None, :], mask=cols[None, :] < K, other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    return acc
+
+
+@tuning.autotune(_configs(_FORWARD_SHAPES, ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
+@triton.jit
+def _forward_kernel(
+    xq_ptr, codes_ptr, a_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_cn, stride_ym,
+    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP)
+    rm = tile_m * BM + tl.arange(0, BM)
+    rn = tile_n * BN + tl.arange(0, BN)
+    acc = _int8_tile(xq_ptr, codes_ptr, rm, rn, M, N, K, stride_xm, stride_cn, BM, BN, BK, EVEN_K)
     # epilogue in the reference's order: acc * s * a / 127 (+ bias), float32, the division rounded as IEEE's
     y = acc.to(tl.float32)
     if PER_CHANNEL:
@@ -114,6 +122,38 @@ def _forward_kernel(
         y = y + tl.load(bias_ptr + rn % N).to(tl.float32)[None, :]
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@tuning.autotune(_configs(_FORWARD_SHAPES, ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
+@triton.jit
+def _forward_group_kernel(
+    xq_ptr, codes_ptr, a_ptr, s0_ptr, y0_ptr, s1_ptr, y1_ptr, s2_ptr, y2_ptr, M, N, N0, N1, K, M_BUCKET,
+    stride_xm, stride_cn, PER_CHANNEL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    # two or three bias-free layers of one input, their codes one above the other ([N0 + N1 + N2, K]): one product,
+    # whose epilogue gives each column its layer's scale and output (a tile may span two layers)
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP)
+    rm = tile_m * BM + tl.arange(0, BM)
+    rn = tile_n * BN + tl.arange(0, BN)
+    acc = _int8_tile(xq_ptr, codes_ptr, rm, rn, M, N, K, stride_xm, stride_cn, BM, BN, BK, EVEN_K)
+    first = rn < N0
+    second = (rn >= N0) & (rn < N0 + N1)
+    col = tl.where(first, rn, tl.where(second, rn - N0, rn - N0 - N1))  # the column within its layer
+    width = tl.where(first, N0, tl.where(second, N1, N - N0 - N1))
+    y = acc.to(tl.float32)
+    if PER_CHANNEL:
+        s = tl.load(tl.where(first, s0_ptr + col, tl.where(second, s1_ptr + col, s2_ptr + col)), mask=rn < N,
+                    other=1.0)  # fmt: skip
+    else:
+        s = tl.where(first, tl.load(s0_ptr), tl.where(second, tl.load(s1_ptr), tl.load(s2_ptr)))
+    y = y * s[None, :]
+    y = y * tl.load(a_ptr + rm % M)[:, None]
+    y = divide_by_127(y)
+    rows = rm.to(tl.int64)[:, None] * width[None, :]
+    out = tl.where(first, y0_ptr + col, tl.where(second, y1_ptr + col, y2_ptr + col))[None, :] + rows
+    tl.store(out, y.to(y0_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @tuning.autotune(_configs(_BACKWARD_SHAPES, ("BM", "BK", "BN")), key=["M_BUCKET", "N", "K"])
@@ -229,6 +269,47 @@ def int8_ternary_linear(
             HAS_BIAS=bias is not None, PER_CHANNEL=scale.numel() != 1,
         )  # fmt: skip
     return y.to(out_dtype).reshape(*xq.shape[:-1], n)
+
+
+def int8_ternary_group(
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    codes: torch.Tensor,
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """:func:`int8_ternary_linear` of two or three bias-free layers of one input in one product: ``codes`` holds
+    their codes one above the other, ``[N_0 + N_1 (+ N_2), K]``.
+
+    Args:
+        xq: int8 ``[..., K]``; act_scale: float32 ``[..., 1]``.
+        codes: int8 ``[sum N_i, K]``; out_features: ``N_i`` per layer.
+        scales: per layer, float32 ``[1]`` (all) or ``[N_i]`` (all).
+        out_dtype: dtype of the results.
+
+    Returns:
+        One contiguous ``[..., N_i]`` per layer, each equal to that layer's :func:`int8_ternary_linear` bit for bit.
+    """
+    if not 2 <= len(out_features) <= 3 or len(scales) != len(out_features) or codes.shape[0] != sum(out_features):
+        raise ValueError(f"int8_ternary_group takes 2 or 3 layers whose codes are stacked; got widths {out_features},"
+                         f" {len(scales)} scales and codes {tuple(codes.shape)}")  # fmt: skip
+    per_channel = {s.numel() != 1 for s in scales}
+    if len(per_channel) != 1:
+        raise ValueError("int8_ternary_group needs every layer's scale per tensor, or every layer's per row")
+    a2 = _rows(xq)
+    m, k = a2.shape
+    n = codes.shape[0]
+    ys = [torch.empty((m, width), dtype=_store_dtype(out_dtype), device=xq.device) for width in out_features]
+    if m and n:
+        codes = codes if codes.stride(-1) == 1 else codes.contiguous()
+        third = 2 if len(ys) == 3 else 1  # a third layer of no columns: never selected
+        _forward_group_kernel[_grid(m, n, "BM", "BN")](
+            a2, codes, act_scale.reshape(-1).contiguous(), scales[0], ys[0], scales[1], ys[1], scales[third],
+            ys[third], m, n, out_features[0], out_features[1], k, _bucket(m), a2.stride(0), codes.stride(0),
+            PER_CHANNEL=per_channel.pop(),
+        )  # fmt: skip
+    return [y.to(out_dtype).reshape(*xq.shape[:-1], width) for y, width in zip(ys, out_features, strict=True)]
 
 
 def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -23,8 +23,8 @@
   prompt), the int8 tensor-core product of :mod:`bittern.kernels.packed_gemm`, which reads the packed bytes and
   expands the codes in registers, one 2-bit field of a block of byte rows per program; beyond, the codes unpacked
   to int8 in one pass (:func:`unpack`) and the int8 tensor-core GEMM of :mod:`bittern.kernels.matmul`.
-  :func:`prefill_group` serves two or three layers of one input with one quantization (and, up to 256 tokens, one
-  launch).
+  :func:`prefill_group` serves two or three layers of one input with one quantization and one product (beyond 256
+  tokens, their codes unpacked one above the other and :func:`~bittern.kernels.matmul.int8_ternary_group`).
 
 Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32, the division rounded as IEEE's
 (:func:`~bittern.kernels.quantizers.divide_by_127`), so the output equals :func:`bittern.quant.integer_linear` bit
@@ -161,18 +161,25 @@ def _unpack_words_kernel(w_ptr, codes_ptr, N, R, KW, stride_wr, BR: tl.constexpr
         tl.store(out, codes.to(tl.int32, bitcast=True), mask=ok & (n[:, None] < N))
 
 
-def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Triton twin of :func:`bittern.packing.unpack_ternary_rows`: int8 codes ``[N, K]`` in one pass.
+def unpack(packed: torch.Tensor, out_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of :func:`bittern.packing.unpack_ternary_rows`: int8 codes ``[N, K]`` in one pass (into ``out``,
+    a contiguous int8 ``[N, K]``, when given).
 
     Four bytes at a time where ``K % 4 == 0`` and the rows start on 4-byte boundaries (every layer of the usual
-    shapes): on an H100, 3.0 µs instead of 5.0 for 2560 x 2560, 5.8 instead of 9.7 for 6912 x 2560
+    shapes): on an H100, 3.2 µs instead of 5.0 for 2560 x 2560, 6.1 instead of 9.7 for 6912 x 2560
     (BENCHMARKS.md); else byte by byte."""
     packed = _rows(packed)
     rows, k = packed.shape
-    codes = torch.empty((out_features, k), dtype=torch.int8, device=packed.device)
+    if out is None:
+        codes = torch.empty((out_features, k), dtype=torch.int8, device=packed.device)
+    elif out.shape != (out_features, k) or out.dtype != torch.int8 or not out.is_contiguous():
+        raise ValueError(f"unpack: out must be a contiguous int8 [{out_features}, {k}]; got {out.dtype} "
+                         f"{tuple(out.shape)}")  # fmt: skip
+    else:
+        codes = out
     if not (rows and k):
         return codes
-    if k % 4 == 0 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0:
+    if k % 4 == 0 and packed.stride(0) % 4 == 0 and packed.data_ptr() % 4 == 0 and codes.data_ptr() % 4 == 0:
         words = k // 4
         grid = (triton.cdiv(rows, 16), triton.cdiv(words, 64))
         _unpack_words_kernel[grid](packed.view(torch.int32), codes.view(torch.int32), out_features, rows, words,
@@ -546,8 +553,8 @@ def prefill_group(
     out_dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     """:func:`prefill_linear` of two or three bias-free layers on the same input, the activations quantized once
-    (and up to :data:`~bittern.kernels.packed_gemm.MAX_M` tokens, one launch for every layer). Arguments
-    and results as :func:`decode_group` (any number of tokens, any K)."""
+    and one product for every layer (beyond :data:`~bittern.kernels.packed_gemm.MAX_M` tokens, after an unpack pass
+    per layer). Arguments and results as :func:`decode_group` (any number of tokens, any K)."""
     _check_group(x, packed, out_features, scales, "prefill_group")
     xq, act_scale = quantizers.quantize_activations(x)
     return _quantized_products(xq, act_scale, packed, out_features, scales, None, out_dtype)
@@ -593,10 +600,16 @@ def _quantized_products(
         return packed_gemm.packed_gemm(
             xq, act_scale, packed, out_features, scales, bias, out_dtype, dependent_launch=dependent
         )
-    return [
-        matmul.int8_ternary_linear(xq, act_scale, unpack(w, n), s, bias if i == 0 else None, out_dtype)
-        for i, (w, n, s) in enumerate(zip(packed, out_features, scales, strict=True))
-    ]
+    if len(packed) == 1:
+        return [matmul.int8_ternary_linear(xq, act_scale, unpack(packed[0], out_features[0]), scales[0], bias,
+                                           out_dtype)]  # fmt: skip
+    # the layers' codes one above the other, one product for all (as bf16 engines concatenate q/k/v)
+    codes = torch.empty((sum(out_features), xq.shape[-1]), dtype=torch.int8, device=xq.device)
+    first = 0
+    for weight, n in zip(packed, out_features, strict=True):
+        unpack(weight, n, codes[first : first + n])
+        first += n
+    return matmul.int8_ternary_group(xq, act_scale, codes, out_features, scales, out_dtype)
 
 
 def packed_linear(
