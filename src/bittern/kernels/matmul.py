@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from bittern.kernels import interpreter, tuning
-from bittern.kernels.quantizers import divide_by_127
+from bittern.kernels.quantizers import rescale
 
 # Triton 3.9's interpreter computes bf16 x bf16 dots (and int8 -> bf16 casts) wrongly: there the backward kernels
 # widen both operands to float32 after rounding them to the gradient's dtype, which leaves the products unchanged.
@@ -111,13 +111,11 @@ def _forward_kernel(
     rn = tile_n * BN + tl.arange(0, BN)
     acc = _int8_tile(xq_ptr, codes_ptr, rm, rn, M, N, K, stride_xm, stride_cn, BM, BN, BK, EVEN_K)
     # epilogue in the reference's order: acc * s * a / 127 (+ bias), float32, the division rounded as IEEE's
-    y = acc.to(tl.float32)
+    act_scale = tl.load(a_ptr + rm % M)[:, None]
     if PER_CHANNEL:
-        y = y * tl.load(s_ptr + rn % N)[None, :]
+        y = rescale(acc, tl.load(s_ptr + rn % N)[None, :], act_scale)
     else:
-        y = y * tl.load(s_ptr)
-    y = y * tl.load(a_ptr + rm % M)[:, None]
-    y = divide_by_127(y)
+        y = rescale(acc, tl.load(s_ptr), act_scale)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn % N).to(tl.float32)[None, :]
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -142,15 +140,12 @@ def _forward_group_kernel(
     second = (rn >= N0) & (rn < N0 + N1)
     col = tl.where(first, rn, tl.where(second, rn - N0, rn - N0 - N1))  # the column within its layer
     width = tl.where(first, N0, tl.where(second, N1, N - N0 - N1))
-    y = acc.to(tl.float32)
     if PER_CHANNEL:
         s = tl.load(tl.where(first, s0_ptr + col, tl.where(second, s1_ptr + col, s2_ptr + col)), mask=rn < N,
                     other=1.0)  # fmt: skip
     else:
         s = tl.where(first, tl.load(s0_ptr), tl.where(second, tl.load(s1_ptr), tl.load(s2_ptr)))
-    y = y * s[None, :]
-    y = y * tl.load(a_ptr + rm % M)[:, None]
-    y = divide_by_127(y)
+    y = rescale(acc, s[None, :], tl.load(a_ptr + rm % M)[:, None])
     rows = rm.to(tl.int64)[:, None] * width[None, :]
     out = tl.where(first, y0_ptr + col, tl.where(second, y1_ptr + col, y2_ptr + col))[None, :] + rows
     tl.store(out, y.to(y0_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from bittern.kernels import interpreter, tuning
 from bittern.kernels.matmul import _bucket, _rows
-from bittern.kernels.quantizers import divide_by_127
+from bittern.kernels.quantizers import rescale
 
 MAX_M = 256
 """The most tokens this kernel serves; beyond, unpacking once and the int8 GEMM is faster (H100, BENCHMARKS.md)."""
@@ -114,13 +114,10 @@ def _codes(packed_bytes, Q: tl.constexpr, USE_ASM: tl.constexpr):
 def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym,
               HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):  # fmt: skip
     """``y = acc * s * a / 127 (+ bias)`` in the reference's float32 order, stored for the valid rows/columns."""
-    y = acc.to(tl.float32)
     if PER_CHANNEL:
-        y = y * tl.load(s_ptr + n, mask=n_ok, other=1.0)[None, :]
+        y = rescale(acc, tl.load(s_ptr + n, mask=n_ok, other=1.0)[None, :], act_scale[:, None])
     else:
-        y = y * tl.load(s_ptr)
-    y = y * act_scale[:, None]
-    y = divide_by_127(y)
+        y = rescale(acc, tl.load(s_ptr), act_scale[:, None])
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + n[None, :]

@@ -62,6 +62,13 @@ def divide_by_127(y):
 
 
 @triton.jit
+def rescale(acc, weight_scale, act_scale):
+    """The reference's epilogue without the bias (:func:`bittern.quant.rescale`), ``acc * s * a / 127`` in float32
+    in that order: ``acc`` int32 ``[BM, BN]``, ``weight_scale`` a scalar or ``[1, BN]``, ``act_scale`` ``[BM, 1]``."""
+    return divide_by_127(acc.to(tl.float32) * weight_scale * act_scale)
+
+
+@triton.jit
 def _act_codes(x, amax):
     q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
     return tl.minimum(tl.maximum(q, -128.0), 127.0)
