@@ -230,11 +230,13 @@ def copy_bandwidth(device: torch.device, mib: int, repeats: int) -> float | None
 
 
 def bytes_moved(variant: str, projections, blocks: int, tokens: int) -> int:
-    """Weights read once plus bf16 activations read and written, for one pass over the stack."""
+    """Weights read once, the inputs read (bf16; int8 for the ``int8in`` variants) and the bf16 outputs written,
+    for one pass over the stack."""
+    input_bytes = 1 if "int8in" in variant else 2
     total = 0
     for _, n, k in projections:
         weight = 2 * n * k if variant.startswith("bf16") else packing.packed_rows(n) * k
-        total += blocks * (weight + 2 * tokens * (n + k))
+        total += blocks * (weight + tokens * (input_bytes * k + 2 * n))
     return total
 
 
