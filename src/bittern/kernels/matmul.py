@@ -78,10 +78,16 @@ def _grouped_tile(pid, size0, size1, BLOCK0: tl.constexpr, BLOCK1: tl.constexpr,
 
 
 @triton.jit
-def _int8_tile(xq_ptr, codes_ptr, rm, rn, M, N, K, stride_xm, stride_cn,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
-    """int32 ``[BM, BN]``: token rows ``rm`` of ``xq`` times code rows ``rn`` over all of ``K`` (rows past the end
-    read a valid row; their results are masked at the store)."""
+def _int8_tile(
+    xq_ptr, codes_ptr, M, N, K, stride_xm, stride_cn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """This program's tile of the product: its token rows ``rm`` ``[BM]``, code rows ``rn`` ``[BN]`` and the int32
+    ``[BM, BN]`` sums of ``xq[rm] · codes[rn]`` over all of ``K`` (rows past the end read a valid row; their results
+    are masked at the store)."""
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP)
+    rm = tile_m * BM + tl.arange(0, BM)
+    rn = tile_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     a_rows = xq_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
     b_rows = codes_ptr + (rn % N).to(tl.int64)[:, None] * stride_cn
@@ -95,7 +101,7 @@ def _int8_tile(xq_ptr, codes_ptr, rm, rn, M, N, K, stride_xm, stride_cn,
             a = tl.load(a_rows + cols[None, :], mask=cols[None, :] < K, other=0)
             b = tl.load(b_rows + cols[None, :], mask=cols[None, :] < K, other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-    return acc
+    return rm, rn, acc
 
 
 @tuning.autotune(_configs(_FORWARD_SHAPES, ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K"])
@@ -106,10 +112,7 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP)
-    rm = tile_m * BM + tl.arange(0, BM)
-    rn = tile_n * BN + tl.arange(0, BN)
-    acc = _int8_tile(xq_ptr, codes_ptr, rm, rn, M, N, K, stride_xm, stride_cn, BM, BN, BK, EVEN_K)
+    rm, rn, acc = _int8_tile(xq_ptr, codes_ptr, M, N, K, stride_xm, stride_cn, BM, BN, BK, GROUP, EVEN_K)
     # epilogue in the reference's order: acc * s * a / 127 (+ bias), float32, the division rounded as IEEE's
     act_scale = tl.load(a_ptr + rm % M)[:, None]
     if PER_CHANNEL:
@@ -132,10 +135,7 @@ def _forward_group_kernel(
 ):  # fmt: skip
     # two or three bias-free layers of one input, their codes one above the other ([N0 + N1 + N2, K]): one product,
     # whose epilogue gives each column its layer's scale and output (a tile may span two layers)
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP)
-    rm = tile_m * BM + tl.arange(0, BM)
-    rn = tile_n * BN + tl.arange(0, BN)
-    acc = _int8_tile(xq_ptr, codes_ptr, rm, rn, M, N, K, stride_xm, stride_cn, BM, BN, BK, EVEN_K)
+    rm, rn, acc = _int8_tile(xq_ptr, codes_ptr, M, N, K, stride_xm, stride_cn, BM, BN, BK, GROUP, EVEN_K)
     first = rn < N0
     second = (rn >= N0) & (rn < N0 + N1)
     col = tl.where(first, rn, tl.where(second, rn - N0, rn - N0 - N1))  # the column within its layer
