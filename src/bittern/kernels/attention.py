@@ -101,9 +101,6 @@ def _decode_attention_kernel(
     v_new = tl.load(vn_ptr + b * stride_vnb + h * stride_vnh + rd).to(dtype)
     k_rows = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_rows = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    if owner:  # no program reads slot i from memory in this launch
-        tl.store(k_rows + i.to(tl.int64) * stride_ks + rd, k_new)
-        tl.store(v_rows + i.to(tl.int64) * stride_vs + rd, v_new)
     if UPCAST:
         q = q.to(tl.float32)
     best = tl.full([GP], float("-inf"), tl.float32)
@@ -128,7 +125,10 @@ def _decode_attention_kernel(
             v = v.to(tl.float32)
         acc = acc * keep[:, None] + tl.dot(p, v, input_precision=PRECISION)
         best = new_best
-    if owner:  # the new slot, seen by every query
+    if owner:  # the new slot, seen by every query; no program reads it from memory in this launch
+        # stored after the loop: a store before it would hold the loop's first loads behind the rope's
+        tl.store(k_rows + i.to(tl.int64) * stride_ks + rd, k_new)
+        tl.store(v_rows + i.to(tl.int64) * stride_vs + rd, v_new)
         fresh = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # [GP]
         new_best = tl.maximum(best, fresh)
         p = tl.exp(fresh - new_best)

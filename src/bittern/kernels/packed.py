@@ -340,16 +340,13 @@ def _decode_group_kernel(
     blocks0 = tl.cdiv(R0, BR)
     blocks1 = tl.cdiv(R1, BR)
     if pid < blocks0:
-        _decode_rows(x_ptr, a_ptr, w0_ptr, s0_ptr, s0_ptr, y0_ptr, M, N0, R0, stride_xm, stride_wr, N0, pid,
-                     K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
+        w_ptr, s_ptr, y_ptr, n, r, block = w0_ptr, s0_ptr, y0_ptr, N0, R0, pid
     elif pid < blocks0 + blocks1:
-        _decode_rows(x_ptr, a_ptr, w1_ptr, s1_ptr, s1_ptr, y1_ptr, M, N1, R1, stride_xm, stride_wr, N1,
-                     pid - blocks0, K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
-                     BR)  # fmt: skip
+        w_ptr, s_ptr, y_ptr, n, r, block = w1_ptr, s1_ptr, y1_ptr, N1, R1, pid - blocks0
     else:
-        _decode_rows(x_ptr, a_ptr, w2_ptr, s2_ptr, s2_ptr, y2_ptr, M, N2, R2, stride_xm, stride_wr, N2,
-                     pid - blocks0 - blocks1, K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC,
-                     BR)  # fmt: skip
+        w_ptr, s_ptr, y_ptr, n, r, block = w2_ptr, s2_ptr, y2_ptr, N2, R2, pid - blocks0 - blocks1
+    _decode_rows(x_ptr, a_ptr, w_ptr, s_ptr, s_ptr, y_ptr, M, n, r, stride_xm, stride_wr, n, block,
+                 K, KW0, KW1, EPS, False, PER_CHANNEL, PREQUANTIZED, USE_ASM, USE_GDC, BR)  # fmt: skip
 
 
 _PRUNE = {"early_config_prune": _fits_registers}
