@@ -43,6 +43,19 @@ _SPLIT = 512
 processors (a few KV heads would otherwise walk a long cache each on one SM), their partial sums added by a second
 kernel. On an H100, batch 1, 4096 slots: 48.9 µs in one program per head, 11.7 µs split (BENCHMARKS.md)."""
 
+_SPLIT_FEW = 128
+"""Cache slots per program when a launch has at most :data:`_FEW_PROGRAMS` programs (one sequence of a model with a
+few KV heads): each walks one block. On an H100, 2B4T shape, batch 1 (5 programs), a 384-slot cache, the decode
+step ran at 972 and 975 tokens/s against 954 and 957 with 512 (BENCHMARKS.md). At batch 4 (20 programs) on a
+short cache the second kernel costs more than the splits save (40 slots: 7.6 against 5.5 µs a call)."""
+
+_FEW_PROGRAMS = 8
+"""Launches of at most this many programs (batch x KV heads) take :data:`_SPLIT_FEW` and :data:`_WARPS_FEW`."""
+
+_WARPS_FEW = 8
+"""Warps of a program of a launch of at most :data:`_FEW_PROGRAMS` programs (others: 4). Same run as
+:data:`_SPLIT_FEW`'s, 128-slot splits: 973.7 and 974.2 tokens/s against 967.3 and 965.1 with 4 warps."""
+
 
 @triton.jit
 def _rope(x_ptrs, rd, cos, sin, D: tl.constexpr):
@@ -199,7 +212,7 @@ def decode_attention(
     scale: float,
     window: int | None = None,
     block: int = _BLOCK,
-    split: int = _SPLIT,
+    split: int | None = None,
 ) -> torch.Tensor:
     """Rope, cache write and attention of one new token per sequence.
 
@@ -217,6 +230,8 @@ def decode_attention(
         block: cache slots per step of the loop (a power of two >= 16); for tests.
         split: cache slots per program (a multiple of ``block``): a cache of more slots is split across programs
             (while there are fewer programs than processors) whose partial sums a second kernel adds; for tests.
+            Default: :data:`_SPLIT_FEW` for at most :data:`_FEW_PROGRAMS` programs (``B * H_kv``), else
+            :data:`_SPLIT`.
 
     Returns:
         ``[B, H_kv, G, D]`` in ``q``'s dtype.
@@ -237,6 +252,9 @@ def decode_attention(
     if slot.numel() != 1 or pad.shape != (batch,):
         raise ValueError(f"decode_attention: slot must hold one value and pad one per row; got {tuple(slot.shape)} "
                          f"and {tuple(pad.shape)} for {batch} rows")  # fmt: skip
+    few = batch * kv_heads <= _FEW_PROGRAMS
+    if split is None:
+        split = _SPLIT_FEW if few else _SPLIT
     if block < 16 or block & (block - 1) or split % block:
         raise ValueError(f"decode_attention: block must be a power of two >= 16 dividing split; got {block}, {split}")
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, keys, values)):
@@ -263,7 +281,8 @@ def decode_attention(
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         G=groups, GP=padded, D=dim, BS=block, SPLIT=split, SPLITS=splits, HAS_WINDOW=window is not None,
-        UPCAST=_UPCAST_DOTS, PRECISION="ieee" if q.dtype == torch.float32 or _UPCAST_DOTS else "tf32", num_warps=4,
+        UPCAST=_UPCAST_DOTS, PRECISION="ieee" if q.dtype == torch.float32 or _UPCAST_DOTS else "tf32",
+        num_warps=_WARPS_FEW if few else 4,
         USE_GDC=dependent, **launch,
     )  # fmt: skip
     if splits > 1:
