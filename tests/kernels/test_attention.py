@@ -127,3 +127,27 @@ def test_decode_attention_without_splitting_past_the_first_split(monkeypatch: py
     want, want_keys, _ = _reference(step, 70, [0, 13], 0.3, None)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(keys.double(), want_keys, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("batch", "kv_heads", "combined"), [(1, 2, True), (3, 4, False)])
+def test_decode_attention_default_splits_one_short_launch_only(
+    monkeypatch: pytest.MonkeyPatch, batch: int, kv_heads: int, combined: bool
+) -> None:
+    # 2 programs (one sequence): 128-slot splits of a 300-slot cache, added by the combining kernel; 12 programs:
+    # 512-slot programs, one per head, no second kernel. Both against the reference.
+    grids: list[tuple] = []
+    kernel = attention._combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(attention, "_combine_kernel", Spy())
+    step = _step(batch, batch, kv_heads, 2, 300, 32, torch.float32, seed=batch)
+    pad = [0, 7, 250][:batch]
+    out, keys, _ = _run(step, 290, pad, 0.25)
+    want, want_keys, _ = _reference(step, 290, pad, 0.25, None)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys.double(), want_keys, rtol=1e-6, atol=1e-6)
+    assert grids == ([(batch * kv_heads,)] if combined else [])
