@@ -6,10 +6,11 @@ a CUDA graph), in a kernel built for long query tiles: on an H100, 11 µs per la
 the whole step; rope and the cache write were two more kernels. Here one program takes one KV head of one
 sequence, with every query head of its group as the rows of one tile. It applies rope to the new token's query
 heads and key (reading the rope tables' row at the token's position itself: a gather before the kernel was one
-more small kernel on the step's critical path), writes its key and value into the cache at its slot, and attends
-over the cached slots the query sees plus the new one (from registers). The slot is read from device memory, so
-the loop bound follows the sequence while the launch, captured once, stays the same. A cache longer than
-:data:`_SPLIT` slots is split across programs, whose partial softmax sums a second kernel adds (flash decoding).
+more small kernel on the step's critical path), attends over the cached slots the query sees plus the new one
+(from registers), and writes its key and value into the cache at its slot. The slot is read from device memory,
+so the loop bound follows the sequence while the launch, captured once, stays the same. A cache longer than
+:data:`_SPLIT` slots (:data:`_SPLIT_FEW` for a launch of a few programs, one sequence) is split across programs,
+whose partial softmax sums a second kernel adds (flash decoding).
 
 Visibility is the decoder's (:mod:`bittern.engine.decoder`): the query at slot ``i`` of row ``b`` sees slots
 ``pad[b] … i`` (and, with a sliding window ``w``, only those ``> i - w``); a query in the padding sees only its own
@@ -36,7 +37,8 @@ _UPCAST_DOTS = interpreter.ON_IMPORT
 
 _BLOCK = 128
 """Cache slots per step of a program's loop. On an H100 at the 2B4T shape (5 KV heads of 4 query heads, head_dim 128,
-384 slots; BENCHMARKS.md) 128 slots and 4 warps beat 32 or 64 slots and 2 or 8 warps at batch 1 and 16."""
+384 slots; BENCHMARKS.md) 128 slots and 4 warps beat 32 or 64 slots and 2 or 8 warps at batch 1 and 16, one
+program per head (with 128-slot splits at batch 1, 8 warps won: :data:`_WARPS_FEW`)."""
 
 _SPLIT = 512
 """Cache slots per program. A cache of more slots is split across programs while they are fewer than the GPU's
