@@ -48,7 +48,7 @@ from bittern import packing, quant
 from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers, tuning
 from bittern.kernels.matmul import _rows
 from bittern.kernels.packed_gemm import _epilogue
-from bittern.kernels.quantizers import _round_half_even
+from bittern.kernels.quantizers import _act_codes
 
 DECODE_MAX_M = DECODE_MAX_TOKENS
 """Token counts up to this use the decode kernel. It handles one token after another (the weights come from L1/L2
@@ -276,8 +276,7 @@ def _decode_rows(
 @triton.jit
 def _pack_quantized(x, amax, lanes):
     """``[W, 4]`` float32 activations → ``[W]`` int32 words of their int8 quantization (the reference's rounding)."""
-    q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
-    q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32) & 0xFF
+    q = _act_codes(x, amax).to(tl.int32) & 0xFF
     return tl.sum(q << (8 * lanes)[None, :], axis=1)
 
 

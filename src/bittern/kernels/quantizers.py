@@ -70,12 +70,14 @@ def rescale(acc, weight_scale, act_scale):
 
 @triton.jit
 def _act_codes(x, amax):
+    """float32 ``x`` → its int8 codes as float32, ``clamp(round_half_even(x * 127 / amax), -128, 127)``."""
     q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
     return tl.minimum(tl.maximum(q, -128.0), 127.0)
 
 
 @triton.jit
 def _store_act_row(xq_row, xhat_row, offs, mask, q, amax, WIDEN: tl.constexpr):
+    """Store codes ``q`` (float32) as int8 and, with ``WIDEN``, their dequantized values ``q * amax / 127``."""
     tl.store(xq_row + offs, q.to(tl.int8), mask=mask)
     if WIDEN:  # xq * a / 127, the value quant.dequantize_activations gives
         xhat = divide_by_127(q * amax)
@@ -103,12 +105,7 @@ def _act_quant_kernel(
         offs = start + tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
-        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-        tl.store(xq_row + offs, q.to(tl.int8), mask=mask)
-        if WIDEN:  # xq * a / 127, the value quant.dequantize_activations gives
-            xhat = divide_by_127(q * amax)
-            tl.store(xhat_row + offs, xhat.to(xhat_row.dtype.element_ty), mask=mask)
+        _store_act_row(xq_row, xhat_row, offs, mask, _act_codes(x, amax), amax, WIDEN)
     tl.store(scale_ptr + row, amax)
 
 
