@@ -192,6 +192,34 @@ def test_decode_steps_on_the_attention_kernel_equal_the_masked_attention(monkeyp
 
 
 @pytest.mark.skipif(not bittern.kernels.triton_available(), reason="needs Triton")
+def test_lm_head_of_a_few_rows_runs_on_the_dense_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the Triton backend the LM head of a decode step (one row per sequence) and of a prompt's last tokens runs
+    on :func:`bittern.kernels.dense_linear`; a whole prompt's logits (more rows) stay on the module. Same logits."""
+    from bittern import kernels
+
+    rows = []
+    kernel = kernels.dense_linear
+    monkeypatch.setattr(kernels, "dense_linear", lambda x, *args: rows.append(x.shape[:-1]) or kernel(x, *args))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("llama").to(device)
+    decoder = Engine(model, max_seq_len=32).decoder
+    prompts = token_batch(batch=3, length=10).to(device)
+    pad = torch.zeros(3, dtype=torch.long, device=device)
+    with torch.no_grad():
+        outputs = {}
+        for name in ("reference", "triton"):
+            with kernels.use_backend(name):
+                cache = decoder.new_cache(3)
+                whole = decoder.forward(prompts, decoder.slots[:10], pad, cache, 10)
+                last = decoder.forward(prompts, decoder.slots[:10], pad, cache, 10, last_only=True)
+                step = decoder.forward(prompts[:, -1:], decoder.slots[10:11], pad, cache, 11)
+                outputs[name] = (whole, last, step)
+    for got, want in zip(outputs["triton"], outputs["reference"], strict=True):
+        assert _relative_error(got, want) <= 1e-5
+    assert rows == [(3, 1), (3, 1)]  # the last tokens and the decode step; not the 30 rows of the whole prompt
+
+
+@pytest.mark.skipif(not bittern.kernels.triton_available(), reason="needs Triton")
 def test_prompt_forward_on_the_fused_norms_matches_the_model(trained, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the Triton backend (interpreter here) every norm of the prompt's forward is one fused kernel that also
     quantizes the input of the packed layers after it: the logits must still meet the float32 thresholds."""

@@ -160,8 +160,9 @@ def test_torch_library_consistency_checks() -> None:
 
 
 def test_inference_ops_pass_the_torch_library_checks() -> None:
-    """opcheck of the packed product on a quantized input and of the decode attention, which writes the KV cache in
-    place (its mutation must be declared, or compiled graphs would drop or reorder the write)."""
+    """opcheck of the packed product on a quantized input, the dense few-row product (the LM head) and the decode
+    attention, which writes the KV cache in place (its mutation must be declared, or compiled graphs would drop or
+    reorder the write)."""
     generator = torch.Generator().manual_seed(12)
     codes, scale = quant.ternarize(torch.randn(10, 32, generator=generator))
     xq, act_scale = quant.quantize_activations(torch.randn(3, 32, generator=generator))
@@ -176,6 +177,8 @@ def test_inference_ops_pass_the_torch_library_checks() -> None:
     keys, values = torch.randn(2, batch + 1, kv_heads, slots, dim, generator=generator)
     args = (q, k, v, cos, sin, keys, values, torch.tensor([5]), torch.tensor([0, 2]), 0.25, None)
     torch.library.opcheck(torch.ops.bittern.decode_attention.default, tuple(_on_device(args)))
+    x, head = torch.randn(2, 3, 32, generator=generator), torch.randn(24, 32, generator=generator)
+    torch.library.opcheck(torch.ops.bittern.dense_linear.default, tuple(_on_device((x, head, None))))
 
 
 def _on_device(args: tuple) -> list:

@@ -278,6 +278,24 @@ def rms_norm(
     return summed, y, quant.quantize_activations(y) if quantize else None
 
 
+def dense_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`dense_linear` runs on ``x`` ``[..., K]`` and ``weight`` ``[N, K]``: the Triton backend, both
+    of one floating dtype (no autocast), at most 16 rows, no gradient wanted."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if wants_grad or output_dtype(x) != x.dtype or not uses_triton(x):
+        return False
+    from bittern.kernels import dense
+
+    return dense.applies(x, weight)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a few rows on the Triton backend (where :func:`dense_linear_applies`): the
+    decode step's LM head, which streams the whole embedding matrix per token faster than cuBLAS's kernel
+    (:mod:`bittern.kernels.dense`). ``[..., N]`` in ``x``'s dtype."""
+    return _ops().dense_linear(x, weight, bias)
+
+
 def decode_attention_applies(q: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` runs on ``q`` ``[B, H_kv, G, D]``: the Triton backend, a head dimension that
     is a power of two of at least 16, and no gradient wanted."""

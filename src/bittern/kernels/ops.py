@@ -34,7 +34,7 @@ import weakref
 import torch
 
 from bittern import quant
-from bittern.kernels import attention, matmul, packed, quantizers
+from bittern.kernels import attention, dense, matmul, packed, quantizers
 
 BACKWARD_GEMMS = ("cublas", "cublas-int8", "triton")
 
@@ -317,6 +317,18 @@ def packed_linear(
 @packed_linear.register_fake
 def _(x, packed_weight, out_features, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
+
+
+@_custom_op("bittern::dense_linear")
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` over a few rows (:func:`bittern.kernels.dense.dense_linear`): ``[..., K]`` → ``[..., N]``."""
+    with _device_guard(x):
+        return dense.dense_linear(x, weight, bias)
+
+
+@dense_linear.register_fake
+def _(x, weight, bias):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @_custom_op("bittern::packed_linear_group")
