@@ -25,9 +25,7 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 # The dry run needs Triton's interpreter, which Triton reads when first imported: decide before importing torch.
@@ -37,7 +35,7 @@ if "--device=cpu" in _ARGV or any(a == "--device" and b == "cpu" for a, b in ite
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import versions  # noqa: E402
+from common import time_call, versions  # noqa: E402
 
 from bittern.engine.decoder import _rotate_half  # noqa: E402  (the decoder's own rope, as the engine ran it)
 from bittern.kernels import attention  # noqa: E402
@@ -88,36 +86,6 @@ def bittern_call(step: dict[str, torch.Tensor], slot: torch.Tensor, pad: torch.T
     """bittern's kernel: rope, cache write and attention in one launch."""
     names = ("q", "k", "v", "cos", "sin", "keys", "values")
     return lambda: attention.decode_attention(*(step[n] for n in names), slot, pad, scale)
-
-
-def time_call(call: Callable, device: torch.device, calls: int, warmup: int, repeats: int) -> float:
-    """Median µs per call: ``calls`` calls captured in one CUDA graph and replayed (wall clock, eagerly, on CPU)."""
-    if device.type != "cuda":
-        call()
-        started = time.perf_counter()
-        for _ in range(calls):
-            call()
-        return (time.perf_counter() - started) / calls * 1e6
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    for _ in range(warmup):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def run(args: argparse.Namespace) -> dict:

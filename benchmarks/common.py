@@ -10,6 +10,9 @@ import gc
 import importlib.metadata
 import math
 import platform
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -49,3 +52,33 @@ def versions(packages: tuple[str, ...]) -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[package] = None
     return out
+
+
+def time_call(call: Callable, device: torch.device, calls: int, warmup: int, repeats: int) -> float:
+    """Median µs per call: ``calls`` calls captured in one CUDA graph and replayed (wall clock, eagerly, on CPU)."""
+    if device.type != "cuda":
+        call()
+        started = time.perf_counter()
+        for _ in range(calls):
+            call()
+        return (time.perf_counter() - started) / calls * 1e6
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
