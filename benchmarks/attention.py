@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -35,7 +34,7 @@ if "--device=cpu" in _ARGV or any(a == "--device" and b == "cpu" for a, b in ite
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import time_call, versions  # noqa: E402
+from common import add_timing_options, print_and_save, time_call, versions  # noqa: E402
 
 from bittern.engine.decoder import _rotate_half  # noqa: E402  (the decoder's own rope, as the engine ran it)
 from bittern.kernels import attention  # noqa: E402
@@ -146,10 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=5, help="KV heads (default 5, as 2B4T)")
     parser.add_argument("--groups", type=int, default=4, help="query heads per KV head (default 4)")
     parser.add_argument("--head-dim", type=int, default=128, help="head dimension, a power of two (default 128)")
-    parser.add_argument("--calls", type=int, default=20, help="calls per CUDA graph (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed replays (default 3)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed replays, median taken (default 15)")
-    parser.add_argument("--json", help="write the report as JSON to this path")
+    add_timing_options(parser)
     return parser.parse_args(argv)
 
 
@@ -158,12 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cpu":
         args.calls, args.repeats = 1, 1
     report = run(args)
-    print()
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"\nwrote {args.json}")
+    print_and_save(format_table(report), report, args.json)
 
 
 if __name__ == "__main__":

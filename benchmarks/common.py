@@ -5,9 +5,11 @@ Not part of the package: these only format, free memory and report versions for 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import importlib.metadata
+import json
 import math
 import platform
 import statistics
@@ -82,3 +84,21 @@ def time_call(call: Callable, device: torch.device, calls: int, warmup: int, rep
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(times)
+
+
+def print_and_save(table: str, report: dict, path: str | None) -> None:
+    """Print ``table`` after a blank line and, with a ``path``, write ``report`` there as JSON."""
+    print()
+    print(table)
+    if path:
+        with open(path, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"\nwrote {path}")
+
+
+def add_timing_options(parser: argparse.ArgumentParser) -> None:
+    """``--calls``, ``--warmup``, ``--repeats`` (what :func:`time_call` takes) and ``--json``."""
+    parser.add_argument("--calls", type=int, default=20, help="calls per CUDA graph (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed replays (default 3)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed replays, median taken (default 15)")
+    parser.add_argument("--json", help="write the report as JSON to this path")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -31,7 +30,7 @@ if "--device=cpu" in _ARGV or any(a == "--device" and b == "cpu" for a, b in ite
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import time_call, versions  # noqa: E402
+from common import add_timing_options, print_and_save, time_call, versions  # noqa: E402
 
 from bittern.kernels import dense  # noqa: E402
 
@@ -105,11 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated shape sets: head, projections (default both)")  # fmt: skip
     parser.add_argument("--rows", default="1,4,16", help=f"comma-separated rows of x, each <= {dense.MAX_ROWS} "
                         "(default 1,4,16)")  # fmt: skip
-    parser.add_argument("--calls", type=int, default=20, help="calls per CUDA graph (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed replays (default 3)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed replays, median taken (default 15)")
+    add_timing_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random operands (default 0)")
-    parser.add_argument("--json", help="write the report as JSON to this path")
     args = parser.parse_args(argv)
     unknown = {name for name in args.shapes.split(",") if name} - set(SHAPES)
     if unknown:
@@ -124,12 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cpu":
         args.calls, args.repeats = 1, 1
     report = run(args)
-    print()
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"\nwrote {args.json}")
+    print_and_save(format_table(report), report, args.json)
 
 
 if __name__ == "__main__":
