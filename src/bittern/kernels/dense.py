@@ -38,7 +38,8 @@ _UPCAST_DOTS = interpreter.ON_IMPORT
 """Triton's interpreter multiplies bf16 tiles wrongly (see :mod:`bittern.kernels.matmul`): there the operands are
 widened to float32, which leaves every product unchanged."""
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes the kernels take (``x`` and the weight alike)."""
 
 
 @triton.jit
@@ -102,7 +103,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`dense_linear` takes ``x`` ``[..., K]`` and ``weight`` ``[N, K]``: both of one floating dtype,
     at most :data:`MAX_ROWS` rows, the weight contiguous in its rows."""
     return (
-        x.dtype in _TL_DTYPES
+        x.dtype in _DTYPES
         and weight.dtype == x.dtype
         and weight.dim() == 2
         and x.shape[-1] == weight.shape[1] > 0
