@@ -276,6 +276,9 @@ def project(
     gate/up) decoded in one kernel launch where :func:`bittern.kernels.packed_linear_group` applies: the same
     numbers, fewer launches.
 
+    Plain ``nn.Linear`` layers (a bf16 checkpoint's, an LM head) run on :func:`bittern.kernels.dense_linear` where
+    :func:`bittern.kernels.dense_linear_applies`: a decode step's one row, or a few rows of an LM head.
+
     ``quantized``: ``x``'s per-token int8 quantization made beforehand, ``(xq, a)`` as
     :func:`bittern.quant.quantize_activations` gives it (e.g. by :func:`bittern.kernels.rms_norm` with the norm that
     made ``x``): one to three packed layers (only a lone one with a bias) then take it and skip quantizing ``x``
@@ -298,6 +301,8 @@ def project(
             layers[0].bias,
             kernels.output_dtype(x),
         )
+    if all(type(la) is nn.Linear and kernels.dense_linear_applies(x, la.weight) for la in layers):
+        return [kernels.dense_linear(x, layer.weight, layer.bias) for layer in layers]
     if len(layers) > 1 and not needs_grad and all(isinstance(la, TernaryLinear) and la.bias is None for la in layers):
         return kernels.packed_linear_group(
             x,

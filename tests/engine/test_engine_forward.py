@@ -192,31 +192,43 @@ def test_decode_steps_on_the_attention_kernel_equal_the_masked_attention(monkeyp
 
 
 @pytest.mark.skipif(not bittern.kernels.triton_available(), reason="needs Triton")
-def test_lm_head_of_a_few_rows_runs_on_the_dense_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the Triton backend the LM head of a decode step (one row per sequence) and of a prompt's last tokens runs
-    on :func:`bittern.kernels.dense_linear`; a whole prompt's logits (more rows) stay on the module. Same logits."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dense_layers_of_a_few_rows_run_on_the_dense_kernel(monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """On the Triton backend a dense model's layers run on :func:`bittern.kernels.dense_linear` where it applies:
+    every projection and the LM head of a one-row decode step, the LM head alone for a few rows (its vocabulary is
+    wide enough here: the threshold is lowered to the tiny model's), nothing past 16 rows. Same logits."""
     from bittern import kernels
+    from bittern.kernels import dense
 
-    rows = []
+    calls = []
     kernel = kernels.dense_linear
-    monkeypatch.setattr(kernels, "dense_linear", lambda x, *args: rows.append(x.shape[:-1]) or kernel(x, *args))
+    monkeypatch.setattr(kernels, "dense_linear", lambda x, w, *args: calls.append((x.shape[:-1], w.shape[0]))
+                        or kernel(x, w, *args))  # fmt: skip
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_model("llama").to(device)
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(dense, "FEW_ROWS_MIN_FEATURES", vocab)
     decoder = Engine(model, max_seq_len=32).decoder
-    prompts = token_batch(batch=3, length=10).to(device)
-    pad = torch.zeros(3, dtype=torch.long, device=device)
+    prompts = token_batch(batch=batch, length=10).to(device)
+    pad = torch.zeros(batch, dtype=torch.long, device=device)
     with torch.no_grad():
         outputs = {}
         for name in ("reference", "triton"):
             with kernels.use_backend(name):
-                cache = decoder.new_cache(3)
+                cache = decoder.new_cache(batch)
                 whole = decoder.forward(prompts, decoder.slots[:10], pad, cache, 10)
                 last = decoder.forward(prompts, decoder.slots[:10], pad, cache, 10, last_only=True)
                 step = decoder.forward(prompts[:, -1:], decoder.slots[10:11], pad, cache, 11)
                 outputs[name] = (whole, last, step)
     for got, want in zip(outputs["triton"], outputs["reference"], strict=True):
         assert _relative_error(got, want) <= 1e-5
-    assert rows == [(3, 1), (3, 1)]  # the last tokens and the decode step; not the 30 rows of the whole prompt
+    # the whole prompt's head only at batch 1 (10 rows; 30 at batch 3 are too many), then the last tokens and the
+    # decode step
+    head_calls = [(1, 10)] * (batch == 1) + [(batch, 1)] * 2
+    assert [rows for rows, width in calls if width == vocab] == head_calls
+    projections = [rows for rows, width in calls if width != vocab]
+    # one row: the decode step runs the 7 projections of every layer on the kernel (the prompt's rows are 10)
+    assert projections == ([(1, 1)] * 7 * model.config.num_hidden_layers if batch == 1 else [])
 
 
 @pytest.mark.skipif(not bittern.kernels.triton_available(), reason="needs Triton")

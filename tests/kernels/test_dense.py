@@ -54,12 +54,16 @@ def test_dense_linear_refuses_what_it_does_not_take() -> None:
         dense.dense_linear(x, weight, torch.zeros(23, device=DEVICE))
 
 
-def test_dispatch_takes_the_kernel_only_where_it_applies() -> None:
+def test_dispatch_takes_the_kernel_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one row at any width; a few rows only of a weight as wide as an LM head (the kernels' measured gain)
     x, weight, b = _operands((3,), 40, 64, torch.float32, True, seed=1)
     with kernels.use_backend("triton"):
+        assert kernels.dense_linear_applies(x[:1], weight)
+        assert not kernels.dense_linear_applies(x, weight)
+        monkeypatch.setattr(dense, "FEW_ROWS_MIN_FEATURES", 40)
         assert kernels.dense_linear_applies(x, weight)
         torch.testing.assert_close(kernels.dense_linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
         with torch.enable_grad():
             assert not kernels.dense_linear_applies(x.requires_grad_(), weight)
     with kernels.use_backend("reference"):
-        assert not kernels.dense_linear_applies(x.detach(), weight)
+        assert not kernels.dense_linear_applies(x.detach()[:1], weight)

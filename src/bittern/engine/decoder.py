@@ -291,17 +291,7 @@ class Decoder:
         if last_only:
             x = x[:, -1:]
             pending = None if pending is None else pending[:, -1:]
-        return self._logits(_norm(self.norm, x, pending, [self.head])[1])
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head on the final norm's output ``h`` ``[B, T, hidden]``: ``[B, T, V]``. A plain ``nn.Linear``
-        head over a few rows (the decode step's, one per sequence) runs on :func:`bittern.kernels.dense_linear`,
-        which reads the vocabulary's weights faster than cuBLAS's kernel for that shape; anything else is the
-        module itself."""
-        head = self.head
-        if type(head) is nn.Linear and kernels.dense_linear_applies(h, head.weight):
-            return kernels.dense_linear(h, head.weight, head.bias)
-        return head(h)
+        return project(_norm(self.norm, x, pending, [self.head])[1], [self.head])[0]
 
     def _attention(
         self,

@@ -280,18 +280,21 @@ def rms_norm(
 
 def dense_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`dense_linear` runs on ``x`` ``[..., K]`` and ``weight`` ``[N, K]``: the Triton backend, both
-    of one floating dtype (no autocast), at most 16 rows, no gradient wanted."""
+    of one floating dtype (no autocast), no gradient wanted, and where the kernels beat cuBLAS on an H100: one row
+    (a decode step of one sequence), or up to 16 rows of a weight of at least
+    :data:`bittern.kernels.dense.FEW_ROWS_MIN_FEATURES` outputs (an LM head)."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if wants_grad or output_dtype(x) != x.dtype or not uses_triton(x):
         return False
     from bittern.kernels import dense
 
-    return dense.applies(x, weight)
+    one_row = x.numel() == x.shape[-1]
+    return dense.applies(x, weight) and (one_row or weight.shape[0] >= dense.FEW_ROWS_MIN_FEATURES)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a few rows on the Triton backend (where :func:`dense_linear_applies`): the
-    decode step's LM head, which streams the whole embedding matrix per token faster than cuBLAS's kernel
+    """``F.linear(x, weight, bias)`` for a few rows on the Triton backend (where :func:`dense_linear_applies`): a
+    dense layer's decode step, streaming the weights faster than cuBLAS's kernels for those shapes
     (:mod:`bittern.kernels.dense`). ``[..., N]`` in ``x``'s dtype."""
     return _ops().dense_linear(x, weight, bias)
 

@@ -26,6 +26,12 @@ from bittern.kernels import interpreter, packed
 MAX_ROWS = 16
 """Most rows of ``x`` the kernels take (one ``tl.dot`` column block); more go to ``F.linear``."""
 
+FEW_ROWS_MIN_FEATURES = 32768
+"""Fewest output features for which the engine takes :func:`_few_rows_kernel` (2 to 16 rows) over cuBLAS; one row
+takes :func:`_one_row_kernel` at any width. H100, bf16, 4 and 16 rows: 1.07x and 1.06x cuBLAS's speed for the
+2B4T LM head (128256 features), 0.24x to 0.89x for the 2B4T projections (640 to 6912; BENCHMARKS.md), whose few
+programs of 64 features leave most of the GPU idle."""
+
 _ONE_ROW_TILE = (8, 512, 4)
 """(features per program, columns per step, warps) of :func:`_one_row_kernel`. H100, 128256 x 2560 bf16: 209.1 µs
 against 210.2 for (16, 512, 4), 211.1 for (32, 512, 8), 213.0 for (8, 256, 2) (BENCHMARKS.md)."""
