@@ -1,10 +1,11 @@
 """A dense bf16 linear layer over a few rows, side by side on one GPU: cuBLAS (``F.linear``) against bittern's
-Triton kernels (:func:`bittern.kernels.dense.dense_linear`, which the engine runs for the LM head of a decode step).
+Triton kernels (:func:`bittern.kernels.dense.dense_linear`, which the engine runs for a decode step's dense layers).
 
 Shapes (``--shapes``): ``head``, the 2B4T LM head (128256 x 2560, the tied embeddings, 657 MB in bf16), and
 ``projections``, the four distinct projection shapes of a 2B4T block as a bf16 checkpoint holds them (q/o
-2560 x 2560, k/v 640 x 2560, gate/up 6912 x 2560, down 2560 x 6912), which the engine leaves on cuBLAS. Rows of
-``x`` per call: ``--rows`` (default 1, 4 and 16; one row is the decode step of one sequence).
+2560 x 2560, k/v 640 x 2560, gate/up 6912 x 2560, down 2560 x 6912), which the engine runs on the kernel at one
+row only (:func:`bittern.kernels.dense_linear_applies`). Rows of ``x`` per call: ``--rows`` (default 1, 4 and 16;
+one row is the decode step of one sequence).
 
 Each call is captured in a CUDA graph of ``--calls`` calls and replayed: ``--warmup`` untimed, then the median of
 ``--repeats`` timed replays (CUDA events), in µs per call, on random normal operands. Bandwidth is the weight's
