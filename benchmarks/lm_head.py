@@ -7,10 +7,13 @@ Shapes (``--shapes``): ``head``, the 2B4T LM head (128256 x 2560, the tied embed
 row only (:func:`bittern.kernels.dense_linear_applies`). Rows of ``x`` per call: ``--rows`` (default 1, 4 and 16;
 one row is the decode step of one sequence).
 
-Each call is captured in a CUDA graph of ``--calls`` calls and replayed: ``--warmup`` untimed, then the median of
-``--repeats`` timed replays (CUDA events), in µs per call, on random normal operands. Bandwidth is the weight's
-bytes over that time (``x`` and ``y`` are under 0.1% of them). The table also gives the relative difference of
-the outputs (‖Δ‖/‖cuBLAS‖): both accumulate in float32, in different orders.
+Each call is captured in a CUDA graph of ``--calls`` calls (or one per weight copy, if more) and replayed:
+``--warmup`` untimed, then the median of ``--repeats`` timed replays (CUDA events), in µs per call, on random
+normal operands. Consecutive calls take consecutive copies of the weight, as many as fill four times the GPU's L2
+cache (a projection's weight fits in it, and a graph of calls on one copy would read it from L2; the engine's
+layers each stream their own from memory). Bandwidth is the weight's bytes over that time (``x`` and ``y`` are
+under 0.1% of them). The table also gives the relative difference of the outputs (‖Δ‖/‖cuBLAS‖): both accumulate
+in float32, in different orders.
 
     python benchmarks/lm_head.py [--shapes head,projections] [--rows 1,4,16] [--json lm_head.json]
 
@@ -23,6 +26,7 @@ import argparse
 import itertools
 import os
 import sys
+from collections.abc import Callable
 
 # The dry run needs Triton's interpreter, which Triton reads when first imported: decide before importing torch.
 _ARGV = sys.argv[1:]
@@ -45,6 +49,14 @@ TINY = [("tiny", 75, 600)]
 """The dry run's one shape (ragged: no multiple of any tile)."""
 
 
+def l2_copies(weight: torch.Tensor) -> int:
+    """How many copies of ``weight`` fill four times its GPU's L2 cache (1 on the CPU, or for a larger weight)."""
+    if weight.device.type != "cuda":
+        return 1
+    l2_bytes = torch.cuda.get_device_properties(weight.device).L2_cache_size
+    return max(1, -(-4 * l2_bytes // (weight.numel() * weight.element_size())))
+
+
 def measure(name: str, weight: torch.Tensor, rows: int, args: argparse.Namespace, seed: int) -> dict:
     """One row of the report: ``F.linear`` and :func:`dense.dense_linear` of ``rows`` random rows by ``weight``."""
     features, width = weight.shape
@@ -52,8 +64,15 @@ def measure(name: str, weight: torch.Tensor, rows: int, args: argparse.Namespace
     x = torch.randn(rows, width, generator=generator).to(weight.device, weight.dtype)
     want = F.linear(x, weight).float()
     got = dense.dense_linear(x, weight).float()
-    cublas = time_call(lambda: F.linear(x, weight), weight.device, args.calls, args.warmup, args.repeats)
-    ours = time_call(lambda: dense.dense_linear(x, weight), weight.device, args.calls, args.warmup, args.repeats)
+    copies = [weight] + [torch.randn_like(weight) for _ in range(l2_copies(weight) - 1)]
+
+    def cycling(linear: Callable) -> Callable:
+        following = itertools.cycle(copies)
+        return lambda: linear(x, next(following))
+
+    calls = max(args.calls, len(copies))  # every copy once per replay: a replay's reads exceed the L2
+    cublas = time_call(cycling(F.linear), weight.device, calls, args.warmup, args.repeats)
+    ours = time_call(cycling(dense.dense_linear), weight.device, calls, args.warmup, args.repeats)
     gigabytes = weight.numel() * weight.element_size() / 1e9
     return {
         "shape": name, "N": features, "K": width, "rows": rows, "cublas_us": cublas, "bittern_us": ours,
