@@ -4,9 +4,10 @@ projections of a bf16 checkpoint at one row.
 At decode the LM head multiplies one row per sequence by the whole embedding matrix (2B4T: 128256 x 2560 in
 bfloat16, 657 MB), a fifth of a ternary decode step. cuBLAS's kernel for it read at 2.82 TB/s on an H100 (232.6 µs
 a call, batch 1), against 3.03 TB/s measured for a device copy; these kernels read at 3.14 TB/s (209.1 µs), and
-219.8 against 234.8 µs at 4 rows (BENCHMARKS.md). At one row the 2B4T projection shapes run 1.08x to 2.69x
-cuBLAS's speed too, and the bf16 engine's decode step went from 338 to 415 tokens/s. Each program owns a block of
-output features and streams their weight rows once, whatever the number of rows of ``x``:
+219.8 against 234.8 µs at 4 rows (BENCHMARKS.md). At one row the 2B4T projection shapes, each weight read from
+memory, run 1.05x to 1.87x cuBLAS's speed too, and the bf16 engine's decode step went from 338 to 415 tokens/s.
+Each program owns a block of output features and streams their weight rows once, whatever the number of rows of
+``x``:
 
 * one row (:func:`_one_row_kernel`): elementwise products accumulated in float32 ``[BN, BK]`` and summed at the
   end, no tensor cores;
@@ -31,7 +32,7 @@ MAX_ROWS = 16
 FEW_ROWS_MIN_FEATURES = 32768
 """Fewest output features for which the engine takes :func:`_few_rows_kernel` (2 to 16 rows) over cuBLAS; one row
 takes :func:`_one_row_kernel` at any width. H100, bf16, 4 and 16 rows: 1.07x and 1.06x cuBLAS's speed for the
-2B4T LM head (128256 features), 0.24x to 0.89x for the 2B4T projections (640 to 6912; BENCHMARKS.md), whose few
+2B4T LM head (128256 features), 0.31x to 0.73x for the 2B4T projections (640 to 6912; BENCHMARKS.md), whose few
 programs of 64 features leave most of the GPU idle."""
 
 _ONE_ROW_TILE = (8, 512, 4)
