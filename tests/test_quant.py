@@ -1,4 +1,5 @@
-"""Tests of the reference ternary math (:mod:`bittern.quant`) against the numerical contract of DESIGN §2."""
+"""Tests of the reference ternary math (:mod:`bittern.quant`) against the numerical contract (docs/design.md):
+the published BitNet b1.58 code's operations, as PyTorch evaluates them."""
 
 from __future__ import annotations
 
@@ -54,6 +55,20 @@ def float64_mean_abs(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return w64.mean(dim=-1) if per_channel else w64.mean().reshape(1)
 
 
+def published_activation_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published per-token quantizer, written as the Falcon-E / transformers code writes it (in float32)."""
+    x = x.to(torch.float32)
+    scale = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp_(min=1e-5)
+    return (x * scale).round().clamp_(-128, 127).to(torch.int8), scale
+
+
+def published_weight_quant(weight: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published ternary quantizer (``scale = 1.0 / mean``, ``round(w * scale)``) for a given float32 mean."""
+    w = weight.to(torch.float32)
+    scale = 1.0 / mean.clamp(min=1e-5)
+    return (w * scale.reshape(-1, 1)).round().clamp_(-1, 1).to(torch.int8), scale
+
+
 # --- ternarize / weight scale ----------------------------------------------------------------------------
 
 
@@ -71,16 +86,16 @@ def test_ternarize_codes_and_scale(weight: torch.Tensor, per_channel: bool) -> N
     assert scale.shape == ((n,) if per_channel else (1,))
     assert bool((scale > 0).all())
 
-    # s = max(mean|W|, 1e-5): the float64 mean of the float32 values, rounded to float32 once.
-    expected_scale = float64_mean_abs(weight, per_channel).to(torch.float32).clamp(min=1e-5)
+    # s_w = 1 / max(mean|W|, 1e-5): the float64 mean of the float32 values, rounded to float32 once, then the
+    # published reciprocal; codes = clamp(round(W * s_w), -1, 1), half to even.
+    mean = float64_mean_abs(weight, per_channel).to(torch.float32)
+    assert torch.equal(quant.mean_abs(weight, per_channel), mean.clamp(min=1e-5))
+    expected_codes, expected_scale = published_weight_quant(weight, mean)
     assert torch.equal(scale, expected_scale)
+    assert torch.equal(codes, expected_codes)
     # ... and independent of the summation order: the reversed tensor gives the same bits.
     flipped = quant.weight_scale(weight.flip(-1).flip(0), per_channel=per_channel)
     assert torch.equal(flipped, scale.flip(0))
-
-    # codes = clamp(round(W / s), -1, 1), half to even.
-    expected = torch.round(weight.to(torch.float32) / scale.reshape(-1, 1)).clamp(-1, 1).to(torch.int8)
-    assert torch.equal(codes, expected)
 
 
 @PROPERTY
@@ -97,7 +112,7 @@ def test_requantizing_fake_quant_weight_with_same_scale_is_identity(weight: torc
 
 def test_weight_scale_is_clamped_for_an_all_zero_weight() -> None:
     codes, scale = quant.ternarize(torch.zeros(3, 5))
-    assert torch.equal(scale, torch.tensor([1e-5], dtype=torch.float32))
+    assert torch.equal(scale, 1.0 / torch.tensor([1e-5], dtype=torch.float32))
     assert torch.equal(codes, torch.zeros(3, 5, dtype=torch.int8))
 
 
@@ -116,17 +131,21 @@ def test_quantize_activations_range_scale_and_error(x: torch.Tensor) -> None:
     assert a.dtype == torch.float32
     assert a.shape == (*x.shape[:-1], 1)
     x32 = x.to(torch.float32)
-    assert torch.equal(a, x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5))
+    # the published code's codes and scale, bit for bit
+    expected_codes, expected_scale = published_activation_quant(x)
+    assert torch.equal(a, expected_scale)
+    assert torch.equal(xq, expected_codes)
 
     deq = quant.dequantize_activations(xq, a)
-    bound = a / 254 + a * 1e-6  # half a quantization step, plus float32 rounding of the products
+    step = 1 / a
+    bound = step / 2 + step * 1e-5  # half a quantization step, plus float32 rounding of the products
     assert bool(((x32 - deq).abs() <= bound).all())
     assert torch.equal(quant.fake_quant_activations(x), quant.dequantize_activations(xq, a, x.dtype))
 
 
 def test_activation_scale_is_clamped_for_an_all_zero_token() -> None:
     xq, a = quant.quantize_activations(torch.zeros(2, 4))
-    assert torch.equal(a, torch.full((2, 1), 1e-5))
+    assert torch.equal(a, torch.reciprocal(torch.full((2, 1), 1e-5)) * 127)
     assert torch.equal(xq, torch.zeros(2, 4, dtype=torch.int8))
 
 
@@ -143,12 +162,12 @@ TIE_CODES = torch.tensor([[0, 0, 1, -1], [1, -1, 1, -1]], dtype=torch.int8)
 def test_weight_ties_round_half_to_even(power: int, dtype: torch.dtype) -> None:
     weight = (TIE_WEIGHT * 2.0**power).to(dtype)
     codes, scale = quant.ternarize(weight)
-    assert torch.equal(scale, torch.tensor([2.0**power]))
+    assert torch.equal(scale, torch.tensor([2.0**-power]))
     assert torch.equal(codes, TIE_CODES)
 
 
 def test_activation_ties_round_half_to_even() -> None:
-    # a = 127: x * 127 / a == x exactly; a = 254: x * 127 / a == x / 2 exactly.
+    # max|x| = 127: s_x = 1 and x * s_x == x exactly; max|x| = 254: s_x = 0.5 and x * s_x == x / 2 exactly.
     x = torch.tensor(
         [
             [127.0, 2.5, -2.5, 0.5, -0.5, 1.5, -1.5, 3.5],
@@ -156,7 +175,7 @@ def test_activation_ties_round_half_to_even() -> None:
         ]
     )
     xq, a = quant.quantize_activations(x)
-    assert torch.equal(a, torch.tensor([[127.0], [254.0]]))
+    assert torch.equal(a, torch.tensor([[1.0], [0.5]]))
     expected_row = [127, 2, -2, 0, 0, 2, -2, 4]
     assert torch.equal(xq, torch.tensor([expected_row, expected_row], dtype=torch.int8))
 
@@ -171,11 +190,11 @@ def test_export_and_training_forward_agree_on_tie_codes(dtype: torch.dtype) -> N
     assert torch.equal(exported.codes(), TIE_CODES)
 
     # Feeding the identity through the training forward reads out its fake-quantized weight exactly:
-    # each identity row quantizes to (0, .., 127, .., 0) with a = 1, which dequantizes back to exactly 1.
+    # each identity row quantizes to (0, .., 127, .., 0) with s_x = 127, which dequantizes back to exactly 1.
     fake = layer.eval()(torch.eye(4, dtype=dtype)).t().to(torch.float32)
     scale = exported.weight_scale
-    assert torch.equal(scale, torch.tensor([0.25]))
-    assert torch.equal(torch.round(fake / scale).to(torch.int8), exported.codes())
+    assert torch.equal(scale, torch.tensor([4.0]))
+    assert torch.equal(torch.round(fake * scale).to(torch.int8), exported.codes())
     assert torch.equal(fake, exported.dequantized_weight())
 
 
@@ -193,7 +212,8 @@ def test_scale_is_float32_mean_not_bf16_rounded() -> None:
     }
     assert mean32.item() not in bf16_means
 
-    assert torch.equal(quant.weight_scale(weight), mean32)
+    assert torch.equal(quant.mean_abs(weight), mean32)
+    assert torch.equal(quant.weight_scale(weight), 1.0 / mean32)
 
     layer = BitLinear(2, 2, bias=False)
     with torch.no_grad():
@@ -201,16 +221,17 @@ def test_scale_is_float32_mean_not_bf16_rounded() -> None:
     exported = TernaryLinear.from_bitlinear(layer)
     assert exported.weight_scale.dtype == torch.float32
     assert torch.equal(exported.weight_scale, quant.weight_scale(layer.weight))
-    assert exported.weight_scale.item() not in bf16_means
+    assert 1.0 / exported.weight_scale.item() not in bf16_means
 
 
 def test_scale_of_bf16_weight_is_mean_in_float32() -> None:
     # Both values are bf16 numbers; their mean 1 + 2**-8 is not (bf16 keeps 7 fraction bits).
     weight = torch.tensor([[1.0, -(1.0 + 2.0**-7)], [1.0 + 2.0**-7, -1.0]], dtype=torch.bfloat16)
-    scale = quant.weight_scale(weight)
-    assert scale.dtype == torch.float32
-    assert scale.item() == 1.0 + 2.0**-8
-    assert scale.item() != float(weight.abs().mean())
+    mean = quant.mean_abs(weight)
+    assert mean.dtype == torch.float32
+    assert mean.item() == 1.0 + 2.0**-8
+    assert mean.item() != float(weight.abs().mean())
+    assert torch.equal(quant.weight_scale(weight), 1.0 / mean)
 
 
 # --- integer matmul and integer linear ------------------------------------------------------------------
@@ -287,10 +308,10 @@ def test_integer_linear_formula_and_fake_quant_agreement(
     assert y.dtype == torch.float32
     assert y.shape == (*x.shape[:-1], weight.shape[0])
 
-    # The formula, in its stated float32 order: (xq @ Wt^T) * s * a / 127 + bias.
+    # The formula, in transformers' BitLinear's float32 order: (xq @ Wt^T) / (s_w * s_x) + bias.
     xq, a = quant.quantize_activations(x)
     acc = (xq.to(torch.float64) @ codes.to(torch.float64).t()).to(torch.float32)
-    expected = acc * s * a / 127
+    expected = acc / (s * a)
     if bias is not None:
         expected = expected + bias
     assert torch.equal(y, expected)
@@ -400,13 +421,25 @@ def test_functions_run_on_meta_tensors(per_channel: bool) -> None:
 
 
 def test_stochastic_ternary_codes_are_exact_on_the_grid_and_unbiased_between() -> None:
-    scale = torch.tensor([0.5])
+    scale = torch.tensor([2.0])  # a code is worth 1 / s_w = 0.5
     generator = torch.Generator().manual_seed(0)
-    grid = torch.tensor([[-1, 0, 1, 1, 0, -1]], dtype=torch.float32) * scale
-    assert torch.equal(quant.stochastic_ternary_codes(grid, scale, generator), grid.div(scale).to(torch.int8))
-    target = torch.full((200, 256), 0.3) * scale  # 30% of the way from code 0 to code 1
+    grid = torch.tensor([[-1, 0, 1, 1, 0, -1]], dtype=torch.float32) / scale
+    assert torch.equal(quant.stochastic_ternary_codes(grid, scale, generator), grid.mul(scale).to(torch.int8))
+    target = torch.full((200, 256), 0.3) / scale  # 30% of the way from code 0 to code 1
     codes = quant.stochastic_ternary_codes(target, scale, generator)
     assert set(codes.unique().tolist()) == {0, 1}
     assert abs(codes.float().mean().item() - 0.3) < 0.01
     clamped = quant.stochastic_ternary_codes(torch.full((4, 4), -3.0), scale, generator)
     assert torch.equal(clamped, torch.full((4, 4), -1, dtype=torch.int8))
+
+
+def test_activation_scale_is_the_published_reciprocal_times_127_not_one_division() -> None:
+    """``127 / a`` in the published code is PyTorch's ``reciprocal(a) * 127`` (two roundings): on bf16-valued maxima
+    that differs from one IEEE division in about a quarter of the rows, and bittern follows the published one."""
+    amax = torch.linspace(0.5, 8.0, 4096).to(torch.bfloat16).to(torch.float32).unique().reshape(-1, 1)
+    scale = quant.activation_scale(amax)
+    assert torch.equal(scale, 127 / amax)  # PyTorch's evaluation of the published expression
+    one_division = torch.full((), 127.0) / amax
+    assert int((scale != one_division).sum()) > amax.numel() // 10
+    x = torch.cat([amax, amax * 0.37], dim=1)
+    assert torch.equal(quant.quantize_activations(x)[1], scale)

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from bittern import formats, quant
-from bittern.convert import ConversionPolicy, ternary_layer_names, to_bitlinear, to_linear, to_ternary
+from bittern.convert import (
+    ConversionPolicy,
+    select_layers,
+    ternary_layer_names,
+    to_bitlinear,
+    to_linear,
+    to_ternary,
+)
 from bittern.errors import CheckpointError, ConfigError, OutputExistsError, ShapeMismatchError, UnknownFormatError
 from bittern.formats import Checkpoint, TernaryWeight
 from bittern.formats.common import CONFIG_FILE, WEIGHTS_FILE
@@ -88,7 +95,6 @@ def checkpoint_from_model(model: nn.Module, target: Literal["ternary", "latent"]
     for key in ("quantization_config", "bittern", "_name_or_path"):
         config.pop(key, None)
     per_channel = any(getattr(m, "per_channel", False) for m in ternary_modules.values())
-    source = getattr(model, SOURCE_ATTRIBUTE, None)
     return Checkpoint(
         config=config,
         tensors=_drop_shared(state),
@@ -97,8 +103,15 @@ def checkpoint_from_model(model: nn.Module, target: Literal["ternary", "latent"]
         dense_linear_layers=dense_linears,
         per_channel=per_channel,
         layout="model",
-        source=Path(source) if source else None,
+        source=model_source(model),
     )
+
+
+def model_source(model: nn.Module) -> Path | None:
+    """The directory ``model`` was loaded from, when known: where :func:`load_model` read it, else the local
+    directory ``from_pretrained`` took (``config._name_or_path``); None for a model built in memory."""
+    source = getattr(model, SOURCE_ATTRIBUTE, None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return Path(source) if source and Path(source).is_dir() else None
 
 
 def save_model(
@@ -116,7 +129,7 @@ def save_model(
 
     Args:
         variant: ``packed`` (Hugging Face bitnet layout, loadable by stock transformers), ``bf16`` (dense
-            ``Wt * s``), or ``prequantized`` (latent weights, ready for training).
+            ``Wt / s_w``), or ``prequantized`` (latent weights, ready for training).
         scale_convention: ``divide`` (Falcon-E / ``bitlinear``) or ``multiply`` (2B4T / ``autobitlinear``),
             packed only.
         dtype: dtype of the dense tensors: for ``bf16``, bfloat16 (default), float16 or float32; for
@@ -157,6 +170,17 @@ def _build_skeleton(checkpoint: Checkpoint, dtype: torch.dtype) -> nn.Module:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
         except ValueError as exc:
             raise UnknownFormatError(f"{model_type!r} is not a causal language model ({exc})", config_path) from exc
+
+
+def latent_layer_names(checkpoint: Checkpoint, policy: ConversionPolicy | None = None) -> list[str]:
+    """The layers of ``checkpoint`` that hold latent ternary weights: its ``latent_layers``, or where those are left
+    to the policy (online and Falcon-E prequantized layouts) the layers ``policy`` (default: the default policy)
+    selects in the model its config describes, found on the meta device without loading a weight."""
+    if checkpoint.latent_layers is not None:
+        return list(checkpoint.latent_layers)
+    with torch.device("meta"):
+        model = _build_skeleton(checkpoint, torch.float32)
+    return select_layers(model, policy)
 
 
 def _install_ternary(model: nn.Module, checkpoint: Checkpoint) -> None:
@@ -245,7 +269,7 @@ def model_from_checkpoint(
     Args:
         layers: ``auto`` (packed and bf16 checkpoints give :class:`TernaryLinear`, prequantized ones
             :class:`BitLinear`, plain ones stay plain), ``ternary``, ``bitlinear`` or ``linear`` (every
-            ternary layer as a dense ``nn.Linear``; for packed checkpoints that is ``Wt * s``).
+            ternary layer as a dense ``nn.Linear``; for packed checkpoints that is ``Wt / s_w``).
         dtype: dtype of the dense parameters (ternary scales stay float32).
         policy: which layers of a plain checkpoint become ternary (default policy if None).
     """

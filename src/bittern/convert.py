@@ -192,7 +192,7 @@ def to_ternary(model: nn.Module, policy: ConversionPolicy | None = None) -> nn.M
 def to_linear(model: nn.Module) -> nn.Module:
     """Turn every ternary layer back into a plain ``nn.Linear`` (in place; returns ``model``).
 
-    :class:`BitLinear` gives back its latent weights (shared); :class:`TernaryLinear` gives ``Wt * s`` in
+    :class:`BitLinear` gives back its latent weights (shared); :class:`TernaryLinear` gives ``Wt / s_w`` in
     the dtype of the model's dense parameters: the dense view that the bf16 variant stores.
     """
     dtype = _dense_dtype(model)

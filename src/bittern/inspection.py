@@ -52,6 +52,7 @@ class Report:
     file_bytes: int
     scale_convention: str | None = None
     tokenizer_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +73,7 @@ class Report:
             f"tokenizer files:       {', '.join(self.tokenizer_files) or 'none'}",
             f"validation:            ok ({self.ternary_layers} ternary layers: codes in {{-1, 0, 1}}, "
             "scales > 0 and finite, no NaN/Inf, shapes consistent)",
+            *(f"note:                  {note}" for note in self.notes),
         ]
 
 
@@ -97,12 +99,15 @@ def inspect_checkpoint(path: str | Path) -> Report:
     directory = Path(path)
     if formats.gguf.is_gguf_file(directory):
         return _inspect_gguf(directory)
+    from bittern.checkpoint import latent_layer_names
+
     checkpoint = formats.read_checkpoint(directory)  # raises on invalid codes, scales, NaN/Inf, ...
     raw_config = formats.common.read_config(directory)
-    fmt = formats.detect_format(raw_config, directory)
+    fmt = checkpoint.format
     sizes = _stored_sizes(directory)
 
-    ternary_names = list(checkpoint.ternary) + list(checkpoint.latent_layers or [])
+    latent_names = latent_layer_names(checkpoint)
+    ternary_names = list(checkpoint.ternary) + latent_names
     ternary_weights = 0
     stored_bits = 0
     for name in ternary_names:
@@ -121,15 +126,9 @@ def inspect_checkpoint(path: str | Path) -> Report:
         total = sum(sizes[k][0] for k in linear)
         bits_per_weight = sum(sizes[k][0] * sizes[k][1] for k in linear) / total if total else 0.0
     dense = sum(t.numel() for t in checkpoint.tensors.values())
-    latent = sum(checkpoint.tensors[f"{n}.weight"].numel() for n in checkpoint.latent_layers or [])
+    latent = sum(checkpoint.tensors[f"{n}.weight"].numel() for n in latent_names)
     config = checkpoint.config
-    marker = raw_config.get("bittern") or {}
-    quantization = raw_config.get("quantization_config") or {}
-    convention = None
-    if fmt == "packed":
-        convention = marker.get("scale_convention") or (
-            "multiply" if quantization.get("linear_class") == "autobitlinear" else "divide"
-        )
+    convention = formats.packed.scale_convention(raw_config) if fmt == "packed" else None
     return Report(
         path=str(directory),
         format=fmt,
@@ -144,6 +143,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
         file_bytes=sum(p.stat().st_size for p in directory.iterdir() if p.is_file()),
         scale_convention=convention,
         tokenizer_files=sorted(p.name for p in directory.iterdir() if p.name in formats.common.TOKENIZER_FILES),
+        notes=list(checkpoint.notes),
     )
 
 

@@ -16,7 +16,7 @@ class BitLinear(nn.Linear):
     """A linear layer trained with ternary weights and int8 activations (BitNet b1.58).
 
     It keeps full-precision latent weights (``weight``, ``[N, K]``) and, in the forward pass, uses their
-    fake-quantized value ``Wt * s`` on fake-quantized activations ``xq * a / 127``; gradients pass both
+    fake-quantized value ``Wt / s_w`` on fake-quantized activations ``xq / s_x``; gradients pass both
     quantizers unchanged (straight-through estimator). Being an ``nn.Linear`` subclass, PEFT and
     transformers see ``in_features``, ``out_features``, ``weight`` and ``bias`` as usual.
 
@@ -96,11 +96,12 @@ class TernaryLinear(nn.Module):
 
     Buffers:
         packed_weight: uint8 ``[ceil(N/4), K]`` in the Hugging Face 2-bit layout (:mod:`bittern.packing`).
-        weight_scale: float32 ``[1]`` (per tensor) or ``[N]`` (per channel): ``s``, the multiplier of the codes.
-            It stays float32 when the module is cast to another dtype.
+        weight_scale: float32 ``[1]`` (per tensor) or ``[N]`` (per channel): ``s_w = 1 / mean|W|``, the published
+            reciprocal scale (transformers' ``BitLinear.weight_scale``); a code is worth ``1 / s_w``. It stays
+            float32 when the module is cast to another dtype.
         bias: ``[N]`` full precision or None (never quantized).
 
-    Forward: per-token int8 activation quantization, exact integer matmul, rescale by ``s * a / 127``,
+    Forward: per-token int8 activation quantization, exact integer matmul, divided by ``s_w * s_x``,
     bias: :func:`bittern.quant.integer_linear`, through :mod:`bittern.kernels`. On a GPU the Triton kernels
     multiply straight from ``packed_weight`` (decode and prefill kernels, :mod:`bittern.kernels.packed`).
     """
@@ -142,7 +143,7 @@ class TernaryLinear(nn.Module):
         bias: torch.Tensor | None = None,
         per_channel: bool | None = None,
     ) -> TernaryLinear:
-        """Build from int8 codes ``[N, K]``, a float32 scale ``[1]`` or ``[N]`` (multiplier) and a bias."""
+        """Build from int8 codes ``[N, K]``, a float32 weight scale ``s_w`` ``[1]`` or ``[N]`` and a bias."""
         n, k = codes.shape
         if per_channel is None:
             per_channel = scale.numel() != 1
@@ -166,16 +167,17 @@ class TernaryLinear(nn.Module):
         return cls.from_codes(codes, scale, layer.bias, per_channel=per_channel)
 
     def to_bitlinear(self, dtype: torch.dtype = torch.float32, lam: float = 1.0) -> BitLinear:
-        """A :class:`BitLinear` whose fake-quantized weight equals this layer's ``Wt * s``.
+        """A :class:`BitLinear` whose fake-quantized weight equals this layer's ``Wt / s_w`` (up to the last bit of
+        the scale).
 
-        The latent weight is ``Wt * s / d`` with ``d`` the fraction of non-zero codes (per tensor or per
-        row): its mean ``|W|`` is ``s`` again, so re-ternarizing yields the same codes and scale. (Taking
-        ``Wt * s`` itself as the latent weight would shrink the scale to ``s * d``.)
+        The latent weight is ``(Wt / s_w) / d`` with ``d`` the fraction of non-zero codes (per tensor or per
+        row): its mean ``|W|`` is ``1 / s_w`` again, so re-ternarizing yields the same codes and the scale to
+        float32 rounding. (Taking ``Wt / s_w`` itself as the latent weight would shrink the magnitude by ``d``.)
         """
         codes = self.codes()
         density = codes.ne(0).to(torch.float32)
         density = density.mean(dim=1, keepdim=True) if self.per_channel else density.mean().reshape(1, 1)
-        latent = codes.to(torch.float32) * self.weight_scale.reshape(-1, 1) / density.clamp(min=1e-12)
+        latent = quant.dequantize_weight(codes, self.weight_scale) / density.clamp(min=1e-12)
         layer = BitLinear(
             self.in_features,
             self.out_features,
@@ -206,7 +208,7 @@ class TernaryLinear(nn.Module):
         return kernels.unpack_codes(self.packed_weight, self.out_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``Wt * s`` as a dense ``[N, K]`` tensor of ``dtype``."""
+        """``Wt / s_w`` as a dense ``[N, K]`` tensor of ``dtype``."""
         return quant.dequantize_weight(self.codes(), self.weight_scale, dtype)
 
     # --- module protocol ----------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class TernaryLinear(nn.Module):
         Without gradients, the product runs straight from the packed weight (on a GPU: the packed-weight
         inference kernels). When ``x`` needs a gradient (adapters or anything else training below this frozen
         layer), the backward pass keeps this layer's 2-bit packed weight rather than the int8 codes the product
-        ran on, and unpacks them again when the gradient ``grad_y @ (Wt·s)`` is computed: a quarter of the memory
+        ran on, and unpacks them again when the gradient ``grad_y @ (Wt / s_w)`` is computed: a quarter of the memory
         per layer held from forward to backward.
         """
         if not (torch.is_grad_enabled() and x.requires_grad):

@@ -30,17 +30,20 @@ def test_codes_round_trip_exactly_and_scale_is_the_fp16_value(type_name: str) ->
     back = fmt.ternary_from_blocks(data, type_name, (24, 512))
     assert torch.equal(back.codes, weight.codes)
     assert back.scale.shape == (1,)
-    assert torch.equal(back.scale, weight.scale.to(torch.float16).to(torch.float32))
-    assert abs(float(back.scale[0]) / float(weight.scale[0]) - 1) < 2**-11  # fp16 rounding only
+    # the block holds d = fp16(1 / s_w); reading takes 1 / d
+    d = (1 / weight.scale).to(torch.float16).to(torch.float32)
+    assert torch.equal(back.scale, 1 / d)
+    assert torch.equal(back.scale, fmt.fp16_scale(weight.scale))
+    assert abs(float(back.scale[0]) / float(weight.scale[0]) - 1) < 2**-11 + 2**-22  # fp16 rounding only
 
 
 @pytest.mark.parametrize("type_name", fmt.TERNARY_TYPE_NAMES)
 def test_blocks_match_the_gguf_dequantization(type_name: str) -> None:
-    """What llama.cpp computes with (gguf's reference dequantization) is codes * fp16(s)."""
+    """What llama.cpp computes with (gguf's reference dequantization) is codes * fp16(1 / s_w)."""
     weight = random_ternary(8, 256, seed=3)
     data = fmt.ternary_to_blocks(weight, type_name)
     values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name.upper()])
-    expected = quant.dequantize_weight(weight.codes, fmt.fp16_scale(weight.scale)).numpy()
+    expected = (weight.codes.to(torch.float32) * fmt.fp16_code_value(weight.scale)).numpy()
     np.testing.assert_array_equal(values, expected)
 
 
@@ -55,7 +58,7 @@ def test_all_zero_blocks_carry_no_scale(type_name: str) -> None:
     assert torch.equal(data.scale, fmt.fp16_scale(weight.scale))
     zero = TernaryWeight(torch.zeros(2, 256, dtype=torch.int8), torch.tensor([0.5]))
     back = fmt.ternary_from_blocks(fmt.ternary_to_blocks(zero, type_name), type_name, (2, 256))
-    assert torch.equal(back.codes, zero.codes) and back.scale.tolist() == [pytest.approx(quant.EPS)]
+    assert torch.equal(back.codes, zero.codes) and back.scale.tolist() == [pytest.approx(1 / quant.EPS)]
 
 
 def test_per_row_scales_round_trip() -> None:
@@ -122,9 +125,10 @@ def test_a_tensor_the_architecture_has_no_place_for_is_refused() -> None:
 
 def test_recover_ternary_from_dense_values() -> None:
     weight = random_ternary(4, 96, seed=5)
-    values = quant.dequantize_weight(weight.codes, weight.scale)
+    values = quant.dequantize_weight(weight.codes, weight.scale)  # codes / s_w: magnitude v = 1 / s_w
     back = fmt.recover_ternary(values)
-    assert back is not None and torch.equal(back.codes, weight.codes) and torch.equal(back.scale, weight.scale)
+    assert back is not None and torch.equal(back.codes, weight.codes)
+    assert torch.equal(back.scale, 1 / (1 / weight.scale))  # s_w = 1 / v: the scale up to its last bit
     assert fmt.recover_ternary(torch.randn(4, 96)) is None
 
 

@@ -88,15 +88,16 @@ class Outside:
     codes: dict[str, torch.Tensor]  # layer -> int8 [N, K]
     packed: dict[str, torch.Tensor]  # layer -> uint8 [N/4, K] as written
     stored_scale: dict[str, torch.Tensor]  # layer -> weight_scale as written (bf16 [1])
-    scale: dict[str, torch.Tensor]  # layer -> the multiplier s bittern must recover (float32 [1])
+    scale: dict[str, torch.Tensor]  # layer -> the weight scale s_w bittern must recover (float32 [1])
 
 
 def reference_ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, mean|W|)`` by the contract: float32 values, their float64 mean rounded to float32 once, round half
-    to even. (Published exporters take a float32 mean, which can differ from it in the last bit.)"""
+    """``(codes, mean|W|)`` by the published formula: float32 values, ``scale = 1.0 / mean``, ``round(w * scale)``
+    half to even. (The mean is the float64 one rounded to float32 once: published exporters take a float32 mean,
+    which can differ from it in the last bit.)"""
     w32 = weight.detach().float()
     mean = (w32.abs().double().mean().float()).clamp(min=1e-5).reshape(1)
-    return (w32 / mean).round().clamp(-1, 1).to(torch.int8), mean
+    return (w32 * (1.0 / mean)).round().clamp(-1, 1).to(torch.int8), mean
 
 
 def write_outside_packed(
@@ -120,7 +121,7 @@ def write_outside_packed(
             outside.codes[name] = codes
             outside.packed[name] = packed
             outside.stored_scale[name] = stored
-            outside.scale[name] = 1.0 / stored.float() if divide else stored.float()
+            outside.scale[name] = stored.float() if divide else 1.0 / stored.float()
         else:
             tensors[key] = value.detach().to(dense_dtype).contiguous()
     directory.mkdir(parents=True)
@@ -180,9 +181,9 @@ def test_falcon_e_read(tmp_path: Path) -> None:
     assert checkpoint.dense_linear_layers is None  # modules_to_not_convert absent in the source
     assert checkpoint.tensors["lm_head.weight"].dtype == torch.bfloat16
     assert "quantization_config" not in checkpoint.config
-    for name, stored in outside.stored_scale.items():  # the multiplier is 1/bf16(1/m): m to bf16 precision
+    for name, stored in outside.stored_scale.items():  # the scale is bf16(1/m): 1/m to bf16 precision
         mean = reference_ternarize(tiny_model("llama").get_submodule(name).weight)[1]
-        torch.testing.assert_close(checkpoint.ternary[name].scale, mean, rtol=2**-8, atol=0)
+        torch.testing.assert_close(checkpoint.ternary[name].scale, 1 / mean, rtol=2**-8, atol=0)
         assert stored.dtype == torch.bfloat16 and stored.shape == (1,)
 
 
@@ -317,7 +318,7 @@ def test_hf_full(tmp_path: Path) -> None:
         layer = ternary.get_submodule(name)
         assert isinstance(layer, TernaryLinear)
         assert torch.equal(layer.codes(), codes), name
-        assert torch.equal(layer.weight_scale, mean), name
+        assert torch.equal(layer.weight_scale, 1.0 / mean), name
     # BitLinear at λ=1 computes from integers like TernaryLinear: bit-identical logits.
     assert torch.equal(bittern_logits(ternary), bittern_logits(bit))
 

@@ -86,12 +86,10 @@ def test_variant_roundtrip(tmp_path: Path, arch: str, variant: str, kwargs: dict
     for name, (_, scale) in want.items():
         stored = got[name][1]
         assert stored.dtype == torch.float32 and stored.shape == scale.shape
-        if variant == "packed-divide":  # stored as 1/s, read back as 1/(1/s)
-            torch.testing.assert_close(stored, scale, rtol=1e-6, atol=0)
-        elif variant.startswith("packed-multiply"):
+        if variant.startswith("packed"):  # divide: s_w as it is; multiply: a multiplier whose reciprocal is s_w
             assert torch.equal(stored, scale), f"{name}: {stored} != {scale}"
-        elif variant == "bf16":
-            assert torch.equal(stored, scale.to(torch.bfloat16).to(torch.float32)), name
+        elif variant == "bf16":  # the dense values hold bf16(1 / s_w); read back as its reciprocal
+            assert torch.equal(stored, 1 / (1 / scale).to(torch.bfloat16).to(torch.float32)), name
         else:  # latent mean|W| of codes * s / density
             torch.testing.assert_close(stored, scale, rtol=1e-5, atol=0)
     if variant in ("packed-divide", "packed-multiply"):  # float32 everywhere: same computation
@@ -104,7 +102,7 @@ def test_packed_tensor_layout(tmp_path: Path) -> None:
     want = ternary_of(model)
     save_model(model, tmp_path / "div", variant="packed")
     save_model(model, tmp_path / "mul", variant="packed", scale_convention="multiply")
-    for directory, invert in ((tmp_path / "div", True), (tmp_path / "mul", False)):
+    for directory, invert in ((tmp_path / "div", False), (tmp_path / "mul", True)):
         with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
             keys = set(handle.keys())
             for name, (codes, scale) in want.items():
@@ -113,7 +111,8 @@ def test_packed_tensor_layout(tmp_path: Path) -> None:
                 assert packed.shape == (codes.shape[0] // 4, codes.shape[1])
                 stored = handle.get_tensor(f"{name}.weight_scale")
                 assert stored.dtype == torch.float32 and stored.shape == (1,)
-                assert torch.equal(stored, 1.0 / scale if invert else scale)
+                assert torch.equal(stored, quant.multiplier_of_scale(scale) if invert else scale)
+                assert torch.equal(1.0 / stored if invert else stored, scale)
             assert "lm_head.weight" in keys and "model.embed_tokens.weight" in keys
 
 
@@ -338,7 +337,7 @@ def test_per_channel_roundtrip(tmp_path: Path, variant: str) -> None:
     assert_same_codes(got, want)
     for name, (_, scale) in want.items():
         if variant == "bf16":
-            assert torch.equal(got[name][1], scale.to(torch.bfloat16).float()), name
+            assert torch.equal(got[name][1], 1 / (1 / scale).to(torch.bfloat16).float()), name
         else:
             assert torch.equal(got[name][1], scale), name
 

@@ -47,12 +47,12 @@ def test_activation_ties_round_half_to_even() -> None:
 
 def test_activation_zero_rows_and_extremes() -> None:
     x = torch.zeros(3, 40, device=DEVICE)
-    x[1, 3] = 1e-30  # below EPS: the scale is clamped to 1e-5
+    x[1, 3] = 1e-30  # below EPS: the maximum is clamped to 1e-5
     x[2] = torch.linspace(-3e4, 3e4, 40)
     xq, scale = quantizers.quantize_activations(x)
     ref_xq, ref_scale = quant.quantize_activations(x)
     assert torch.equal(xq, ref_xq) and torch.equal(scale, ref_scale)
-    assert scale[0].item() == pytest.approx(1e-5) and xq[0].abs().sum().item() == 0
+    assert scale[0].item() == pytest.approx(127 / 1e-5) and xq[0].abs().sum().item() == 0
 
 
 @pytest.mark.parametrize("pieces", [2, 8])  # 8: rows over 4096 are read in wider pieces
@@ -102,7 +102,7 @@ def test_weight_ties_round_half_to_even() -> None:
 def test_tiny_weights_take_the_scale_floor() -> None:
     weight = torch.full((4, 8), 1e-9, device=DEVICE)
     codes, scale = quantizers.ternarize(weight)
-    assert scale.item() == pytest.approx(quant.EPS)
+    assert scale.item() == pytest.approx(1 / quant.EPS)
     assert torch.equal(codes, quant.ternarize(weight)[0])
     assert codes.abs().sum().item() == 0
 
@@ -170,27 +170,28 @@ def test_dequantized_weights_are_bit_identical(per_channel: bool, dtype: torch.d
     assert got.dtype == dtype and torch.equal(got, quant.dequantize_weight(codes, scale, dtype))
 
 
-# --- the division by 127 -------------------------------------------------------------------------------------
+# --- the scale helpers every kernel shares ------------------------------------------------------------------
 
 
 @triton.jit
-def _divide_by_127_kernel(y_ptr, out_ptr, n, block: tl.constexpr):
+def _scale_helpers_kernel(amax_ptr, acc_ptr, ws_ptr, sx_ptr, scale_out, rescaled_out, n, block: tl.constexpr):
     offs = tl.program_id(0) * block + tl.arange(0, block)
     ok = offs < n
-    tl.store(out_ptr + offs, quantizers.divide_by_127(tl.load(y_ptr + offs, mask=ok, other=0.0)), mask=ok)
+    tl.store(scale_out + offs, quantizers.activation_scale(tl.load(amax_ptr + offs, mask=ok, other=1.0)), mask=ok)
+    acc = tl.load(acc_ptr + offs, mask=ok, other=0)
+    ws = tl.load(ws_ptr + offs, mask=ok, other=1.0)
+    sx = tl.load(sx_ptr + offs, mask=ok, other=1.0)
+    tl.store(rescaled_out + offs, quantizers.rescale(acc, ws, sx), mask=ok)
 
 
-def divide_by_127(y: torch.Tensor) -> torch.Tensor:
-    """The kernel helper applied to a float32 tensor (one program per 1024 values)."""
-    out = torch.empty_like(y)
-    _divide_by_127_kernel[(triton.cdiv(y.numel(), 1024),)](y, out, y.numel(), block=1024)
-    return out
-
-
-def ieee_divide_by_127(y: torch.Tensor) -> torch.Tensor:
-    """``y / 127`` as the reference divides (by a tensor: CUDA turns a division by a Python number into a
-    multiplication by its reciprocal)."""
-    return y / torch.full((), 127.0, device=y.device)
+def scale_helpers(
+    amax: torch.Tensor, acc: torch.Tensor, ws: torch.Tensor, sx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' ``activation_scale(amax)`` and ``rescale(acc, ws, sx)`` applied elementwise (1-D, same length)."""
+    scale, rescaled = torch.empty_like(amax), torch.empty_like(ws)
+    n = amax.numel()
+    _scale_helpers_kernel[(triton.cdiv(n, 1024),)](amax, acc, ws, sx, scale, rescaled, n, block=1024)
+    return scale, rescaled
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -198,24 +199,40 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.view(torch.int32) == b.view(torch.int32)) | (torch.isnan(a) & torch.isnan(b))
 
 
-def test_divide_by_127_rounds_as_ieee_division() -> None:
+def _positive_floats(count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random float32 bit patterns from ``EPS`` up to 1e30 (every exponent alike)."""
+    low, high = (torch.tensor([quant.EPS, 1e30]).view(torch.int32)).tolist()
+    return torch.randint(low, high, (count,), generator=generator, dtype=torch.int32).view(torch.float32)
+
+
+def test_scale_helpers_round_as_the_reference() -> None:
+    """``activation_scale`` is ``reciprocal(a) * 127`` with an IEEE reciprocal, and ``rescale`` one IEEE division:
+    the reference's bits on random float32 patterns, bf16-valued maxima (where one division by ``a`` would differ)
+    and int32 products up to the largest a 2B4T-shaped layer makes."""
     generator = torch.Generator().manual_seed(127)
-    patterns = torch.randint(-(2**31), 2**31, (1 << 18,), generator=generator, dtype=torch.int64).to(torch.int32)
-    special = torch.tensor(
-        [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 1.1754942e-38, 1.17549435e-38,
-         3.4028235e38, -3.4028235e38, 127.0, -127.0, 63.5, 1.0, 254.0, 381.0, 1e-40 * 127],
-    )  # fmt: skip
-    integers = torch.arange(-(1 << 16), 1 << 16, dtype=torch.float32)  # acc * 1.0 * 1.0: whole products
-    y = torch.cat([patterns.view(torch.float32), special, integers, integers * 0.02]).to(DEVICE)
-    wrong = ~same_bits(divide_by_127(y), ieee_divide_by_127(y)).cpu()
-    assert not wrong.any(), f"{int(wrong.sum())} values differ, e.g. {y.cpu()[wrong][:4].tolist()}"
+    count = 1 << 16
+    amax = torch.cat([_positive_floats(count // 2, generator),
+                      torch.linspace(0.01, 300.0, count // 2).to(torch.bfloat16).to(torch.float32)])  # fmt: skip
+    acc = torch.randint(-(128 * 6912), 128 * 6912, (count,), generator=generator, dtype=torch.int32)
+    ws = _positive_floats(count, generator).clamp(max=1e5)
+    sx = quant.activation_scale(_positive_floats(count, generator))
+    scale, rescaled = scale_helpers(amax.to(DEVICE), acc.to(DEVICE), ws.to(DEVICE), sx.to(DEVICE))
+    wrong = ~same_bits(scale.cpu(), quant.activation_scale(amax))
+    assert not wrong.any(), f"{int(wrong.sum())} scales differ, e.g. at max|x| = {amax[wrong][:4].tolist()}"
+    wrong = ~same_bits(rescaled.cpu(), quant.rescale(acc, ws, sx))
+    assert not wrong.any(), f"{int(wrong.sum())} rescaled products differ"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_divide_by_127_rounds_as_ieee_division_for_every_float32() -> None:
-    chunk = 1 << 28
-    for start in range(-(2**31), 2**31, chunk):
-        y = torch.arange(start, start + chunk, dtype=torch.int64, device="cuda").to(torch.int32).view(torch.float32)
-        wrong = ~same_bits(divide_by_127(y), ieee_divide_by_127(y))
-        assert not wrong.any(), f"{int(wrong.sum())} values differ, e.g. {y[wrong][:4].tolist()}"
+def test_activation_scale_rounds_as_the_reference_for_every_float32_maximum() -> None:
+    """Every float32 ``max|x|`` from ``EPS`` to the largest finite value: the kernels' scale is the reference's."""
+    low, high = torch.tensor([quant.EPS, 3.4028235e38]).view(torch.int32).tolist()
+    chunk = 1 << 26
+    for start in range(low, high + 1, chunk):
+        bits = torch.arange(start, min(start + chunk, high + 1), dtype=torch.int64, device="cuda").to(torch.int32)
+        amax = bits.view(torch.float32)
+        ones = torch.ones_like(amax)
+        scale, _ = scale_helpers(amax, torch.zeros_like(bits), ones, ones)
+        wrong = ~same_bits(scale, quant.activation_scale(amax))
+        assert not wrong.any(), f"{int(wrong.sum())} scales differ, e.g. at {amax[wrong][:4].tolist()}"

@@ -566,7 +566,7 @@ def load(
         dtype: of the dense weights and activations; default bfloat16 on a GPU, float32 on the CPU.
         weights: ``ternary``: every ternary layer (and, for a plain checkpoint, every decoder linear) as a packed
             :class:`~bittern.nn.TernaryLinear` (int8 activations); ``dense``: the same layers as ``nn.Linear``
-            holding ``Wt * s`` in ``dtype`` (the bf16 variant's numbers, no activation quantization).
+            holding ``Wt / s_w`` in ``dtype`` (the bf16 variant's numbers, no activation quantization).
         max_batch, max_seq_len, cuda_graph, compile: see :class:`Engine`.
     """
     from bittern.checkpoint import load_model

@@ -398,9 +398,4 @@ def describe_variant(model_path: str | Path) -> str:
     fmt = formats.detect_format(config, directory)
     if fmt != "packed":
         return fmt
-    marker = config.get(formats.MARKER_KEY) or {}
-    quantization = config.get("quantization_config") or {}
-    convention = marker.get("scale_convention") or (
-        "multiply" if quantization.get("linear_class") == "autobitlinear" else "divide"
-    )
-    return f"packed ({convention})"
+    return f"packed ({formats.packed.scale_convention(config)})"

@@ -7,10 +7,11 @@ What is written (with the PyPI ``gguf`` package's ``GGUFWriter``):
   interleaved rope) or ``bitnet`` for ``BitNetForCausalLM`` (``attn_sub_norm``, ``ffn_sub_norm``), with the
   shape, norm epsilon, rope base and linear rope scaling;
 * the tokenizer (:mod:`bittern.export.gguf_vocab`), special tokens and the chat template;
-* every ternary linear layer as ``--type`` (TQ2_0 by default; exact codes, scale rounded to fp16);
+* every ternary linear layer as ``--type`` (TQ2_0 by default; exact codes, the code value ``1 / s_w`` rounded to
+  fp16);
 * **row policy**: a GGUF row is a layer's input dimension ``K``; TQ1_0/TQ2_0 need ``K % 256 == 0``. Ternary
-  layers whose ``K`` is not a multiple of 256 are stored as Q8_0 when ``K % 32 == 0`` (``{-s, 0, s}`` is
-  exact up to Q8_0's fp16 block scale: ``127 * fp16(s / 127)``), otherwise as F16; one
+  layers whose ``K`` is not a multiple of 256 are stored as Q8_0 when ``K % 32 == 0`` (``{-v, 0, v}`` is
+  exact up to Q8_0's fp16 block scale: ``127 * fp16(v / 127)``), otherwise as F16; one
   :class:`RowFallbackWarning` lists them all. The same rule applies to the embeddings' type;
 * the token embedding, an untied LM head and any linear layer a policy left in full precision as ``--embeddings``
   (f16 by default); norms and biases as F32;
@@ -382,10 +383,8 @@ def describe_tensors(types: dict[str, str], rows: dict[str, int]) -> str:
 
 
 def _dequantize(weight: TernaryWeight) -> torch.Tensor:
-    """``codes * s`` in float32 (the scale first rounded to fp16, like the ternary types)."""
-    from bittern import quant
-
-    return quant.dequantize_weight(weight.codes, gguf_format.fp16_scale(weight.scale))
+    """``codes * v`` in float32, ``v = 1 / s_w`` rounded to fp16 like the ternary types' block scale."""
+    return weight.codes.to(torch.float32) * gguf_format.fp16_code_value(weight.scale).reshape(-1, 1)
 
 
 def _progress(entries: list, show: bool | None) -> Any:

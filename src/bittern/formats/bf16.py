@@ -1,10 +1,11 @@
-"""The bf16 variant: a plain Hugging Face checkpoint whose ternary layers hold dense ``Wt * s`` weights.
+"""The bf16 variant: a plain Hugging Face checkpoint whose ternary layers hold dense ``Wt / s_w`` weights
+(onebitllms' ``convert_to_bf16``).
 
 Stock transformers loads it as an ordinary model (no quantization config); it computes the ternary
 weights without activation quantization. bittern's marker in ``config.json`` lists the ternary layers so
-:func:`read_bf16` recovers their codes (``sign(W)``) and scale (``max |W|``, exact up to the rounding of
-``s`` to the stored dtype). Note: ``Wt * s`` is not a valid latent weight for further training (re-taking
-``mean |W|`` shrinks the scale by the non-zero density); bittern rebuilds correct latents on load.
+:func:`read_bf16` recovers their codes (``sign(W)``) and scale (``1 / max |W|``, exact up to the rounding of
+``1 / s_w`` to the stored dtype). Note: ``Wt / s_w`` is not a valid latent weight for further training
+(re-taking ``mean |W|`` shrinks the magnitude by the non-zero density); bittern rebuilds correct latents on load.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 def write_bf16(
     checkpoint: Checkpoint, destination: str | Path, dtype: torch.dtype = torch.bfloat16, overwrite: bool = False
 ) -> Path:
-    """Write the dense variant (every floating tensor in ``dtype``; ternary layers as ``Wt * s``)."""
+    """Write the dense variant (every floating tensor in ``dtype``; ternary layers as ``Wt / s_w``)."""
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"the bf16 variant is written in one of {list(DTYPE_NAMES.values())}, not {dtype}")
     if not checkpoint.ternary:
@@ -42,6 +43,7 @@ def write_bf16(
     for name, weight in checkpoint.ternary.items():
         tensors[f"{name}.weight"] = quant.dequantize_weight(weight.codes, weight.scale, dtype)
     config = dict(checkpoint.config)
+    config.pop("is_bitnet_config", None)  # dense Wt / s_w values, not latent weights to quantize again
     config["dtype"] = DTYPE_NAMES[dtype]
     config["bittern"] = make_marker(
         FORMAT, ternary_layers=sorted(checkpoint.ternary), per_channel=checkpoint.per_channel
@@ -50,21 +52,17 @@ def write_bf16(
 
 
 def recover_ternary(weight: torch.Tensor, per_channel: bool, path: Path | None, key: str) -> TernaryWeight:
-    """Codes and scale of a dense ``Wt * s`` tensor ``[N, K]``.
+    """Codes and scale of a dense ``Wt / s_w`` tensor ``[N, K]`` (:func:`bittern.quant.ternary_of_dense`).
 
     Raises:
         CorruptCheckpointError: the non-zero magnitudes are not all equal (per tensor or per row).
     """
-    w32 = weight.to(torch.float32)
-    magnitude = w32.abs()
-    scale = magnitude.amax(dim=1) if per_channel else magnitude.amax().reshape(1)
-    expected = scale.reshape(-1, 1).expand_as(magnitude)
-    nonzero = magnitude != 0
-    if not bool((magnitude[nonzero] == expected[nonzero]).all()):
+    recovered = quant.ternary_of_dense(weight, per_channel)
+    if recovered is None:
         raise CorruptCheckpointError(
-            "is listed as ternary but its non-zero values differ in magnitude (not a Wt*s tensor)", path, key
+            "is listed as ternary but its non-zero values differ in magnitude (not a Wt/s_w tensor)", path, key
         )
-    return TernaryWeight(torch.sign(w32).to(torch.int8), scale.clamp(min=quant.EPS))
+    return TernaryWeight(*recovered)
 
 
 def read_bf16(

@@ -53,11 +53,12 @@ TOKENIZER_FILES = (
 
 @dataclass
 class TernaryWeight:
-    """A ternary weight: ``W = codes * scale``.
+    """A ternary weight: ``W = codes / scale`` (:mod:`bittern.quant`'s contract).
 
     Attributes:
         codes: int8 ``[N, K]`` in {-1, 0, 1}.
-        scale: float32 ``[1]`` (per tensor) or ``[N]`` (per channel); always the multiplier ``s``.
+        scale: float32 ``[1]`` (per tensor) or ``[N]`` (per channel); always the weight scale ``s_w = 1 / mean|W|``
+            (the ``bitlinear`` ``weight_scale``), whatever layout it was read from.
     """
 
     codes: torch.Tensor
@@ -87,6 +88,10 @@ class Checkpoint:
             ``falcon-e``, ``bitnet-2b4t``, ``hf-full``, or ``model`` (built from a live model).
         source: the directory it was read from (tokenizer files are copied from there), if any.
         files: for each tensor key, the file it was read from (for error messages).
+        format: the family :func:`bittern.formats.detect_format` found (``packed``, ``bf16``, ``prequantized``,
+            ``full``, ``gguf``), or ``model`` when built from a live model.
+        notes: what the reader noticed and worked around (e.g. a stale bittern marker it ignored), one sentence
+            each, for ``bittern inspect``.
     """
 
     config: dict[str, Any]
@@ -98,6 +103,8 @@ class Checkpoint:
     layout: str = "model"
     source: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    format: str = "model"
+    notes: list[str] = field(default_factory=list)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

@@ -9,8 +9,9 @@ Facts this module relies on (checked against ``gguf`` 0.19 and the llama.cpp sou
   block types quantize each of the ``N`` rows of ``K`` values in blocks (256 values for TQ1_0 / TQ2_0,
   32 for Q8_0). ``K`` must be a multiple of the block size.
 * TQ2_0 / TQ1_0 store 256 codes in {-1, 0, 1} (2 bits each; 5 trits per byte) plus one fp16 scale ``d``
-  per block, ``d`` = the block's absmax. A ternary tensor ``codes * s`` therefore becomes blocks whose
-  ``d`` is ``s`` rounded to fp16, and whose codes are exactly ``codes``. An all-zero block stores
+  per block, ``d`` = the block's absmax, a *multiplier*. A ternary tensor ``codes / s_w`` therefore becomes
+  blocks whose ``d`` is ``1 / s_w`` rounded to fp16 (:func:`fp16_code_value`), and whose codes are exactly
+  ``codes``; reading takes ``s_w = 1 / d``. An all-zero block stores
   ``d = 0`` (and codes 0); it carries no scale, so the reader takes the scale from the other blocks.
 * llama.cpp's ``llama`` architecture applies rotary embeddings to interleaved pairs (its "norm" rope), while
   Hugging Face Llama rotates halves: the q/k projection rows are permuted per head on export
@@ -173,9 +174,15 @@ def permute_rope_rows(rows: torch.Tensor, n_head: int, inverse: bool = False) ->
 # --- ternary blocks -----------------------------------------------------------------------------------
 
 
+def fp16_code_value(scale: torch.Tensor) -> torch.Tensor:
+    """The value of a code, ``1 / s_w``, rounded to fp16 (as float32): the block scale ``d`` a TQ1_0/TQ2_0 block
+    holds for the weight scale ``s_w``."""
+    return quant.reciprocal(scale.detach()).to(torch.float16).to(torch.float32)
+
+
 def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """The float32 value of ``scale`` rounded to fp16: what a TQ1_0/TQ2_0 block can hold."""
-    return scale.detach().to(torch.float32).to(torch.float16).to(torch.float32)
+    """The weight scale ``s_w`` a ternary block gives back: ``1 / d`` of its :func:`fp16_code_value`."""
+    return quant.reciprocal(fp16_code_value(scale))
 
 
 def ternary_to_blocks(weight: TernaryWeight, type_name: str, name: str = "") -> np.ndarray:
@@ -188,7 +195,7 @@ def ternary_to_blocks(weight: TernaryWeight, type_name: str, name: str = "") -> 
 
     Returns:
         uint8 ``[N, K / 256 * bytes_per_block]`` (66 bytes per block for TQ2_0, 54 for TQ1_0). Decoding gives
-        back exactly ``codes`` and the scale rounded to fp16 (:func:`fp16_scale`).
+        back exactly ``codes`` and the scale through an fp16 code value (:func:`fp16_scale`).
     """
     gguf = gguf_module()
     if type_name not in TERNARY_TYPE_NAMES:
@@ -196,10 +203,10 @@ def ternary_to_blocks(weight: TernaryWeight, type_name: str, name: str = "") -> 
     k = weight.codes.shape[1]
     if k % TERNARY_BLOCK:
         raise ConfigError(f"tensor '{name}' has rows of {k} values; {type_name} needs a multiple of {TERNARY_BLOCK}")
-    scale = fp16_scale(weight.scale)
-    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+    value = fp16_code_value(weight.scale)
+    if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
         raise ConfigError(f"tensor '{name}': scale {weight.scale.flatten()[:4].tolist()} does not fit an fp16 scale")
-    values = quant.dequantize_weight(weight.codes, scale)  # float32 [N, K]; every block's absmax is the scale
+    values = weight.codes.to(torch.float32) * value.reshape(-1, 1)  # float32 [N, K]; each block's absmax is d
     return gguf.quants.quantize(values.numpy(), quant_type(type_name))
 
 
@@ -212,9 +219,9 @@ def ternary_from_blocks(data: np.ndarray, type_name: str, shape: tuple[int, int]
         shape: ``(N, K)``.
 
     Returns:
-        exact codes, and the scale as the fp16 value the blocks hold: one number when every non-zero block
+        exact codes, and the scale ``s_w = 1 / d`` of the blocks' fp16 ``d``: one number when every non-zero block
         carries the same ``d``; one per row ``[N]`` when the blocks of each row agree but rows differ. All-zero
-        blocks (``d = 0``) carry no scale and are skipped; an all-zero tensor (or row) gets :data:`quant.EPS`.
+        blocks (``d = 0``) carry no scale and are skipped; an all-zero tensor (or row) gets ``1 / quant.EPS``.
 
     Raises:
         CorruptCheckpointError: a block holding values other than ``{-d, 0, d}`` (e.g. the unused 2-bit code
@@ -237,7 +244,7 @@ def ternary_from_blocks(data: np.ndarray, type_name: str, shape: tuple[int, int]
     distinct = np.unique(block_scale[present])
     if distinct.size <= 1:
         value = float(distinct[0]) if distinct.size else quant.EPS
-        return TernaryWeight(codes, torch.tensor([value], dtype=torch.float32))
+        return TernaryWeight(codes, quant.reciprocal(torch.tensor([value], dtype=torch.float32)))
     row_max = block_scale.max(axis=1)
     if not (~present | (block_scale == row_max[:, None])).all():
         raise CorruptCheckpointError(
@@ -246,8 +253,8 @@ def ternary_from_blocks(data: np.ndarray, type_name: str, shape: tuple[int, int]
             path,
             name,
         )
-    scale = torch.from_numpy(np.where(row_max > 0, row_max, quant.EPS).astype(np.float32))
-    return TernaryWeight(codes, scale)
+    value = torch.from_numpy(np.where(row_max > 0, row_max, quant.EPS).astype(np.float32))
+    return TernaryWeight(codes, quant.reciprocal(value))
 
 
 def dense_to_blocks(tensor: torch.Tensor, type_name: str) -> np.ndarray:
@@ -260,19 +267,10 @@ def dense_to_blocks(tensor: torch.Tensor, type_name: str) -> np.ndarray:
 
 def recover_ternary(values: torch.Tensor) -> TernaryWeight | None:
     """Codes and scale of a dense ``[N, K]`` tensor whose non-zero values share one magnitude (per tensor,
-    else per row) — a ternary tensor stored as Q8_0 or F16 — or None if it is not one."""
-    magnitude = values.abs()
-    nonzero = magnitude != 0
-    codes = torch.sign(values).to(torch.int8)
-    if not bool(nonzero.any()):
-        return TernaryWeight(codes, torch.tensor([quant.EPS]))
-    top = magnitude.max()
-    if bool((magnitude[nonzero] == top).all()):
-        return TernaryWeight(codes, top.reshape(1).to(torch.float32))
-    rows = magnitude.amax(dim=1, keepdim=True)
-    if bool(((magnitude == rows) | ~nonzero).all()):
-        return TernaryWeight(codes, rows.reshape(-1).clamp(min=quant.EPS).to(torch.float32))
-    return None
+    else per row) — a ternary tensor stored as Q8_0 or F16 — or None if it is not one
+    (:func:`bittern.quant.ternary_of_dense`)."""
+    recovered = quant.ternary_of_dense(values)
+    return None if recovered is None else TernaryWeight(*recovered)
 
 
 # --- metadata ⇄ config --------------------------------------------------------------------------------
@@ -460,6 +458,7 @@ def read_gguf(path: str | Path, progress: bool | None = None) -> Checkpoint:
         dense_linear_layers=sorted(linears),
         per_channel=per_channel,
         layout=LAYOUT,
+        format="gguf",
         source=None,
         files=dict.fromkeys([*dense, *(f"{m}.weight" for m in ternary)], path),
     )

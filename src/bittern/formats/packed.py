@@ -4,10 +4,11 @@ Each ternary layer ``L`` is stored as ``L.weight`` (uint8 ``[N/4, K]``, 2-bit co
 :mod:`bittern.packing`) and ``L.weight_scale`` (``[1]``), and ``config.json`` carries a
 ``quantization_config`` with ``quant_method: bitnet``. Two scale conventions exist:
 
-* ``divide`` (``linear_class: bitlinear``; Falcon-E, onebitllms; the default): ``weight_scale = 1/s`` and
-  transformers divides the output by it;
-* ``multiply`` (``linear_class: autobitlinear``, offline; microsoft/bitnet-b1.58-2B-4T): ``weight_scale = s``
-  and transformers multiplies the output by it.
+* ``divide`` (``linear_class: bitlinear``; Falcon-E, onebitllms; the default): ``weight_scale = s_w = 1 / mean|W|``,
+  bittern's own scale, stored as it is; transformers divides the output by it;
+* ``multiply`` (``linear_class: autobitlinear``, offline; microsoft/bitnet-b1.58-2B-4T): ``weight_scale = 1 / s_w``
+  (``mean|W|`` up to its last bit, :func:`bittern.quant.multiplier_of_scale`: a multiplier read from such a file is
+  written back unchanged) and transformers multiplies the output by it; reading takes ``s_w = 1 / weight_scale``.
 
 Stock transformers loads what :func:`write_packed` writes with ``AutoModelForCausalLM.from_pretrained``.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bittern import packing
+from bittern import packing, quant
 from bittern.errors import ConfigError, CorruptCheckpointError, ShapeMismatchError, UnknownFormatError
 from bittern.formats.common import (
     CONFIG_FILE,
@@ -85,7 +86,7 @@ def packed_tensors(
             padded[name] = n
         scale = weight.scale.to(torch.float32).reshape(1)
         tensors[f"{name}.weight"] = packing.pack_ternary_rows(weight.codes)
-        tensors[f"{name}.weight_scale"] = 1.0 / scale if convention == "divide" else scale.clone()
+        tensors[f"{name}.weight_scale"] = scale.clone() if convention == "divide" else quant.multiplier_of_scale(scale)
     return tensors, padded
 
 
@@ -130,6 +131,13 @@ def write_packed(
         padded_out_features=padded,
     )
     return write_checkpoint_dir(destination, {**dense, **tensors}, config, FORMAT, checkpoint.source, overwrite)
+
+
+def scale_convention(config: dict[str, Any]) -> str:
+    """``divide`` or ``multiply``: the scale convention a packed checkpoint's ``quantization_config`` declares
+    (its ``linear_class``; transformers' default is ``bitlinear``)."""
+    quantization = config.get("quantization_config") or {}
+    return "multiply" if quantization.get("linear_class") == "autobitlinear" else "divide"
 
 
 def is_packed(config: dict[str, Any]) -> bool:
@@ -193,7 +201,7 @@ def read_packed(
             raise CorruptCheckpointError(
                 f"{invalid} packed 2-bit slots hold the value 3, which is no ternary code", path, key
             )
-        scale = 1.0 / stored if divide else stored
+        scale = stored if divide else quant.reciprocal(stored)
         ternary[name] = TernaryWeight(packing.unpack_ternary_rows(packed, out_features), scale)
     if not ternary:
         raise CorruptCheckpointError(

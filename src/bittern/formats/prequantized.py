@@ -35,6 +35,7 @@ def write_prequantized(checkpoint: Checkpoint, destination: str | Path, overwrit
     if not checkpoint.latent_layers:
         raise ConfigError("the model has no ternary (BitLinear) layers; convert it first (bittern convert)")
     config = dict(checkpoint.config)
+    config["is_bitnet_config"] = True  # Falcon-E's mark of latent BitNet weights: other tools read it as such too
     config["bittern"] = make_marker(
         FORMAT, ternary_layers=sorted(checkpoint.latent_layers), per_channel=checkpoint.per_channel
     )

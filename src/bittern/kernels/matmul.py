@@ -1,12 +1,12 @@
 """Triton matrix products of the ternary linear layer: the int8 forward and the two backward products.
 
-* :func:`int8_ternary_linear` — ``y = (xq @ Wtᵀ) * s * a / 127 + b``: int8 x int8 operands on the int8 tensor
+* :func:`int8_ternary_linear` — ``y = (xq @ Wtᵀ) / (s_w * s_x) + b``: int8 x int8 operands on the int8 tensor
   cores with int32 accumulation (exact), the rescale and bias fused into the epilogue in the reference's
   order of float32 operations, so ``y`` equals :func:`bittern.quant.integer_linear` bit for bit.
-* :func:`grad_input` — ``grad_x = grad_y @ (Wt * s)``: ternary codes widened to the gradient's dtype on chip
-  (exact: they are -1, 0, 1), float32 accumulation, ``s`` applied in the epilogue (per-tensor scale) or to
-  the codes (per-row scale, which varies along the reduction). No dense copy of the weight is made.
-* :func:`grad_weight` — ``grad_W = grad_yᵀ @ (xq * a / 127)``, computed as ``(grad_y * a / 127)ᵀ @ xq``: the
+* :func:`grad_input` — ``grad_x = grad_y @ (Wt / s_w)``: ternary codes widened to the gradient's dtype on chip
+  (exact: they are -1, 0, 1), float32 accumulation, divided by ``s_w`` in the epilogue (per-tensor scale) or
+  the codes divided by it (per-row scale, which varies along the reduction). No dense copy of the weight is made.
+* :func:`grad_weight` — ``grad_W = grad_yᵀ @ (xq / s_x)``, computed as ``(grad_y * (1 / s_x))ᵀ @ xq``: the
   per-token scale is folded into the gradient tile as it is loaded, ``xq`` widened on chip (exact: int8
   values fit bf16's 8-bit significand), float32 accumulation. No dequantized copy of the activations is made.
 
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from bittern.kernels import interpreter, tuning
-from bittern.kernels.quantizers import rescale
+from bittern.kernels.quantizers import reciprocal, rescale
 
 # Triton 3.9's interpreter computes bf16 x bf16 dots (and int8 -> bf16 casts) wrongly: there the backward kernels
 # widen both operands to float32 after rounding them to the gradient's dtype, which leaves the products unchanged.
@@ -113,7 +113,7 @@ def _forward_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     rm, rn, acc = _int8_tile(xq_ptr, codes_ptr, M, N, K, stride_xm, stride_cn, BM, BN, BK, GROUP, EVEN_K)
-    # epilogue in the reference's order: acc * s * a / 127 (+ bias), float32, the division rounded as IEEE's
+    # epilogue in the reference's order: acc / (s_w * s_x) (+ bias), float32, the division rounded as IEEE's
     act_scale = tl.load(a_ptr + rm % M)[:, None]
     if PER_CHANNEL:
         y = rescale(acc, tl.load(s_ptr + rn % N)[None, :], act_scale)
@@ -171,7 +171,7 @@ def _grad_input_kernel(
         g = tl.load(g_rows + n[None, :], mask=n_ok[None, :], other=0.0)
         codes = tl.load(codes_ptr + n.to(tl.int64)[:, None] * stride_cn + k_cols, mask=n_ok[:, None], other=0)
         if PER_CHANNEL:  # the scale varies along the reduction: apply it to the codes
-            w = (codes.to(tl.float32) * tl.load(s_ptr + n, mask=n_ok, other=0.0)[:, None]).to(g.dtype)
+            w = tl.math.div_rn(codes.to(tl.float32), tl.load(s_ptr + n, mask=n_ok, other=1.0)[:, None]).to(g.dtype)
         else:
             w = codes.to(tl.float32).to(g.dtype)
         if UPCAST:
@@ -179,7 +179,7 @@ def _grad_input_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
     if not PER_CHANNEL:
-        acc = acc * tl.load(s_ptr)
+        acc = tl.math.div_rn(acc, tl.load(s_ptr))
     out = gx_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
     tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
@@ -203,8 +203,8 @@ def _grad_weight_kernel(
         m_ok = m < M
         m_rows = m.to(tl.int64)
         g_t = tl.load(g_ptr + m_rows[None, :] * stride_gm + n_cols, mask=m_ok[None, :], other=0.0)  # [BN, BM]
-        a = tl.load(a_ptr + m, mask=m_ok, other=0.0) / 127.0
-        g_t = (g_t.to(tl.float32) * a[None, :]).to(g_ptr.dtype.element_ty)
+        inv_scale = reciprocal(tl.load(a_ptr + m, mask=m_ok, other=1.0))
+        g_t = (g_t.to(tl.float32) * inv_scale[None, :]).to(g_ptr.dtype.element_ty)
         xq = tl.load(xq_ptr + m_rows[:, None] * stride_xm + k_cols, mask=m_ok[:, None], other=0)  # [BM, BK]
         if UPCAST:
             acc = tl.dot(g_t.to(tl.float32), xq.to(tl.float32), acc, input_precision=PRECISION)
@@ -242,7 +242,7 @@ def int8_ternary_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``(xq @ codesᵀ) * s * a / 127 + bias`` — bit-identical to the reference's integer linear.
+    """``(xq @ codesᵀ) / (s_w * s_x) + bias`` — bit-identical to the reference's integer linear.
 
     Args:
         xq: int8 ``[..., K]``; act_scale: float32 ``[..., 1]``.
@@ -308,7 +308,7 @@ def int8_ternary_group(
 
 
 def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad_x = grad_y @ (codes * s)`` with float32 accumulation.
+    """``grad_x = grad_y @ (codes / s_w)`` with float32 accumulation.
 
     Args:
         grad_y: ``[..., N]`` float32 / bfloat16 / float16 (the product runs in this dtype: bf16 tensor cores).
@@ -330,7 +330,7 @@ def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, d
 
 
 def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad_W = grad_yᵀ @ (xq * a / 127)`` over all tokens, float32 accumulation.
+    """``grad_W = grad_yᵀ @ (xq / s_x)`` over all tokens, float32 accumulation.
 
     Args:
         grad_y: ``[..., N]``; xq: int8 ``[..., K]``; act_scale: float32 ``[..., 1]``. dtype: of ``grad_W``.

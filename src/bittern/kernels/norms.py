@@ -25,7 +25,7 @@ import triton.language as tl
 
 from bittern import quant
 from bittern.kernels import interpreter
-from bittern.kernels.quantizers import _act_codes
+from bittern.kernels.quantizers import _act_codes, activation_scale
 
 MAX_WIDTH = 32768
 """Widest row the kernel takes (a program holds its row in registers)."""
@@ -63,9 +63,9 @@ def _rms_norm_kernel(
     y = _rounded(weight * normed, OUT_DTYPE, OUT_BY_HAND).to(tl.float32)
     tl.store(y_ptr + row * D + cols, y, mask=ok)
     if QUANTIZE:  # of y as stored
-        amax = tl.maximum(tl.max(tl.where(ok, tl.abs(y), 0.0), axis=0), QEPS)
-        tl.store(q_ptr + row * D + cols, _act_codes(y, amax).to(tl.int8), mask=ok)
-        tl.store(a_ptr + row, amax)
+        act_scale = activation_scale(tl.maximum(tl.max(tl.where(ok, tl.abs(y), 0.0), axis=0), QEPS))
+        tl.store(q_ptr + row * D + cols, _act_codes(y, act_scale).to(tl.int8), mask=ok)
+        tl.store(a_ptr + row, act_scale)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

@@ -43,7 +43,7 @@ def backward_gemm() -> str:
     """How the training linear's backward runs: ``$BITTERN_BACKWARD_GEMM``, ``cublas`` by default.
 
     * ``cublas``: the forward's quantizer passes also write what the backward multiplies, in the gradient's
-      dtype (``xq * a / 127`` per input, ``Wt * s`` per weight, :mod:`bittern.quant`'s dequantized values), and
+      dtype (``xq / s_x`` per input, ``Wt / s_w`` per weight, :mod:`bittern.quant`'s dequantized values), and
       the backward is two cuBLAS products, as bf16's is. It saves a two-byte copy per activation and weight, as
       bf16 autocast does (q/k/v and gate/up share one copy of their input). Fastest on an H100 (BENCHMARKS.md).
     * ``cublas-int8``: saves the int8 ``xq`` and codes (one byte each) and widens them in the backward, one
@@ -99,7 +99,7 @@ def _nothing(like: torch.Tensor) -> torch.Tensor:
 
 @_custom_op("bittern::quantize_activations")
 def quantize_activations(x: torch.Tensor, widen: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` ``[..., K]`` → ``(xq int8 [M, K], a f32 [M, 1], xq * a / 127 [M, K] in widen, or [0])``."""
+    """``x`` ``[..., K]`` → ``(xq int8 [M, K], s_x f32 [M, 1], xq / s_x [M, K] in widen, or [0])``."""
     with _device_guard(x):
         xq, act_scale, x_hat = quantizers.quantize_activations_and_widen(x, widen)
     k = x.shape[-1]
@@ -125,7 +125,7 @@ def quantized_linear(
     widen: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training forward from quantized activations: ``xq`` int8 ``[M, K]``, ``a`` ``[M, 1]``, latent ``weight``
-    ``[N, K]`` → ``(y [M, N] out_dtype, codes int8 [N, K], s f32 [1] or [N], Wt * s [N, K] in widen, or [0])``."""
+    ``[N, K]`` → ``(y [M, N] out_dtype, codes int8 [N, K], s_w f32 [1] or [N], Wt / s_w [N, K] in widen, or [0])``."""
     with _device_guard(xq):
         codes, scale, w_hat = quantizers.ternarize_and_widen(weight, per_channel, widen)
         y = matmul.int8_ternary_linear(xq, act_scale, codes, scale, bias, out_dtype)
@@ -239,7 +239,7 @@ class _TernaryLinear(torch.autograd.Function):
 
 @_custom_op("bittern::ternary_linear_grad_input")
 def grad_input(grad_y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad_y [..., N] @ (codes * s)`` → ``[..., K]`` in ``dtype``."""
+    """``grad_y [..., N] @ (codes / s_w)`` → ``[..., K]`` in ``dtype``."""
     with _device_guard(grad_y):
         return matmul.grad_input(grad_y, codes, scale, dtype)
 
@@ -251,7 +251,7 @@ def _(grad_y, codes, scale, dtype):  # type: ignore[no-untyped-def]
 
 @_custom_op("bittern::ternary_linear_grad_weight")
 def grad_weight(grad_y: torch.Tensor, xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad_yᵀ @ (xq * a / 127)`` over all tokens → ``[N, K]`` in ``dtype``."""
+    """``grad_yᵀ @ (xq / s_x)`` over all tokens → ``[N, K]`` in ``dtype``."""
     with _device_guard(grad_y):
         return matmul.grad_weight(grad_y, xq, act_scale, dtype)
 
@@ -263,7 +263,7 @@ def _(grad_y, xq, act_scale, dtype):  # type: ignore[no-untyped-def]
 
 @_custom_op("bittern::dequantize_activations")
 def dequantize_activations(xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``xq * a / 127`` in ``dtype``, one pass: int8 ``[M, K]``, float32 ``[M, 1]`` → ``[M, K]``."""
+    """``xq / s_x`` in ``dtype``, one pass: int8 ``[M, K]``, float32 ``[M, 1]`` → ``[M, K]``."""
     with _device_guard(xq):
         return quantizers.dequantize_activations(xq, act_scale, dtype)
 
@@ -275,7 +275,7 @@ def _(xq, act_scale, dtype):  # type: ignore[no-untyped-def]
 
 @_custom_op("bittern::dequantize_weight")
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``codes * s`` in ``dtype``, one pass: int8 ``[N, K]``, float32 ``[1]`` or ``[N]`` → ``[N, K]``."""
+    """``codes / s_w`` in ``dtype``, one pass: int8 ``[N, K]``, float32 ``[1]`` or ``[N]`` → ``[N, K]``."""
     with _device_guard(codes):
         return quantizers.dequantize_weight(codes, scale, dtype)
 
@@ -405,7 +405,7 @@ def unpack_codes(packed_weight: torch.Tensor, out_features: int) -> torch.Tensor
 
 
 class _FrozenTernaryLinear(torch.autograd.Function):
-    """Fixed codes: forward by ``bittern::integer_linear``; ``grad_x = grad_y @ (Wt * s)`` by the fused
+    """Fixed codes: forward by ``bittern::integer_linear``; ``grad_x = grad_y @ (Wt / s_w)`` by the fused
     ``ternary_linear_grad_input`` kernel, which widens the int8 codes on chip (no dense copy of the weight)."""
 
     @staticmethod

@@ -26,9 +26,9 @@
   :func:`prefill_group` serves two or three layers of one input with one quantization and one product (beyond 256
   tokens, their codes unpacked one above the other and :func:`~bittern.kernels.matmul.int8_ternary_group`).
 
-Both end with the reference's epilogue, ``acc * s * a / 127 (+ bias)`` in float32, the division rounded as IEEE's
-(:func:`~bittern.kernels.quantizers.divide_by_127`), so the output equals :func:`bittern.quant.integer_linear` bit
-for bit. The decode kernel's tiles are autotuned per (N, K) for a float input; an int8 input takes one warp per
+Both end with the reference's epilogue, ``acc / (s_w * s_x) (+ bias)`` in float32, one IEEE division
+(:func:`~bittern.kernels.quantizers.rescale`), so the output equals :func:`bittern.quant.integer_linear` bit for
+bit. The decode kernel's tiles are autotuned per (N, K) for a float input; an int8 input takes one warp per
 program and one or two byte rows (:func:`_prequantized_tile`). Import through :mod:`bittern.kernels` (lazily).
 """
 
@@ -48,7 +48,7 @@ from bittern import packing, quant
 from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers, tuning
 from bittern.kernels.matmul import _rows
 from bittern.kernels.packed_gemm import _epilogue
-from bittern.kernels.quantizers import _act_codes
+from bittern.kernels.quantizers import _act_codes, activation_scale
 
 DECODE_MAX_M = DECODE_MAX_TOKENS
 """Token counts up to this use the decode kernel. It handles one token after another (the weights come from L1/L2
@@ -250,18 +250,18 @@ def _decode_rows(
         if PREQUANTIZED:
             xw0 = tl.load(x_row + j0)  # four int8 activations in one word
             xw1 = tl.load(x_row + j1, mask=j1_ok, other=0)
-            amax = tl.load(a_ptr + m)
+            act_scale = tl.load(a_ptr + m)
         else:
             x0 = tl.load(x_row + j0[:, None] * 4 + lanes[None, :]).to(tl.float32)
             x1 = tl.load(x_row + j1[:, None] * 4 + lanes[None, :], mask=j1_ok[:, None], other=0.0).to(tl.float32)
             amax = tl.maximum(tl.max(tl.max(tl.abs(x0), axis=1), axis=0), tl.max(tl.max(tl.abs(x1), axis=1), axis=0))
-            amax = tl.maximum(amax, EPS)
-            xw0 = _pack_quantized(x0, amax, lanes)
-            xw1 = _pack_quantized(x1, amax, lanes)
+            act_scale = activation_scale(tl.maximum(amax, EPS))
+            xw0 = _pack_quantized(x0, act_scale, lanes)
+            xw1 = _pack_quantized(x1, act_scale, lanes)
         total = _row_dot(tl.full([1, KW0], 0x01010101, tl.int32), xw0, USE_ASM)  # sum_k xq_k, [1]
         total += _row_dot(tl.full([1, KW1], 0x01010101, tl.int32), xw1, USE_ASM)
         rm = m + one
-        a = tl.zeros([1], dtype=tl.float32) + amax
+        a = tl.zeros([1], dtype=tl.float32) + act_scale
         m_ok = rm < M
         for q in tl.static_range(4):
             # field q where it lies: bytes 4^q (code + 1) <= 128, so the sum is exactly 4^q times the field's
@@ -274,9 +274,9 @@ def _decode_rows(
 
 
 @triton.jit
-def _pack_quantized(x, amax, lanes):
+def _pack_quantized(x, act_scale, lanes):
     """``[W, 4]`` float32 activations → ``[W]`` int32 words of their int8 quantization (the reference's rounding)."""
-    q = _act_codes(x, amax).to(tl.int32) & 0xFF
+    q = _act_codes(x, act_scale).to(tl.int32) & 0xFF
     return tl.sum(q << (8 * lanes)[None, :], axis=1)
 
 
@@ -452,7 +452,8 @@ def decode_linear(
         x: ``[..., K]`` float32 / bfloat16 / float16; at most ``DECODE_MAX_M`` tokens, ``K % 4 == 0``,
             ``K <= DECODE_MAX_K``. With ``act_scale``: the input already quantized, int8 ``[..., K]``.
         packed: uint8 ``[ceil(N/4), K]`` in the Hugging Face layout; ``out_features``: ``N``.
-        scale: float32 ``[1]`` or ``[N]`` (the codes' multiplier ``s``); bias: ``[N]`` or None.
+        scale: float32 ``[1]`` or ``[N]``, the weight scale ``s_w`` (a code is worth ``1 / s_w``).
+        bias: ``[N]`` or None.
         out_dtype: dtype of the result.
         config: a fixed tile choice (``BR``, optional ``num_warps``) instead of autotuning; for tests.
         act_scale: float32 ``[..., 1]``, the per-token scale of an int8 ``x`` (the pair

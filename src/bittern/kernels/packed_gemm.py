@@ -24,8 +24,8 @@ Measured on an H100 (BENCHMARKS.md), µs per call in a chain of distinct layers:
   workspace): 6.9 against 10.6 for 16 x 2560 x 2560, 9.9 against 25.9 for gate and up (16 x 2 x 6912 x 2560);
 * against the dp4a decode kernel (:mod:`bittern.kernels.packed`), which keeps 1–3 tokens: faster per block from 4.
 
-The epilogue is the reference's, ``acc * s * a / 127 (+ bias)`` in float32, the division rounded as IEEE's
-(:func:`~bittern.kernels.quantizers.divide_by_127`), so the result equals :func:`bittern.quant.integer_linear` bit
+The epilogue is the reference's, ``acc / (s_w * s_x) (+ bias)`` in float32, one IEEE division
+(:func:`~bittern.kernels.quantizers.rescale`), so the result equals :func:`bittern.quant.integer_linear` bit
 for bit. Tiles are autotuned per (tokens rounded up to a power of two, the layers' N, K).
 """
 
@@ -113,7 +113,7 @@ def _codes(packed_bytes, Q: tl.constexpr, USE_ASM: tl.constexpr):
 @triton.jit
 def _epilogue(acc, act_scale, rm, n, m_ok, n_ok, s_ptr, bias_ptr, y_ptr, stride_ym,
               HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr):  # fmt: skip
-    """``y = acc * s * a / 127 (+ bias)`` in the reference's float32 order, stored for the valid rows/columns."""
+    """``y = acc / (s_w * s_x) (+ bias)`` in the reference's float32 order, stored for the valid rows/columns."""
     if PER_CHANNEL:
         y = rescale(acc, tl.load(s_ptr + n, mask=n_ok, other=1.0)[None, :], act_scale[:, None])
     else:
@@ -200,7 +200,7 @@ def packed_gemm(
     out_dtype: torch.dtype,
     dependent_launch: bool = False,
 ) -> list[torch.Tensor]:
-    """``(xq @ codes_iᵀ) * s_i * a / 127 (+ bias)`` over packed weights for one to three layers of the same int8
+    """``(xq @ codes_iᵀ) / (s_i * s_x) (+ bias)`` over packed weights for one to three layers of the same int8
     input, one launch, the codes expanded on chip.
 
     Args:

@@ -2,13 +2,13 @@
 
 Both reproduce :mod:`bittern.quant` bit for bit (tested in ``tests/kernels``):
 
-* every division that feeds a rounding is IEEE round-to-nearest (``tl.math.div_rn``; Triton's ``/`` on
-  float32 is an approximate division on NVIDIA GPUs); a division by 127 is :func:`divide_by_127`, the same bits
-  from a multiplication and two fused multiply-adds;
+* every reciprocal and division is IEEE round-to-nearest (``tl.math.div_rn``; Triton's ``/`` on float32 is an
+  approximate division on NVIDIA GPUs); the activation scale is ``reciprocal(amax) * 127``, as the reference
+  takes it (:func:`activation_scale`);
 * rounding is half to even, done by adding and subtracting 1.5·2²³ in float32 — exact for |v| < 2²², so
   values are clamped into that range first where they could exceed it;
-* the weight scale sums ``|W|`` in float64 over fixed blocks, then in a fixed order, and rounds the mean to
-  float32 once: the bits do not depend on the order (see :func:`bittern.quant.weight_scale`).
+* the weight scale sums ``|W|`` in float64 over fixed blocks, then in a fixed order, rounds the mean to
+  float32 once and takes its reciprocal: the bits do not depend on the order (see :func:`bittern.quant.mean_abs`).
 
 Nothing here reads a value back to the host: the scale stays on the device between the two launches, so
 the quantizers run inside CUDA graphs and never stall the launch queue.
@@ -42,45 +42,40 @@ def _round_half_even(v):
     return (v + _ROUND_MAGIC) - _ROUND_MAGIC
 
 
-_INV_127 = tl.constexpr(0.007874015748031496)
-"""``1/127``, rounded to float32 where it meets a float32 tensor."""
+@triton.jit
+def reciprocal(v):
+    """``1 / v`` in float32, IEEE round-to-nearest (:func:`bittern.quant.reciprocal`)."""
+    return tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), v)
 
 
 @triton.jit
-def divide_by_127(y):
-    """``y / 127`` rounded to nearest, as IEEE division (``tl.math.div_rn``) gives it, for every float32 ``y``.
-
-    ``q = y * fl(1/127)`` is within an ulp of the quotient; the remainder ``r = y - 127 q`` is exact in one fused
-    multiply-add, and ``q + r * fl(1/127)``, rounded once by another, is the correctly rounded quotient (Markstein's
-    correction step). Checked against ``div_rn`` for all 2³² float32 bit patterns on an H100: equal except for
-    ±inf (the remainder is NaN) and -0 (the sum is +0), where ``q`` itself is the quotient and is taken. Three
-    instructions and a select instead of ``div_rn``'s subroutine: the int8 GEMM's epilogue (4096 x 2560 x 2560)
-    went from 60.9 to 56.1 µs (BENCHMARKS.md)."""
-    q = y * _INV_127
-    r = tl.fma(-q, 127.0, y)
-    return tl.where((r != r) | (y == 0.0), q, tl.fma(r, _INV_127, q))
+def activation_scale(amax):
+    """``s_x = reciprocal(amax) * 127`` for an ``amax`` already clamped to ``EPS``
+    (:func:`bittern.quant.activation_scale`)."""
+    return reciprocal(amax) * 127.0
 
 
 @triton.jit
 def rescale(acc, weight_scale, act_scale):
-    """The reference's epilogue without the bias (:func:`bittern.quant.rescale`), ``acc * s * a / 127`` in float32
-    in that order: ``acc`` int32 ``[BM, BN]``, ``weight_scale`` a scalar or ``[1, BN]``, ``act_scale`` ``[BM, 1]``."""
-    return divide_by_127(acc.to(tl.float32) * weight_scale * act_scale)
+    """The reference's epilogue without the bias (:func:`bittern.quant.rescale`), ``acc / (s_w * s_x)`` in float32,
+    one IEEE division: ``acc`` int32 ``[BM, BN]``, ``weight_scale`` a scalar or ``[1, BN]``, ``act_scale``
+    ``[BM, 1]``."""
+    return tl.math.div_rn(acc.to(tl.float32), weight_scale * act_scale)
 
 
 @triton.jit
-def _act_codes(x, amax):
-    """float32 ``x`` → its int8 codes as float32, ``clamp(round_half_even(x * 127 / amax), -128, 127)``."""
-    q = _round_half_even(tl.math.div_rn(x * 127.0, amax))
+def _act_codes(x, act_scale):
+    """float32 ``x`` → its int8 codes as float32, ``clamp(round_half_even(x * s_x), -128, 127)``."""
+    q = _round_half_even(x * act_scale)
     return tl.minimum(tl.maximum(q, -128.0), 127.0)
 
 
 @triton.jit
-def _store_act_row(xq_row, xhat_row, offs, mask, q, amax, WIDEN: tl.constexpr):
-    """Store codes ``q`` (float32) as int8 and, with ``WIDEN``, their dequantized values ``q * amax / 127``."""
+def _store_act_row(xq_row, xhat_row, offs, mask, q, act_scale, WIDEN: tl.constexpr):
+    """Store codes ``q`` (float32) as int8 and, with ``WIDEN``, their dequantized values ``q / s_x``."""
     tl.store(xq_row + offs, q.to(tl.int8), mask=mask)
-    if WIDEN:  # xq * a / 127, the value quant.dequantize_activations gives
-        xhat = divide_by_127(q * amax)
+    if WIDEN:  # xq / s_x, the value quant.dequantize_activations gives
+        xhat = tl.math.div_rn(q, act_scale)
         tl.store(xhat_row + offs, xhat.to(xhat_row.dtype.element_ty), mask=mask)
 
 
@@ -100,13 +95,13 @@ def _act_quant_kernel(
         offs = start + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         running = tl.maximum(running, tl.abs(x))
-    amax = tl.maximum(tl.max(running, axis=0), EPS)
+    act_scale = activation_scale(tl.maximum(tl.max(running, axis=0), EPS))
     for start in range(0, K, BLOCK_K):
         offs = start + tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        _store_act_row(xq_row, xhat_row, offs, mask, _act_codes(x, amax), amax, WIDEN)
-    tl.store(scale_ptr + row, amax)
+        _store_act_row(xq_row, xhat_row, offs, mask, _act_codes(x, act_scale), act_scale, WIDEN)
+    tl.store(scale_ptr + row, act_scale)
 
 
 # Triton compiles arguments equal to 1 as constants (and a constant has no .to()): sizes are never specialised.
@@ -122,23 +117,24 @@ def _abs_sum_partials_kernel(w_ptr, partial_ptr, numel, BLOCK: tl.constexpr, CHU
 
 
 @triton.jit
-def _mean_of_partials(partial_ptr, num_partials, numel, EPS: tl.constexpr, BLOCK: tl.constexpr):
-    """``max(Σ partials / numel, EPS)`` rounded to float32 once; the same order of additions wherever it runs."""
+def _scale_of_partials(partial_ptr, num_partials, numel, EPS: tl.constexpr, BLOCK: tl.constexpr):
+    """``1 / max(Σ partials / numel, EPS)``, the mean rounded to float32 once; the same order of additions wherever
+    it runs."""
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, num_partials, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + offs, mask=offs < num_partials, other=0.0)
     mean = tl.sum(acc, axis=0) / numel.to(tl.float64)  # float64 division is IEEE (div.rn.f64)
-    return tl.maximum(mean.to(tl.float32), EPS)
+    return reciprocal(tl.maximum(mean.to(tl.float32), EPS))
 
 
 @triton.jit(do_not_specialize=["num_partials", "numel"])
-def _mean_from_partials_kernel(partial_ptr, scale_ptr, num_partials, numel, EPS: tl.constexpr, BLOCK: tl.constexpr):
-    tl.store(scale_ptr, _mean_of_partials(partial_ptr, num_partials, numel, EPS, BLOCK))
+def _scale_from_partials_kernel(partial_ptr, scale_ptr, num_partials, numel, EPS: tl.constexpr, BLOCK: tl.constexpr):
+    tl.store(scale_ptr, _scale_of_partials(partial_ptr, num_partials, numel, EPS, BLOCK))
 
 
 @triton.jit(do_not_specialize=["K"])
-def _row_abs_mean_kernel(w_ptr, scale_ptr, K, stride_w, EPS: tl.constexpr, BLOCK: tl.constexpr):
+def _row_scale_kernel(w_ptr, scale_ptr, K, stride_w, EPS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, K, BLOCK):
@@ -146,7 +142,7 @@ def _row_abs_mean_kernel(w_ptr, scale_ptr, K, stride_w, EPS: tl.constexpr, BLOCK
         w = tl.load(w_ptr + row * stride_w + offs, mask=offs < K, other=0.0).to(tl.float32)
         acc += tl.abs(w).to(tl.float64)
     mean = tl.sum(acc, axis=0) / K.to(tl.float64)
-    tl.store(scale_ptr + row, tl.maximum(mean.to(tl.float32), EPS))
+    tl.store(scale_ptr + row, reciprocal(tl.maximum(mean.to(tl.float32), EPS)))
 
 
 @triton.jit(do_not_specialize=["numel", "K", "num_partials"])
@@ -155,11 +151,11 @@ def _ternary_codes_kernel(
     PER_CHANNEL: tl.constexpr, FROM_PARTIALS: tl.constexpr, WIDEN: tl.constexpr, BLOCK: tl.constexpr,
     CHUNKS: tl.constexpr, MEAN_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # FROM_PARTIALS: every program reduces the |W| partial sums itself, in _mean_from_partials_kernel's order
+    # FROM_PARTIALS: every program reduces the |W| partial sums itself, in _scale_from_partials_kernel's order
     # (the same bits), and program 0 stores the scale: one launch fewer than a separate mean kernel.
     pid = tl.program_id(0).to(tl.int64)
     if FROM_PARTIALS:
-        s_tensor = _mean_of_partials(partial_ptr, num_partials, numel, EPS, MEAN_BLOCK)
+        s_tensor = _scale_of_partials(partial_ptr, num_partials, numel, EPS, MEAN_BLOCK)
         if pid == 0:
             tl.store(scale_ptr, s_tensor)
     elif not PER_CHANNEL:
@@ -172,32 +168,27 @@ def _ternary_codes_kernel(
             s = tl.load(scale_ptr + offs // K, mask=mask, other=1.0)
         else:
             s = s_tensor
-        q = tl.math.div_rn(w, s)
-        q = _round_half_even(tl.minimum(tl.maximum(q, -2.0), 2.0))  # the clamp keeps the rounding trick exact
+        q = _round_half_even(tl.minimum(tl.maximum(w * s, -2.0), 2.0))  # the clamp keeps the rounding trick exact
         q = tl.minimum(tl.maximum(q, -1.0), 1.0)
         tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)
-        if WIDEN:  # codes * s, the value quant.dequantize_weight gives
-            tl.store(what_ptr + offs, (q * s).to(what_ptr.dtype.element_ty), mask=mask)
+        if WIDEN:  # codes / s_w, the value quant.dequantize_weight gives
+            tl.store(what_ptr + offs, tl.math.div_rn(q, s).to(what_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["K"])
-def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, K, ROW_SCALE: tl.constexpr, DIVIDE_127: tl.constexpr,
-                       BLOCK: tl.constexpr):  # fmt: skip
+def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, K, ROW_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     # a 2-D grid (row, column block): the row's scale is one load, and no index is divided by K
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < K
     q = tl.load(q_ptr + row * K + cols, mask=mask, other=0).to(tl.float32)
     s = tl.load(scale_ptr + row) if ROW_SCALE else tl.load(scale_ptr)
-    value = q * s
-    if DIVIDE_127:
-        value = divide_by_127(value)
+    value = tl.math.div_rn(q, s)
     tl.store(out_ptr + row * K + cols, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _dequantize(
-    q: torch.Tensor, scale: torch.Tensor, row_scale: bool, divide: bool, dtype: torch.dtype
-) -> torch.Tensor:
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, row_scale: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``q / scale`` (IEEE division) in ``dtype``: int8 ``[R, K]`` over a float32 scale per row or one in all."""
     q = q if q.is_contiguous() else q.contiguous()
     out = torch.empty(q.shape, dtype=interpreter.store_dtype(dtype), device=q.device)
     if q.numel():
@@ -205,24 +196,24 @@ def _dequantize(
         rows = q.numel() // k
         block = min(4096, triton.next_power_of_2(k))
         _dequantize_kernel[(rows, triton.cdiv(k, block))](
-            q, scale, out, k, ROW_SCALE=row_scale, DIVIDE_127=divide, BLOCK=block, num_warps=4
+            q, scale, out, k, ROW_SCALE=row_scale, BLOCK=block, num_warps=4
         )
     return out.to(dtype)
 
 
 def dequantize_activations(xq: torch.Tensor, act_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of :func:`bittern.quant.dequantize_activations`: ``xq * a / 127`` in one pass, ``[..., K]``."""
-    return _dequantize(xq, act_scale.reshape(-1).contiguous(), True, True, dtype)
+    """Triton twin of :func:`bittern.quant.dequantize_activations`: ``xq / s_x`` in one pass, ``[..., K]``."""
+    return _dequantize(xq, act_scale.reshape(-1).contiguous(), True, dtype)
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of :func:`bittern.quant.dequantize_weight`: ``codes * s`` in one pass, ``[N, K]``."""
-    return _dequantize(codes, scale, scale.numel() != 1, False, dtype)
+    """Triton twin of :func:`bittern.quant.dequantize_weight`: ``codes / s_w`` in one pass, ``[N, K]``."""
+    return _dequantize(codes, scale, scale.numel() != 1, dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`bittern.quant.quantize_activations`, one program per token: ``x`` ``[..., K]``
-    float32, float16 or bfloat16 → ``(xq int8 [..., K], a float32 [..., 1])``, bit-identical to the reference."""
+    float32, float16 or bfloat16 → ``(xq int8 [..., K], s_x float32 [..., 1])``, bit-identical to the reference."""
     xq, scale, _ = quantize_activations_and_widen(x, None)
     return xq, scale
 
@@ -234,11 +225,11 @@ def quantize_activations_and_widen(
 
     Args:
         x: ``[..., K]`` float32, float16 or bfloat16 (the last dimension must be contiguous).
-        widen: also write ``xq * a / 127`` in this dtype in the same pass (the value of
+        widen: also write ``xq / s_x`` in this dtype in the same pass (the value of
             :func:`bittern.quant.dequantize_activations`: what the backward's ``grad_W`` product reads), or None.
 
     Returns:
-        ``xq``: int8 ``[..., K]``; ``a``: float32 ``[..., 1]``; the widened ``[..., K]`` or None. All bit-identical
+        ``xq``: int8 ``[..., K]``; ``s_x``: float32 ``[..., 1]``; the widened ``[..., K]`` or None. All bit-identical
         to the reference.
     """
     k = x.shape[-1]
@@ -280,18 +271,18 @@ def weight_scale(weight: torch.Tensor, per_channel: bool = False) -> torch.Tenso
     n, k = w.shape
     if per_channel:
         scale = torch.empty(n, dtype=torch.float32, device=w.device)
-        _row_abs_mean_kernel[(n,)](w, scale, k, w.stride(0), EPS=quant.EPS, BLOCK=1024)
+        _row_scale_kernel[(n,)](w, scale, k, w.stride(0), EPS=quant.EPS, BLOCK=1024)
         return scale
     partials = _abs_sum_partials(w)
     scale = torch.empty(1, dtype=torch.float32, device=w.device)
-    _mean_from_partials_kernel[(1,)](partials, scale, partials.numel(), w.numel(), EPS=quant.EPS, BLOCK=_MEAN_BLOCK)
+    _scale_from_partials_kernel[(1,)](partials, scale, partials.numel(), w.numel(), EPS=quant.EPS, BLOCK=_MEAN_BLOCK)
     return scale
 
 
 def _launch_codes(
     w: torch.Tensor, scale: torch.Tensor, per_channel: bool, partials: torch.Tensor | None, widen: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The codes pass (and the widened ``codes * s``); with ``partials`` it also reduces them into ``scale``."""
+    """The codes pass (and the widened ``codes / s_w``); with ``partials`` it also reduces them into ``scale``."""
     codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     w_hat = None if widen is None else torch.empty(w.shape, dtype=interpreter.store_dtype(widen), device=w.device)
     numel = w.numel()
@@ -315,7 +306,7 @@ def ternary_codes(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def ternarize(weight: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`bittern.quant.ternarize`: ``(codes int8 [N, K], s float32 [1] or [N])``."""
+    """Triton twin of :func:`bittern.quant.ternarize`: ``(codes int8 [N, K], s_w float32 [1] or [N])``."""
     codes, scale, _ = ternarize_and_widen(weight, per_channel, None)
     return codes, scale
 
@@ -323,10 +314,10 @@ def ternarize(weight: torch.Tensor, per_channel: bool = False) -> tuple[torch.Te
 def ternarize_and_widen(
     weight: torch.Tensor, per_channel: bool, widen: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`ternarize`, optionally writing ``codes * s``: ``(codes int8 [N, K], s float32 [1] or [N], widened)``.
+    """:func:`ternarize`, optionally writing ``codes / s_w``: ``(codes int8 [N, K], s_w float32 [1] or [N], widened)``.
 
     Two launches per tensor (the ``|W|`` partial sums, then the codes, whose programs reduce the partials to
-    ``s`` themselves), two per row scale. ``widen``: also write ``codes * s`` in this dtype in the codes pass
+    ``s_w`` themselves), two per row scale. ``widen``: also write ``codes / s_w`` in this dtype in the codes pass
     (:func:`bittern.quant.dequantize_weight`'s value, what the backward's ``grad_x`` product reads), or None.
     """
     w = _contiguous_detached(weight)

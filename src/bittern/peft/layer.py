@@ -7,7 +7,7 @@ cannot tell its in/out features. Everything else — the forward (base output pl
 several adapters, mixed-adapter batches, saving and loading — is PEFT's, inherited unchanged.
 
 The frozen base stays packed: its forward is :func:`bittern.kernels.integer_linear`, whose backward passes
-``grad_y @ (Wt·s)`` to ``x`` (a fused Triton kernel on the GPU that widens the int8 codes on chip; no bf16 copy
+``grad_y @ (Wt/s_w)`` to ``x`` (a fused Triton kernel on the GPU that widens the int8 codes on chip; no bf16 copy
 of the weight) and never a gradient to the codes.
 """
 

@@ -181,7 +181,7 @@ def merge_lora(
         layers: ``ternary``: adapted ternary layers come back as packed TernaryLinear, and so does every other
             BitLinear of the model (deployment); ``bitlinear``: adapted layers come back as BitLinear holding the
             unrounded merged latent (what :func:`bittern.peft.heal` trains).
-        rounding: ``nearest`` (default: the weight rule) or ``stochastic`` (packed layers: ``Wt·s + ΔW`` rounded
+        rounding: ``nearest`` (default: the weight rule) or ``stochastic`` (packed layers: ``Wt/s_w + ΔW`` rounded
             stochastically at the layer's scale, the update kept in expectation); ``seed`` seeds it.
     """
     if layers not in ("ternary", "bitlinear"):

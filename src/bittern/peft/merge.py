@@ -1,22 +1,23 @@
 """Folding a LoRA update into a ternary layer: the one rule every merge path uses.
 
-A ternary layer computes ``Wt·s``; LoRA adds ``ΔW = scaling · B @ A`` on top. The merged layer is the ternary
-layer of the *latent* weight ``L + ΔW``, ternarized by the numerical contract (:func:`bittern.quant.ternarize`):
+A ternary layer computes with ``Wt / s_w`` (a code is worth ``v = 1 / s_w``); LoRA adds ``ΔW = scaling · B @ A`` on
+top. The merged layer is the ternary layer of the *latent* weight ``L + ΔW``, ternarized by the numerical contract
+(:func:`bittern.quant.ternarize`):
 
 * a :class:`~bittern.nn.BitLinear` base has latent weights ``W`` of its own: ``L = W`` (which is also what PEFT's
   own merge of an ``nn.Linear`` does: ``W += ΔW``);
-* a packed :class:`~bittern.nn.TernaryLinear` base has only ``Wt`` and ``s``: ``L = Wt·s / d`` with ``d`` the share
-  of non-zero codes (:meth:`TernaryLinear.to_bitlinear`), the latent whose ternarization gives back exactly
-  ``Wt`` and ``s``. Ternarizing ``Wt·s + ΔW`` itself would re-take ``mean|·|`` of ``{-s, 0, s}`` values and shrink
-  the scale to about ``s·d`` (every merged layer would lose a third of its output); with ``L`` the merge of
-  ``ΔW = 0`` is the identity, and ``ΔW`` flips the codes it pushes across a rounding threshold.
+* a packed :class:`~bittern.nn.TernaryLinear` base has only ``Wt`` and ``s_w``: ``L = (Wt / s_w) / d`` with ``d``
+  the share of non-zero codes (:meth:`TernaryLinear.to_bitlinear`), the latent whose ternarization gives back
+  ``Wt`` and ``s_w``. Ternarizing ``Wt / s_w + ΔW`` itself would re-take ``mean|·|`` of ``{-v, 0, v}`` values and
+  shrink the magnitude to about ``v·d`` (every merged layer would lose a third of its output); with ``L`` the merge
+  of ``ΔW = 0`` is the identity, and ``ΔW`` flips the codes it pushes across a rounding threshold.
 
-Small updates (``|ΔW| < s/2`` nearly everywhere, the usual case) flip few codes: the merged model loses part of
+Small updates (``|ΔW| < v/2`` nearly everywhere, the usual case) flip few codes: the merged model loses part of
 what the adapter learned. :func:`bittern.peft.heal` trains the merged latent weights a few steps to win it back.
 
-``rounding="stochastic"`` is the alternative for packed bases: ``Wt·s + ΔW`` is rounded stochastically at the base's
-own scale ``s`` (:func:`bittern.quant.stochastic_ternary_codes`), so each code moves with probability ``|ΔW| / s``
-and the merged weight equals ``Wt·s + ΔW`` in expectation (exactly the base when ``ΔW = 0``). A BitLinear base
+``rounding="stochastic"`` is the alternative for packed bases: ``Wt / s_w + ΔW`` is rounded stochastically at the
+base's own scale (:func:`bittern.quant.stochastic_ternary_codes`), so each code moves with probability ``|ΔW| / v``
+and the merged weight equals ``Wt / s_w + ΔW`` in expectation (exactly the base when ``ΔW = 0``). A BitLinear base
 is always rounded to nearest: its latent weights already lie spread inside their rounding intervals, so a small
 ``ΔW`` tips the ones near a threshold, much as stochastic rounding would.
 """
@@ -32,7 +33,7 @@ from bittern.nn import BitLinear, TernaryLinear
 
 def latent_weight(layer: nn.Module) -> torch.Tensor:
     """The float32 ``[N, K]`` latent weight of a linear layer: a BitLinear's (or nn.Linear's) own weight, or for a
-    TernaryLinear the latent that reproduces its codes and scale (``Wt·s / d``)."""
+    TernaryLinear the latent that reproduces its codes and scale (``(Wt / s_w) / d``)."""
     if isinstance(layer, TernaryLinear):
         return layer.to_bitlinear(dtype=torch.float32).weight.detach()
     return layer.weight.detach().to(torch.float32)

@@ -8,7 +8,7 @@ Run directory layout (``config.out``)::
     metrics.jsonl       one JSON record per log: step, tokens, loss, learning rate, λ, held-out loss, tokens/s
     curves.png          loss and learning rate against the step
     variants/packed     Hugging Face packed ternary model (stock transformers loads it)
-    variants/bf16       dense Wt·s weights, any tool loads it
+    variants/bf16       dense Wt/s_w weights, any tool loads it
     variants/prequantized   latent weights, for further training (``--model variants/prequantized``)
     (with --lora-rank: adapter/, variants/merged and variants/merged-healed instead; see bittern.train.lora)
     report.md           held-out perplexity of each variant, the unigram baseline, sizes, the settings
@@ -31,6 +31,7 @@ from bittern.convert import ConversionPolicy, select_layers, ternary_layer_names
 from bittern.errors import BitternError, ConfigError
 from bittern.formats import detect_format
 from bittern.formats.common import read_config
+from bittern.formats.full import latent_layout
 from bittern.nn import BitLinear
 from bittern.train.config import TrainConfig
 from bittern.train.data import (
@@ -143,7 +144,7 @@ def _source_is_full_precision(config: TrainConfig) -> bool:
     if not source.is_dir():
         raise ConfigError(f"--model {source}: not a checkpoint directory")
     raw = read_config(source)
-    return detect_format(raw, source) == "full" and "quantization_config" not in raw
+    return detect_format(raw, source) == "full" and latent_layout(raw) is None
 
 
 def _prepare_model(config: TrainConfig, tokenizer) -> _Prepared:
