@@ -1,4 +1,4 @@
-"""Tests of the 2-bit Hugging Face ``bitnet`` row layout (:mod:`bittern.packing`, DESIGN §3)."""
+"""Tests of the 2-bit Hugging Face ``bitnet`` row layout (:mod:`bittern.packing`, docs/design.md §3)."""
 
 from __future__ import annotations
 

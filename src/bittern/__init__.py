@@ -1,6 +1,6 @@
 """bittern: ternary (BitNet b1.58) language models with the Hugging Face stack.
 
-Layers (DESIGN §1): :mod:`bittern.quant` (the math) → :mod:`bittern.nn` (BitLinear, TernaryLinear) →
+Layers (docs/design.md §1): :mod:`bittern.quant` (the math) → :mod:`bittern.nn` (BitLinear, TernaryLinear) →
 :mod:`bittern.convert` (model surgery) and :mod:`bittern.formats` (checkpoint layouts) →
 :mod:`bittern.checkpoint` (load / save / convert models) → use-cases such as :mod:`bittern.engine` (generation:
 ``bittern.load(path).generate(...)``) → :mod:`bittern.cli`.

@@ -1,6 +1,6 @@
 """Bit layouts of ternary codes: pure functions, no model or file knowledge.
 
-The Hugging Face ``bitnet`` layout (DESIGN §3) packs four output rows into one byte row: for ``N`` output
+The Hugging Face ``bitnet`` layout (docs/design.md §3) packs four output rows into one byte row: for ``N`` output
 rows, ``R = ceil(N / 4)``, byte row ``r`` holds rows ``r, r+R, r+2R, r+3R`` in bits 0-1, 2-3, 4-5, 6-7, each
 as ``code + 1`` in {0, 1, 2}. The value 3 never occurs in a valid tensor.
 """

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.bitnet import pack_weights
 
 from bittern.checkpoint import load_model, save_model
+from bittern.convert import to_bitlinear
 from bittern.formats import read_checkpoint
 from bittern.nn import BitLinear, TernaryLinear
 
@@ -338,3 +339,111 @@ def test_hf_full_to_prequantized(tmp_path: Path) -> None:
 
 def _parts() -> list[tuple[str, str]]:
     return [("self_attn", p) for p in BLOCK_LINEARS[:4]] + [("mlp", p) for p in BLOCK_LINEARS[4:]]
+
+
+# --- (d) latent BitNet layouts, and markers other tools left behind ------------------------------------------
+
+
+def write_latent(directory: Path, arch: str, config: dict, dense_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The tiny ``arch`` model's weights, unquantized, in ``dense_dtype``, under ``config`` (written by hand)."""
+    model = tiny_model(arch)
+    tensors = {key: value.detach().to(dense_dtype).contiguous() for key, value in model.state_dict().items()}
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return model
+
+
+def test_falcon_e_prequantized_revision_reads_as_latent_weights(tmp_path: Path) -> None:
+    """``is_bitnet_config`` without ``quantization_config`` (Falcon-E's prequantized revision): latent weights that
+    load as BitLinear and inspect as ternary, never as a plain full-precision model."""
+    from bittern.inspection import inspect_checkpoint
+
+    config = {key: value for key, value in FALCON_E_CONFIG.items() if key != "quantization_config"}
+    write_latent(tmp_path / "pre", "llama", config)
+    checkpoint = read_checkpoint(tmp_path / "pre")
+    assert (checkpoint.format, checkpoint.layout, checkpoint.latent_layers) == ("full", "falcon-e-prequantized", None)
+    report = inspect_checkpoint(tmp_path / "pre")
+    assert report.layout == "falcon-e-prequantized"
+    assert report.ternary_layers == 2 * len(BLOCK_LINEARS)
+    assert report.bits_per_linear_weight == 16
+    model = load_model(tmp_path / "pre")
+    assert {type(model.get_submodule(f"model.layers.0.{p}.{n}")) for p, n in _parts()} == {BitLinear}
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_online_2b4t_layout_reports_its_ternary_layers(tmp_path: Path) -> None:
+    """The 2B4T bf16 ("online") layout: inspect counts the latent layers load_model makes BitLinear."""
+    from bittern.inspection import inspect_checkpoint
+
+    online = {**BITNET_2B4T_CONFIG, "quantization_config": {**BITNET_2B4T_CONFIG["quantization_config"]}}
+    online["quantization_config"]["quantization_mode"] = "online"
+    write_latent(tmp_path / "online", "bitnet", online)
+    report = inspect_checkpoint(tmp_path / "online")
+    assert (report.format, report.layout) == ("full", "bitnet-online")
+    assert report.ternary_layers == 2 * len(BLOCK_LINEARS)
+    assert report.bits_per_linear_weight == 16
+    model = load_model(tmp_path / "online")
+    assert isinstance(model.model.layers[1].mlp.down_proj, BitLinear)
+
+
+def test_a_marker_that_quantization_config_contradicts_is_ignored_and_reported(tmp_path: Path) -> None:
+    """onebitllms' quantize_to_1bit run on a bittern prequantized directory keeps bittern's marker in the config it
+    writes beside packed tensors: the quantization_config decides, the marker is named as ignored."""
+    from bittern.inspection import inspect_checkpoint
+
+    model = to_bitlinear(tiny_model("llama"))
+    save_model(model, tmp_path / "pre", "prequantized")
+    config = json.loads((tmp_path / "pre" / "config.json").read_text())
+    assert config["bittern"]["format"] == "prequantized" and config["is_bitnet_config"] is True
+    tensors = {}
+    with safe_open(str(tmp_path / "pre" / "model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+            value = handle.get_tensor(key)
+            name = key.removesuffix(".weight")
+            if name in config["bittern"]["ternary_layers"]:  # onebitllms' _weight_quant and pack_weights
+                codes, mean = reference_ternarize(value)
+                tensors[key] = pack_weights(codes.clone())
+                tensors[f"{name}.weight_scale"] = (1.0 / mean).to(torch.bfloat16)
+            else:
+                tensors[key] = value.to(torch.bfloat16)
+    (tmp_path / "onebit").mkdir()
+    save_file(tensors, str(tmp_path / "onebit" / "model.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = {"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"}
+    (tmp_path / "onebit" / "config.json").write_text(json.dumps(config))
+
+    checkpoint = read_checkpoint(tmp_path / "onebit")
+    assert (checkpoint.format, checkpoint.layout) == ("packed", "falcon-e")
+    assert len(checkpoint.notes) == 1 and "'prequantized'" in checkpoint.notes[0]
+    report = inspect_checkpoint(tmp_path / "onebit")
+    assert report.format == "packed" and report.notes == checkpoint.notes
+    assert any(line.startswith("note:") and "ignored" in line for line in report.lines())
+    loaded = load_model(tmp_path / "onebit")
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, TernaryLinear)
+    _, stock = stock_logits(tmp_path / "onebit", torch.float32)
+    assert relative_error(bittern_logits(loaded), stock) <= 1e-5
+
+
+def test_uint8_weights_beside_a_stale_marker_read_as_packed(tmp_path: Path) -> None:
+    """Without a quantization_config the tensors decide: uint8 weights with a weight_scale are packed whatever
+    bittern's marker says."""
+    outside = falcon_e(tmp_path / "falcon")
+    config = json.loads((tmp_path / "falcon" / "config.json").read_text())
+    del config["quantization_config"]
+    config["bittern"] = {"format": "bf16", "version": 1, "ternary_layers": sorted(outside.codes)}
+    (tmp_path / "falcon" / "config.json").write_text(json.dumps(config))
+    checkpoint = read_checkpoint(tmp_path / "falcon")
+    assert checkpoint.format == "packed" and "packed uint8 weights" in checkpoint.notes[0]
+    for name, codes in outside.codes.items():
+        assert torch.equal(checkpoint.ternary[name].codes, codes), name
+
+
+def test_save_model_copies_the_tokenizer_of_a_model_from_pretrained(tmp_path: Path) -> None:
+    """A model loaded with stock ``from_pretrained`` from a directory with a tokenizer: save_model copies it."""
+    from bittern.train.tokenizer import train_bpe_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    train_bpe_tokenizer(["some text to learn a few merges from"] * 4, 300).save_pretrained(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    save_model(to_bitlinear(model), tmp_path / "out", "packed")
+    assert (tmp_path / "out" / "tokenizer.json").is_file()

@@ -1,6 +1,6 @@
 """The weight scale of a sharded weight is the whole tensor's ``max(mean(|W|), eps)``, never a shard's.
 
-Two CPU processes talk over gloo (DESIGN §2: one scale per layer, computed from the full weight):
+Two CPU processes talk over gloo (docs/design.md §2: one scale per layer, computed from the full weight):
 
 * FSDP2 (``fully_shard`` per decoder layer and at the root): every BitLinear weight is stored as a
   ``Shard(0)`` DTensor, yet the scale BitLinear's forward uses (captured by spying on

@@ -1,4 +1,4 @@
-"""The Hugging Face packed ``bitnet`` layout (DESIGN §3), read and written.
+"""The Hugging Face packed ``bitnet`` layout (docs/design.md §3), read and written.
 
 Each ternary layer ``L`` is stored as ``L.weight`` (uint8 ``[N/4, K]``, 2-bit codes, see
 :mod:`bittern.packing`) and ``L.weight_scale`` (``[1]``), and ``config.json`` carries a

@@ -1,4 +1,4 @@
-"""LoRA on ternary models (DESIGN §1: a use-case above :mod:`bittern.convert` and :mod:`bittern.nn`).
+"""LoRA on ternary models (docs/design.md §1: a use-case above :mod:`bittern.convert` and :mod:`bittern.nn`).
 
 The base stays packed (2 bits per weight, frozen); PEFT's adapters train on top::
 
