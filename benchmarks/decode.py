@@ -109,7 +109,7 @@ def build_ternary_model(config, device: torch.device, dtype: torch.dtype, seed: 
                     -1, 2, (layer.out_features, layer.in_features), dtype=torch.int8, device=device, generator=generator
                 )
                 layer.packed_weight.copy_(packing.pack_ternary_rows(codes))
-                layer.weight_scale.fill_(layer.in_features**-0.5)
+                layer.weight_scale.fill_(layer.in_features**0.5)  # s_w: each code worth K^-1/2
             for module in block.modules():
                 if "RMSNorm" in type(module).__name__:
                     module.weight.fill_(1.0)

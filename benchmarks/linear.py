@@ -97,7 +97,7 @@ def build_layers(projections, blocks: int, device: torch.device, seed: int) -> d
     for _ in range(blocks):
         for _, n, k in projections:
             codes = random_codes(n, k, generator, device)
-            scale = torch.rand(1, generator=generator, device=device) * 0.02 + 0.01
+            scale = 1.0 / (torch.rand(1, generator=generator, device=device) * 0.02 + 0.01)  # s_w: codes worth 1/s_w
             layers["bittern"].append(TernaryLinear.from_codes(codes, scale).to(device))
             dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
             with torch.no_grad():
@@ -105,7 +105,7 @@ def build_layers(projections, blocks: int, device: torch.device, seed: int) -> d
             layers["bf16"].append(dense)
             hf = HFBitLinear(k, n, bias=False, device=device, dtype=torch.bfloat16)
             hf.weight.copy_(packing.pack_ternary_rows(codes))
-            hf.weight_scale.copy_((1.0 / scale).to(torch.bfloat16))  # it divides by its scale
+            hf.weight_scale.copy_(scale.to(torch.bfloat16))  # bitlinear's weight_scale is s_w: it divides by it
             layers["transformers"].append(hf)
             del codes
     return layers
