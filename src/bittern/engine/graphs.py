@@ -53,11 +53,10 @@ def rows_in_one_pass(limit: int = PERSISTENT_ROW_LIMIT) -> Iterator[None]:
     """Compile, in this block, every row reduction up to ``limit`` wide (norms, the activations' absmax) as a
     persistent reduction: the whole row held in registers and reduced once, where inductor's default (rows over
     1024) loops over the row in pieces, once per reduction. A decode step has one row per sequence, so each of
-    those kernels is a single program whose loops run one after another: on an H100 (BENCHMARKS.md) the 2B4T
-    step's 120 norm-and-quantize kernels fell from about 6 to 4.6 µs each, the step from 1.80 to 1.64 ms. A block
-    that changes nothing where this torch's inductor has no choices handler. The handler is not part of inductor's
-    FX-graph cache key: a step compiled and cached without it (by an older bittern) is loaded as it was, slower but
-    equal in value."""
+    those kernels is a single program whose loops run one after another; reducing the row once makes each of them
+    shorter (docs/notes/inference-tuning.md). A block that changes nothing where this torch's inductor has no
+    choices handler. The handler is not part of inductor's FX-graph cache key: a step compiled and cached without
+    it (by an older bittern) is loaded as it was, slower but equal in value."""
     try:
         from torch._inductor.choices import InductorChoices
         from torch._inductor.runtime.hints import ReductionHint
@@ -114,8 +113,7 @@ class CudaGraphDecodeStep:
 
     The returned logits are the graph's output buffer: read (or copy) them before the next call. The graph also
     computes their argmax (:attr:`last_argmax`, the greedy token, by :func:`~bittern.engine.sampling.greedy_tokens`:
-    two reductions spread over the GPU, where ``argmax`` runs one program per row, 27.5–30 µs over the
-    128256-entry vocabulary of 2B4T on an H100, 2% of a step).
+    two reductions spread over the GPU, where ``argmax`` runs one program per row over the whole vocabulary).
     """
 
     WARMUP_RUNS = 2

@@ -1,8 +1,8 @@
 """The prompt's forward pass (prefill) — eagerly, or replayed from a CUDA graph per (batch, length bucket).
 
-Run eagerly, a prefill launches every kernel of every layer from Python: on an H100 the 2B4T shape spent some
-80-100 ms of host time on a 128-token prompt whose GPU work takes a few milliseconds (BENCHMARKS.md). The graphed
-prefill captures the whole forward once per batch size and *length bucket* and replays it.
+Run eagerly, a prefill launches every kernel of every layer from Python, so a short prompt is bound by the host's
+launch time, not by the GPU's work. The graphed prefill captures the whole forward once per batch size and *length
+bucket* and replays it.
 
 **Buckets.** A prompt of ``T`` tokens is left-padded to the smallest bucket ``L >= T`` (16, 24, 32, 48, 64, 96,
 128, … : powers of two and 1.5 times them, so at most a third of the slots are padding). Left padding is what the

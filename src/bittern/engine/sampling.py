@@ -17,8 +17,8 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """``logits.float().argmax(-1)`` for ``[B, V]`` logits (int64 ``[B]``; the first of equal maxima, as
     ``argmax`` picks it), computed in two reductions: the maximum of each of :data:`ARGMAX_CHUNKS` pieces of a row,
     then the first piece holding the row's maximum. Compiled into the decode step, ``argmax`` over a whole row is
-    one program walking 128256 values at batch 1 (30 µs on an H100, BENCHMARKS.md); the pieces spread it over the
-    GPU. NaN counts as the maximum, as in ``argmax``."""
+    one program walking the whole vocabulary at batch 1; the pieces spread it over the GPU. NaN counts as the
+    maximum, as in ``argmax``."""
     rows, vocab = logits.shape
     width = -(-vocab // ARGMAX_CHUNKS)
     padded = torch.nn.functional.pad(logits.float(), (0, width * ARGMAX_CHUNKS - vocab), value=float("-inf"))

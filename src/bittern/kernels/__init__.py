@@ -32,10 +32,10 @@ _backend: str | None = None  # None: read the environment variable
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 DECODE_MAX_TOKENS = 3
-"""Token counts up to this run on the decode kernel (:mod:`bittern.kernels.packed`); more go to the prefill path.
-On an H100 (BENCHMARKS.md), per 2B4T block (q/k/v, o, gate/up and down launches, int8 input, dependent launch):
-30.2 µs against 40.1 for :mod:`bittern.kernels.packed_gemm` at 2 tokens, 40.3 against 42.2 at 3, 50.7 against
-42.2 at 4."""
+"""Token counts up to this run on the decode kernel (:mod:`bittern.kernels.packed`); more go to the prefill path. The
+decode kernel's cost grows with every token it serves, :mod:`bittern.kernels.packed_gemm`'s hardly over a few tokens: on
+Hopper, for a 2B4T block's launches on an int8 input under dependent launch, the decode kernel is the faster up to 3
+tokens and the tensor-core product from 4 (docs/notes/inference-tuning.md)."""
 
 
 def _check(name: str) -> str:
@@ -280,9 +280,9 @@ def rms_norm(
 
 def dense_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`dense_linear` runs on ``x`` ``[..., K]`` and ``weight`` ``[N, K]``: the Triton backend, both
-    of one floating dtype (no autocast), no gradient wanted, and where the kernels beat cuBLAS on an H100: one row
-    (a decode step of one sequence), or up to 16 rows of a weight of at least
-    :data:`bittern.kernels.dense.FEW_ROWS_MIN_FEATURES` outputs (an LM head)."""
+    of one floating dtype (no autocast), no gradient wanted, and where the kernels beat cuBLAS on Hopper
+    (BENCHMARKS.md, ``benchmarks/lm_head.py``): one row (a decode step of one sequence), or up to 16 rows of a
+    weight of at least :data:`bittern.kernels.dense.FEW_ROWS_MIN_FEATURES` outputs (an LM head)."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if wants_grad or output_dtype(x) != x.dtype or not uses_triton(x):
         return False

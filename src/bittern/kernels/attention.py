@@ -1,15 +1,14 @@
 """The decode step's attention, in Triton: one new token per sequence, over a static KV cache.
 
 The engine's decode step attends from one query slot to a cache of ``S`` preallocated slots. Through
-``F.scaled_dot_product_attention`` with a mask, every slot is read on every step (the shapes must not change for
-a CUDA graph), in a kernel built for long query tiles: on an H100, 11 µs per layer of the 2B4T shape, a sixth of
-the whole step; rope and the cache write were two more kernels. Here one program takes one KV head of one
-sequence, with every query head of its group as the rows of one tile. It applies rope to the new token's query
-heads and key (reading the rope tables' row at the token's position itself: a gather before the kernel was one
-more small kernel on the step's critical path), attends over the cached slots the query sees plus the new one
-(from registers), and writes its key and value into the cache at its slot. The slot is read from device memory,
-so the loop bound follows the sequence while the launch, captured once, stays the same. A cache longer than
-:data:`_SPLIT` slots (:data:`_SPLIT_FEW` for a launch of a few programs, one sequence) is split across programs,
+``F.scaled_dot_product_attention`` with a mask, every slot is read on every step (the shapes must not change for a CUDA
+graph), in a kernel built for long query tiles, a large share of the whole step; rope and the cache write were two more
+kernels. Here one program takes one KV head of one sequence, with every query head of its group as the rows of one tile.
+It applies rope to the new token's query heads and key (reading the rope tables' row at the token's position itself: a
+gather before the kernel was one more small kernel on the step's critical path), attends over the cached slots the query
+sees plus the new one (from registers), and writes its key and value into the cache at its slot. The slot is read from
+device memory, so the loop bound follows the sequence while the launch, captured once, stays the same. A cache longer
+than :data:`_SPLIT` slots (:data:`_SPLIT_FEW` for a launch of a few programs, one sequence) is split across programs,
 whose partial softmax sums a second kernel adds (flash decoding).
 
 Visibility is the decoder's (:mod:`bittern.engine.decoder`): the query at slot ``i`` of row ``b`` sees slots
@@ -36,27 +35,28 @@ from bittern.kernels import interpreter, packed
 _UPCAST_DOTS = interpreter.ON_IMPORT
 
 _BLOCK = 128
-"""Cache slots per step of a program's loop. On an H100 at the 2B4T shape (5 KV heads of 4 query heads, head_dim 128,
-384 slots; BENCHMARKS.md) 128 slots and 4 warps beat 32 or 64 slots and 2 or 8 warps at batch 1 and 16, one
-program per head (with 128-slot splits at batch 1, 8 warps won: :data:`_WARPS_FEW`)."""
+"""Cache slots per step of a program's loop. On Hopper at the 2B4T shape (5 KV heads of 4 query heads, head_dim 128,
+384 slots) 128 slots and 4 warps beat 32 or 64 slots and 2 or 8 warps at batch 1 and 16, one program per head
+(with 128-slot splits at batch 1, 8 warps won: :data:`_WARPS_FEW`)."""
 
 _SPLIT = 512
 """Cache slots per program. A cache of more slots is split across programs while they are fewer than the GPU's
 processors (a few KV heads would otherwise walk a long cache each on one SM), their partial sums added by a second
-kernel. On an H100, batch 1, 4096 slots: 48.9 µs in one program per head, 11.7 µs split (BENCHMARKS.md)."""
+kernel. At batch 1 on a long cache the split is several times faster than one program per head
+(BENCHMARKS.md, ``benchmarks/attention.py``)."""
 
 _SPLIT_FEW = 128
 """Cache slots per program when a launch has at most :data:`_FEW_PROGRAMS` programs (one sequence of a model with a
-few KV heads): each walks one block. On an H100, 2B4T shape, batch 1 (5 programs), a 384-slot cache, the decode
-step ran at 972 and 975 tokens/s against 954 and 957 with 512 (BENCHMARKS.md). At batch 4 (20 programs) on a
-short cache the second kernel costs more than the splits save (40 slots: 7.6 against 5.5 µs a call)."""
+few KV heads): each walks one block. At the 2B4T shape, batch 1 (5 programs), a 384-slot cache, this made the
+decode step faster than 512-slot programs on Hopper. At batch 4 (20 programs) on a short cache the second kernel
+costs more than the splits save, so larger launches keep :data:`_SPLIT`."""
 
 _FEW_PROGRAMS = 8
 """Launches of at most this many programs (batch x KV heads) take :data:`_SPLIT_FEW` and :data:`_WARPS_FEW`."""
 
 _WARPS_FEW = 8
-"""Warps of a program of a launch of at most :data:`_FEW_PROGRAMS` programs (others: 4). Same run as
-:data:`_SPLIT_FEW`'s, 128-slot splits: 973.7 and 974.2 tokens/s against 967.3 and 965.1 with 4 warps."""
+"""Warps of a program of a launch of at most :data:`_FEW_PROGRAMS` programs (others: 4): with 128-slot splits, 8
+warps made the batch-1 decode step slightly faster than 4."""
 
 
 @triton.jit
@@ -266,8 +266,8 @@ def decode_attention(
         return out.to(q.dtype)
     padded = max(16, triton.next_power_of_2(groups))
     programs = batch * kv_heads
-    # split only while programs are fewer than processors: on an H100 at batch 16 (80 programs, 4096 slots) eight
-    # splits ran slower than none (71.6 against 58.3 µs), at batch 1 (5 programs) four times faster
+    # split only while programs are fewer than processors: at batch 16 (80 programs, 4096 slots) eight splits ran
+    # slower than none, at batch 1 (5 programs) several times faster
     splits = max(1, min(triton.cdiv(keys.shape[2], split), _processors(q.device) // programs))
     part = stats = out  # unused with one split
     if splits > 1:

@@ -2,10 +2,9 @@
 projections of a bf16 checkpoint at one row.
 
 At decode the LM head multiplies one row per sequence by the whole embedding matrix (2B4T: 128256 x 2560 in
-bfloat16, 657 MB), a fifth of a ternary decode step. cuBLAS's kernel for it read at 2.82 TB/s on an H100 (232.6 µs
-a call, batch 1), against 3.03 TB/s measured for a device copy; these kernels read at 3.14 TB/s (209.1 µs), and
-219.8 against 234.8 µs at 4 rows (BENCHMARKS.md). At one row the 2B4T projection shapes, each weight read from
-memory, run 1.05x to 1.87x cuBLAS's speed too, and the bf16 engine's decode step went from 338 to 415 tokens/s.
+bfloat16, 657 MB), a large share of a ternary decode step, bound by how fast the weight streams from memory. On
+Hopper these kernels stream it faster than cuBLAS's at 1 to 16 rows, and at one row they beat cuBLAS on the 2B4T
+projection shapes too, which makes the bf16 engine's decode step faster (BENCHMARKS.md, ``benchmarks/lm_head.py``).
 Each program owns a block of output features and streams their weight rows once, whatever the number of rows of
 ``x``:
 
@@ -31,17 +30,17 @@ MAX_ROWS = 16
 
 FEW_ROWS_MIN_FEATURES = 32768
 """Fewest output features for which the engine takes :func:`_few_rows_kernel` (2 to 16 rows) over cuBLAS; one row
-takes :func:`_one_row_kernel` at any width. H100, bf16, 4 and 16 rows: 1.07x and 1.06x cuBLAS's speed for the
-2B4T LM head (128256 features), 0.31x to 0.73x for the 2B4T projections (640 to 6912; BENCHMARKS.md), whose few
-programs of 64 features leave most of the GPU idle."""
+takes :func:`_one_row_kernel` at any width. At 4 and 16 rows the kernel beats cuBLAS on the 2B4T LM head (128256
+features) and loses on the 2B4T projections (640 to 6912 features; BENCHMARKS.md, ``benchmarks/lm_head.py``), whose
+few programs of 64 features leave most of the GPU idle."""
 
 _ONE_ROW_TILE = (8, 512, 4)
-"""(features per program, columns per step, warps) of :func:`_one_row_kernel`. H100, 128256 x 2560 bf16: 209.1 µs
-against 210.2 for (16, 512, 4), 211.1 for (32, 512, 8), 213.0 for (8, 256, 2) (BENCHMARKS.md)."""
+"""(features per program, columns per step, warps) of :func:`_one_row_kernel`: the fastest of a sweep on Hopper for
+the 2B4T LM head (128256 x 2560, bf16), narrowly ahead of (16, 512, 4), (32, 512, 8) and (8, 256, 2)."""
 
 _FEW_ROWS_TILE = (64, 128, 4)
-"""(features per program, columns per step, warps) of :func:`_few_rows_kernel`. H100, 128256 x 2560 bf16, 4 and 16
-rows: 219.8 and 223.4 µs against 221.1 and 225.8 for (64, 256, 8), 228.0 and 231.9 for (32, 256, 4)."""
+"""(features per program, columns per step, warps) of :func:`_few_rows_kernel`: the fastest of a sweep on Hopper for
+the 2B4T LM head (128256 x 2560, bf16) at 4 and 16 rows, ahead of (64, 256, 8) and (32, 256, 4)."""
 
 _UPCAST_DOTS = interpreter.ON_IMPORT
 """Triton's interpreter multiplies bf16 tiles wrongly (see :mod:`bittern.kernels.matmul`): there the operands are

@@ -45,8 +45,8 @@ def _configs(shapes: list[tuple[int, int, int, int, int]], names: tuple[str, str
     ]
 
 
-# On an H100 (BENCHMARKS.md): 128 x 128 tiles are the fastest from 4096 tokens; 64 x 64 ones from 128 to 512 tokens,
-# where larger tiles leave most processors idle (20 programs for a 2560 x 2560 layer): 7.8 µs against 11.1 at 128
+# On Hopper: 128 x 128 tiles are the fastest from 4096 tokens; 64 x 64 ones from 128 to 512 tokens, where larger
+# tiles leave most processors idle (20 programs for a 2560 x 2560 layer at 128 tokens)
 _FORWARD_SHAPES = [
     (128, 128, 128, 8, 3),
     (128, 256, 128, 8, 3),

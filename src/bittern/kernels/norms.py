@@ -4,7 +4,7 @@ quantization in one pass over each token's row.
 Eagerly, a Hugging Face ``LlamaRMSNorm`` (and the BitNet / Mistral / Qwen2 / Qwen3 copies of it) is five or six
 kernels (upcast, square, mean, rsqrt, two products), the residual add before it one more, and a ternary projection
 after it quantizes its input in another pass. :func:`rms_norm` does all of it in one kernel, one program per token
-(on an H100 the graphed prompt forward of the 2B4T shape, 128 tokens, went from 10.2 to 7.0 ms; BENCHMARKS.md):
+(the graphed prompt forward is markedly faster for it):
 
 * ``s = x + residual`` rounded to the input dtype (exactly what ``x + residual`` gives), stored when a residual is
   given;

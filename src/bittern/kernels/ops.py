@@ -45,7 +45,8 @@ def backward_gemm() -> str:
     * ``cublas``: the forward's quantizer passes also write what the backward multiplies, in the gradient's
       dtype (``xq / s_x`` per input, ``Wt / s_w`` per weight, :mod:`bittern.quant`'s dequantized values), and
       the backward is two cuBLAS products, as bf16's is. It saves a two-byte copy per activation and weight, as
-      bf16 autocast does (q/k/v and gate/up share one copy of their input). Fastest on an H100 (BENCHMARKS.md).
+      bf16 autocast does (q/k/v and gate/up share one copy of their input). The fastest of the three on Hopper
+      (BENCHMARKS.md, ``benchmarks/train_step.py``).
     * ``cublas-int8``: saves the int8 ``xq`` and codes (one byte each) and widens them in the backward, one
       Triton pass each, before cuBLAS: less memory, one more pass per product.
     * ``triton``: the fused kernels of :mod:`bittern.kernels.matmul`, which widen the int8 tensors on chip and
@@ -68,9 +69,9 @@ def _device_guard(t: torch.Tensor):
 
 class _CustomOp:
     """A ``torch.library`` custom op that eager calls bypass: while torch.compile traces, calls go to the op (one
-    graph node, with its fake implementation); otherwise straight to the Python implementation. Measured on an
-    H100, the dispatcher's round trip through ``torch.library`` cost more host time per training step than the
-    kernels it launched took on the GPU, so the step waited on the host.
+    graph node, with its fake implementation); otherwise straight to the Python implementation. The dispatcher's
+    round trip through ``torch.library`` cost more host time per training step than the kernels it launched took
+    on the GPU, so the step waited on the host.
     """
 
     def __init__(self, name: str, fn, mutates_args: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]

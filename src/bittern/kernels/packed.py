@@ -52,7 +52,7 @@ from bittern.kernels.quantizers import _act_codes, activation_scale
 
 DECODE_MAX_M = DECODE_MAX_TOKENS
 """Token counts up to this use the decode kernel. It handles one token after another (the weights come from L1/L2
-after the first), so its cost grows with M: on the H100 the tensor-core product is faster from 4 tokens."""
+after the first), so its cost grows with M: on Hopper the tensor-core product is faster from 4 tokens."""
 
 DECODE_MAX_K = 16384
 """Longest input row of the decode kernel (a program holds its block of weight words and a token's row at once)."""
@@ -63,8 +63,8 @@ def _decode_configs() -> list[triton.Config]:
     if interpreter.ON_IMPORT:
         return [triton.Config({"BR": 4}, num_warps=4, num_stages=1)]
     # few candidates, as each compiles per K; those holding over 64 weight words per thread are pruned per K. On
-    # an H100 (BENCHMARKS.md, the 210 layers of 2B4T at M = 1) (8, 8) is the fastest with the quantization in the
-    # kernel, where fewer programs repeat it, so it comes first (a prequantized input takes _prequantized_tile)
+    # Hopper (benchmarks/linear.py, the 210 layers of 2B4T at M = 1) (8, 8) is the fastest with the quantization in
+    # the kernel, where fewer programs repeat it, so it comes first (a prequantized input takes _prequantized_tile)
     shapes = [(8, 8), (2, 4), (4, 4), (8, 4), (16, 8)]
     if os.environ.get("BITTERN_AUTOTUNE", "1") == "0":
         shapes = shapes[:1]
@@ -77,7 +77,8 @@ words and of the activation row's."""
 
 TWO_ROWS_WORDS_PER_THREAD = 100
 """Most words a thread of a two-row program holds (two byte rows' weight words and the activation row's): a
-one-warp program takes two byte rows up to ``K`` = 4096 (96 words; 127 registers on sm_90)."""
+one-warp program takes two byte rows up to ``K`` = 4096 (96 words, which ptxas fits in registers without
+spilling on sm_90)."""
 
 
 def _prequantized_tile(kw0: int, kw1: int) -> dict[str, int]:
@@ -88,11 +89,10 @@ def _prequantized_tile(kw0: int, kw1: int) -> dict[str, int]:
 
     Not autotuned: each kernel alone is timed without the ones around it, and inside the decode step a product's
     cost is what it adds after the kernel before it ends (its wait, then the ``dp4a`` work and the sums over
-    ``K``). There few warps win: a sum over ``K`` within one warp needs no barrier. On an H100 (chain of 30
-    layers of the 2B4T shapes, each after a one-program kernel, µs added per layer; BENCHMARKS.md), one byte row on
-    one warp against the (4 byte rows, 4 warps) autotuning had chosen: 6.28 → 5.00 for 13824 x 2560, 3.39 → 2.61
-    for 2560 x 2560, 4.78 → 3.77 for 2560 x 6912. Two byte rows at ``K`` = 2560 read the activation row once for
-    eight outputs: the batch-1 decode step went from 898 to 917 tokens/s (alternating runs)."""
+    ``K``). There few warps win: a sum over ``K`` within one warp needs no barrier, and one byte row on one warp
+    adds less to the step than the (4 byte rows, 4 warps) autotuning chose for the 2B4T shapes. Two byte rows
+    at ``K`` = 2560 read the activation row once for eight outputs, which made the batch-1 decode step faster
+    still (docs/notes/inference-tuning.md)."""
     words = kw0 + kw1
     if 3 * words <= TWO_ROWS_WORDS_PER_THREAD * 32:
         return {"BR": 2, "num_warps": 1}
@@ -166,8 +166,7 @@ def unpack(packed: torch.Tensor, out_features: int, out: torch.Tensor | None = N
     a contiguous int8 ``[N, K]``, when given).
 
     Four bytes at a time where ``K % 4 == 0`` and the rows start on 4-byte boundaries (every layer of the usual
-    shapes): on an H100, 3.2 µs instead of 5.0 for 2560 x 2560, 6.1 instead of 9.7 for 6912 x 2560
-    (BENCHMARKS.md); else byte by byte."""
+    shapes), which is faster on a GPU than a byte per element; else byte by byte."""
     packed = _rows(packed)
     rows, k = packed.shape
     if out is None:
@@ -287,8 +286,8 @@ def _field_dot(words, xw, Q: tl.constexpr, USE_ASM: tl.constexpr):
 
     The mask and the ``dp4a`` are one inline-assembly step that takes the activation words. Written as a separate
     ``&``, the masks (four per weight word) depend on no token, and LLVM hoists them all out of the token loop, to
-    be held in registers at once: at K = 6912 on one warp, ptxas (sm_90) then spilled 104 bytes of 255 registers
-    a thread; now it uses 128 and spills nothing (58 instead of 118 at K = 2560)."""
+    be held in registers at once: at K = 6912 on one warp, ptxas (sm_90) then spilled. In one step with the
+    activation word they stay in the loop: about half the registers, and nothing spills."""
     xb = tl.broadcast_to(xw[None, :], words.shape)
     if USE_ASM:
         if Q == 0:

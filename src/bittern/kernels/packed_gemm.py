@@ -12,16 +12,17 @@ four instructions per four codes (``((word >> 2q) & 0x03030303 | 0x80808080) - 0
 other, so the block is read from memory once and from L2 four times. Two or three layers of one input (q/k/v,
 gate/up) share one launch. Inside :func:`bittern.kernels.packed.static_weights` on Hopper the kernel launches
 with programmatic dependent launch: it waits for the kernel before it first thing and lets the next one start at
-once (the batch-16 decode step went from 7429 to 8020 tokens/s, one run each).
+once.
 
-Measured on an H100 (BENCHMARKS.md), µs per call in a chain of distinct layers:
+Why this range of tokens (docs/kernels.md, docs/notes/inference-tuning.md):
 
 * against the codes unpacked to int8 in a separate pass and the int8 GEMM (:mod:`bittern.kernels.matmul`), which
-  reads four times the weight bytes and writes them once more: 10.0 against 13.3 for 128 x 2560 x 2560, 12.8
-  against 21.5 for 128 x 6912 x 2560; slower from 512 tokens, where the product waits for each step's expansion
-  (Triton keeps a product with a register operand synchronous);
+  reads four times the weight bytes and writes them once more: faster up to 256 tokens, where the product is bound
+  by its weight bytes; slower from 512 tokens, where it is bound by the tensor cores and waits for each step's
+  expansion (Triton keeps a product with a register operand synchronous);
 * against the split-K kernel it replaced for 5–32 tokens (a ``K`` slice per program, int32 atomics into a
-  workspace): 6.9 against 10.6 for 16 x 2560 x 2560, 9.9 against 25.9 for gate and up (16 x 2 x 6912 x 2560);
+  workspace): faster at almost every shape (about even for ``down``, whose program walks the longest ``K``), with
+  no workspace and no fix-up;
 * against the dp4a decode kernel (:mod:`bittern.kernels.packed`), which keeps 1–3 tokens: faster per block from 4.
 
 The epilogue is the reference's, ``acc / (s_w * s_x) (+ bias)`` in float32, one IEEE division
@@ -42,9 +43,9 @@ from bittern.kernels.matmul import _bucket, _rows
 from bittern.kernels.quantizers import rescale
 
 MAX_M = 256
-"""The most tokens this kernel serves; beyond, unpacking once and the int8 GEMM is faster (H100, BENCHMARKS.md)."""
+"""The most tokens this kernel serves; beyond, unpacking once and the int8 GEMM is faster (on Hopper)."""
 
-# (BM tokens, BC byte rows, BK, warps, stages); the first is kept when BITTERN_AUTOTUNE=0. On an H100: (64, 64, 256)
+# (BM tokens, BC byte rows, BK, warps, stages); the first is kept when BITTERN_AUTOTUNE=0. On Hopper: (64, 64, 256)
 # the fastest for most shapes at 64-128 tokens, (64, 32, 256) for the narrow 2560-wide outputs, (128, 64, 128) at 256;
 # at 8-16 tokens (16, 32 | 64, 256), at 32 (16 | 32, 64, 256)
 _TILES = [

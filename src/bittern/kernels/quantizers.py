@@ -33,7 +33,7 @@ ACT_BLOCK_K = 512
 
 _SUM_BLOCK = 4096
 _SUM_CHUNKS = 16  # each program of the |W| sum covers 64 Ki elements; a 2560 x 6912 weight needs 270 partials
-_CODES_BLOCK = 1024  # with 4 blocks per program and 8 warps: 2.5-2.7 TB/s on an H100 (4096-wide blocks: 0.7-1.1)
+_CODES_BLOCK = 1024  # with 4 blocks per program and 8 warps; 4096-wide blocks streamed far slower on Hopper
 _MEAN_BLOCK = 1024  # float64 lanes of the partial-sum reduction
 
 
@@ -84,8 +84,8 @@ def _act_quant_kernel(
     x_ptr, xq_ptr, scale_ptr, xhat_ptr, K, stride_x, EPS: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr
 ):  # fmt: skip
     # One token per program, two passes over its row in BLOCK_K pieces: the absmax, then the codes (the second
-    # read hits L2). Measured on an H100 this streams at 2.1-2.6 TB/s, where one pass over the whole row held in
-    # registers (padded to a power of two) managed 0.5-1.7 TB/s.
+    # read hits L2). This streams faster than one pass over the whole row held in registers (padded to a power of
+    # two), which wastes lanes and registers on the padding.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     xq_row = xq_ptr + row * K
@@ -241,7 +241,7 @@ def quantize_activations_and_widen(
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     x_hat = None if widen is None else torch.empty((m, k), dtype=interpreter.store_dtype(widen), device=x.device)
     if m > 0 and k > 0:
-        block, warps = (ACT_BLOCK_K, 4) if k <= 4096 else (2 * ACT_BLOCK_K, 8)  # the H100's best of a sweep
+        block, warps = (ACT_BLOCK_K, 4) if k <= 4096 else (2 * ACT_BLOCK_K, 8)  # the best of a sweep on Hopper
         _act_quant_kernel[(m,)](
             rows, xq, scale, xq if x_hat is None else x_hat, k, rows.stride(0), EPS=quant.EPS, BLOCK_K=block,
             WIDEN=x_hat is not None, num_warps=warps,

@@ -1,10 +1,10 @@
 """Autotuning of bittern's Triton kernels, with each shape's choice kept on disk between processes.
 
 Triton times every candidate tile of a kernel the first time it meets a shape (its autotuning key): seconds per
-shape, which every new process used to pay again (on an H100 the first 128-token prefill of the 2B4T shape took
-7-12 s, most of it tuning). :func:`autotune` asks Triton to also write each choice, with the candidates' timings,
-to its cache directory (``TRITON_CACHE_DIR``, by default ``~/.triton/cache``), keyed by the Triton version, the
-GPU, the kernel's source, the candidate list and the shape; a later process reads it instead of timing again.
+shape, which every new process used to pay again (most of the first graphed prefill of a 2B4T-shaped model was
+tuning). :func:`autotune` asks Triton to also write each choice, with the candidates' timings, to its cache
+directory (``TRITON_CACHE_DIR``, by default ``~/.triton/cache``), keyed by the Triton version, the GPU, the
+kernel's source, the candidate list and the shape; a later process reads it instead of timing again.
 Delete that directory (or set ``BITTERN_AUTOTUNE_CACHE=0``) to tune afresh. Under Triton's interpreter nothing is
 tuned or written. ``BITTERN_AUTOTUNE=0`` (read by each kernel module) keeps one candidate, so nothing is timed.
 """

@@ -44,7 +44,7 @@ def stdlib_docstrings(limit_modules: int | None = None) -> list[str]:
     """The docstrings of the standard library's ``.py`` files, one document per file, sorted by path.
 
     Args:
-        limit_modules: read at most this many files (for quick tests); None reads all (~560 files, ~7 s).
+        limit_modules: read at most this many files (for quick tests); None reads all (~560 files).
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = []
