@@ -34,7 +34,8 @@ SOURCE_ATTRIBUTE = "_bittern_source"
 
 def _ternary_weight(module: nn.Module) -> TernaryWeight:
     if isinstance(module, TernaryLinear):
-        return TernaryWeight(module.codes(), module.weight_scale.detach().clone())
+        scale = module.weight_scale.detach().clone()
+        return TernaryWeight(None, scale, packed=module.packed_weight.detach(), out_features=module.out_features)
     codes, scale = quant.ternarize(module.weight, per_channel=module.per_channel)
     return TernaryWeight(codes, scale)
 
@@ -196,9 +197,9 @@ def _install_ternary(model: nn.Module, checkpoint: Checkpoint) -> None:
         if not isinstance(old, nn.Linear):
             raise ShapeMismatchError(f"'{name}' is a {type(old).__name__}, not a linear layer", None, f"{name}.weight")
         expected = (old.out_features, old.in_features)
-        if tuple(weight.codes.shape) != expected:
+        if weight.shape != expected:
             raise ShapeMismatchError(
-                f"holds a [{weight.codes.shape[0]}, {weight.codes.shape[1]}] ternary matrix but the model's layer "
+                f"holds a [{weight.shape[0]}, {weight.shape[1]}] ternary matrix but the model's layer "
                 f"is [{expected[0]}, {expected[1]}]",
                 checkpoint.files.get(f"{name}.weight"),
                 f"{name}.weight",
@@ -209,7 +210,7 @@ def _install_ternary(model: nn.Module, checkpoint: Checkpoint) -> None:
                 checkpoint.files.get(f"{name}.weight_scale"),
                 f"{name}.weight_scale",
             )
-        layer = TernaryLinear.from_codes(weight.codes, weight.scale, bias=None)
+        layer = TernaryLinear.from_packed(weight.packed, weight.shape[0], weight.scale, bias=None)
         if old.bias is not None:
             layer.bias = nn.Parameter(torch.zeros_like(old.bias), requires_grad=False)
         model.set_submodule(name, layer)

@@ -114,8 +114,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
         numel, bits = sizes.get(f"{name}.weight", (0, 0))
         scale_numel, scale_bits = sizes.get(f"{name}.weight_scale", (0, 0))
         if name in checkpoint.ternary:
-            codes = checkpoint.ternary[name].codes
-            ternary_weights += codes.numel()
+            ternary_weights += checkpoint.ternary[name].numel()
         else:
             ternary_weights += numel
         stored_bits += numel * bits + scale_numel * scale_bits
@@ -135,7 +134,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
         layout=checkpoint.layout,
         architecture=", ".join(config.get("architectures") or ["unknown"]),
         model_type=str(config.get("model_type", "unknown")),
-        parameters=dense + sum(w.codes.numel() for w in checkpoint.ternary.values()),
+        parameters=dense + sum(w.numel() for w in checkpoint.ternary.values()),
         ternary_layers=len(ternary_names),
         ternary_weights=ternary_weights,
         dense_parameters=dense - latent,
@@ -156,7 +155,7 @@ def _inspect_gguf(path: Path) -> Report:
     architecture = formats.gguf.ARCHITECTURES[checkpoint.config["model_type"]]
     names = [formats.gguf.gguf_tensor_name(f"{n}.weight", architecture) for n in checkpoint.ternary]
     ternary_bytes = sum(stored[name] for name in names)
-    ternary_weights = sum(w.codes.numel() for w in checkpoint.ternary.values())
+    ternary_weights = sum(w.numel() for w in checkpoint.ternary.values())
     dense = sum(t.numel() for t in checkpoint.tensors.values())
     config = checkpoint.config
     return Report(

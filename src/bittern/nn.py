@@ -144,11 +144,25 @@ class TernaryLinear(nn.Module):
         per_channel: bool | None = None,
     ) -> TernaryLinear:
         """Build from int8 codes ``[N, K]``, a float32 weight scale ``s_w`` ``[1]`` or ``[N]`` and a bias."""
-        n, k = codes.shape
+        return cls.from_packed(packing.pack_ternary_rows(codes), codes.shape[0], scale, bias, per_channel)
+
+    @classmethod
+    def from_packed(
+        cls,
+        packed: torch.Tensor,
+        out_features: int,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        per_channel: bool | None = None,
+    ) -> TernaryLinear:
+        """Build from packed bytes, uint8 ``[ceil(N/4), K]`` in the Hugging Face layout (used as they are, no
+        copy), ``N = out_features``, a float32 weight scale ``[1]`` or ``[N]`` and a bias."""
         if per_channel is None:
             per_channel = scale.numel() != 1
-        layer = cls(k, n, bias=bias is not None, per_channel=per_channel, device="meta")
-        layer.packed_weight = packing.pack_ternary_rows(codes)
+        layer = cls(packed.shape[1], out_features, bias=bias is not None, per_channel=per_channel, device="meta")
+        if packed.dtype != torch.uint8 or packed.shape[0] != packing.packed_rows(out_features):
+            raise ValueError(f"packed weight {tuple(packed.shape)} {packed.dtype} does not hold {out_features} rows")
+        layer.packed_weight = packed
         layer.weight_scale = scale.detach().to(torch.float32).reshape(-1).clone()
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

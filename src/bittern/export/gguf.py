@@ -235,7 +235,7 @@ def _plan(checkpoint: Checkpoint, architecture: str, weight_type: str, embedding
                 gguf_format.permute_rope_rows(weight.codes, n_head),
                 gguf_format.permute_rope_rows(weight.scale, n_head) if weight.per_channel else weight.scale,
             )
-        entries.append(_Entry(name, stored_type(weight_type, weight.codes.shape[1]), weight_type, weight, True))
+        entries.append(_Entry(name, stored_type(weight_type, weight.shape[1]), weight_type, weight, True))
     for key, tensor in checkpoint.tensors.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
@@ -355,7 +355,7 @@ def export_gguf(
 
 
 def _row_length(payload: Any) -> int:
-    return int(payload.codes.shape[1] if isinstance(payload, TernaryWeight) else payload.shape[-1])
+    return int(payload.shape[1] if isinstance(payload, TernaryWeight) else payload.shape[-1])
 
 
 def describe_tensors(types: dict[str, str], rows: dict[str, int]) -> str:

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from bittern import packing
 from bittern.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -51,22 +52,58 @@ TOKENIZER_FILES = (
 )
 
 
-@dataclass
 class TernaryWeight:
-    """A ternary weight: ``W = codes / scale`` (:mod:`bittern.quant`'s contract).
+    """A ternary weight: ``W = codes / scale`` (:mod:`bittern.quant`'s contract), held in the form it was made
+    from — int8 codes, or the packed 2-bit bytes of the Hugging Face layout (:mod:`bittern.packing`) — so that a
+    packed checkpoint goes from file to layer without an int8 copy. The other form is computed when asked for and
+    not kept.
 
     Attributes:
-        codes: int8 ``[N, K]`` in {-1, 0, 1}.
         scale: float32 ``[1]`` (per tensor) or ``[N]`` (per channel); always the weight scale ``s_w = 1 / mean|W|``
             (the ``bitlinear`` ``weight_scale``), whatever layout it was read from.
     """
 
-    codes: torch.Tensor
-    scale: torch.Tensor
+    def __init__(
+        self,
+        codes: torch.Tensor | None,
+        scale: torch.Tensor,
+        *,
+        packed: torch.Tensor | None = None,
+        out_features: int | None = None,
+    ) -> None:
+        """``codes``: int8 ``[N, K]`` in {-1, 0, 1}; or ``codes=None`` with ``packed`` uint8 ``[ceil(N/4), K]`` and
+        ``out_features = N``."""
+        if (codes is None) == (packed is None):
+            raise ValueError("a TernaryWeight takes either int8 codes or packed bytes")
+        if packed is not None and out_features is None:
+            raise ValueError("packed bytes need out_features")
+        self._codes = codes
+        self._packed = packed
+        self.scale = scale
+        rows, columns = (codes.shape[0], codes.shape[1]) if codes is not None else (out_features, packed.shape[1])
+        self.shape = (int(rows), int(columns))
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """int8 ``[N, K]`` in {-1, 0, 1} (unpacked on each call when held packed)."""
+        if self._codes is not None:
+            return self._codes
+        return packing.unpack_ternary_rows(self._packed, self.shape[0])
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """uint8 ``[ceil(N/4), K]`` in the Hugging Face layout (packed on each call when held as codes)."""
+        if self._packed is not None:
+            return self._packed
+        return packing.pack_ternary_rows(self._codes)
 
     @property
     def per_channel(self) -> bool:
         return self.scale.numel() != 1
+
+    def numel(self) -> int:
+        """``N * K``: the number of ternary weights."""
+        return self.shape[0] * self.shape[1]
 
 
 @dataclass

@@ -69,7 +69,7 @@ def packed_tensors(
     tensors: dict[str, torch.Tensor] = {}
     padded: dict[str, int] = {}
     for name, weight in ternary.items():
-        n = weight.codes.shape[0]
+        n = weight.shape[0]
         if weight.per_channel:
             raise ConfigError(
                 f"layer '{name}' has per-channel scales, which the Hugging Face bitnet layout cannot hold "
@@ -85,7 +85,7 @@ def packed_tensors(
                 )
             padded[name] = n
         scale = weight.scale.to(torch.float32).reshape(1)
-        tensors[f"{name}.weight"] = packing.pack_ternary_rows(weight.codes)
+        tensors[f"{name}.weight"] = weight.packed
         tensors[f"{name}.weight_scale"] = scale.clone() if convention == "divide" else quant.multiplier_of_scale(scale)
     return tensors, padded
 
@@ -202,7 +202,7 @@ def read_packed(
                 f"{invalid} packed 2-bit slots hold the value 3, which is no ternary code", path, key
             )
         scale = stored if divide else quant.reciprocal(stored)
-        ternary[name] = TernaryWeight(packing.unpack_ternary_rows(packed, out_features), scale)
+        ternary[name] = TernaryWeight(None, scale, packed=packed, out_features=out_features)
     if not ternary:
         raise CorruptCheckpointError(
             "config.json declares a bitnet quantization but no tensor holds packed uint8 weights",
