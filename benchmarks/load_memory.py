@@ -3,7 +3,7 @@
 A BitNet b1.58 2B4T-shaped checkpoint (hidden 2560, intermediate 6912, 30 layers, 20 / 5 heads, vocab 128256, tied
 bf16 embeddings; every block linear packed, random codes) is written once to ``--dir`` (about 1.2 GB), then loaded
 by ``bittern.load_model`` in a fresh Python process per source tree given with ``--tree`` (a directory holding
-``src/bittern``; default: this checkout). Each child reports its peak resident set size (``ru_maxrss``) after
+``src/bittern``; default: this checkout). Each child reports its peak resident set size (``VmHWM``, Linux) after
 importing bittern and after the load; the difference is what loading cost. The packed weights are 0.52 GB and the
 embeddings 0.66 GB, so a load that keeps only what the model holds peaks near 1.2 GB above the import.
 
@@ -25,16 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     import torch
     import bittern
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def peak_mib():  # VmHWM: this process image's own peak (ru_maxrss would carry the parent's over exec)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+
+    before = peak_mib()
     start = time.perf_counter()
     model = bittern.load_model(sys.argv[1])
     seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_mib()
     ternary = sum(type(m).__name__ == "TernaryLinear" for m in model.modules())
-    print(json.dumps({"import_mib": before / 1024, "peak_mib": after / 1024, "seconds": seconds, "ternary": ternary}))
+    print(json.dumps({"import_mib": before, "peak_mib": after, "seconds": seconds, "ternary": ternary}))
     """
 )
 
