@@ -265,6 +265,8 @@ class Scheduler:
         """Decode steps run so far."""
         self.shifts = 0
         """Times the rows' slots were shifted to make room (see the module docstring)."""
+        self.cancelled = 0
+        """Requests ended by :meth:`cancel` (waiting or running)."""
 
     # --- callers' side -----------------------------------------------------------------------------------------
 
@@ -417,10 +419,12 @@ class Scheduler:
     def _cancel(self, ids: set[int]) -> None:
         for entry in [r for r in self._waiting if r.id in ids]:
             self._waiting.remove(entry)
+            self.cancelled += 1
             self._emit(entry, Event(entry.id, finish_reason="cancelled"))
         for index, entry in enumerate(self._rows):
             if entry is not None and entry.id in ids:
                 self._rows[index] = None
+                self.cancelled += 1
                 self._emit(entry, Event(entry.id, finish_reason="cancelled"))
 
     def _fail_running(self, error: Exception) -> None:
