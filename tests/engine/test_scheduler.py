@@ -4,6 +4,7 @@ waiting queue's limits."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -113,7 +114,7 @@ def test_streamed_text_pieces_add_up_to_the_text(engine: Engine, scheduler: Sche
     assert len(events) == 30 and all(len(e.token_ids) == 1 for e in events)
     assert "".join(e.text for e in events) == engine.tokenizer.decode(_alone(engine, prompt, 30, ignore_eos=True))
     assert [e.finish_reason for e in events] == [None] * 29 + ["length"]
-    assert all(a.time <= b.time for a, b in zip(events, events[1:], strict=False))
+    assert all(a.time <= b.time for a, b in itertools.pairwise(events))
 
 
 def test_seeded_sampling_reproduces_whatever_runs_beside_it(scheduler: Scheduler) -> None:
