@@ -1,12 +1,20 @@
-"""A server on 127.0.0.1 for the tests: uvicorn in a background thread on an ephemeral port."""
+"""A server on 127.0.0.1 for the tests (uvicorn in a background thread on an ephemeral port), and the engine
+tests' tiny trained models (``tests/engine/engine_models.py``)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from engine_models import synthetic_tokens, tokenizer, trained_model
+
+__all__ = ["running_server", "synthetic_tokens", "tokenizer", "trained_model"]
 
 START_SECONDS = 60.0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import threading
 from pathlib import Path
 
 import torch
@@ -76,4 +78,16 @@ def serve(
     grace = None if shutdown_timeout is None else max(1, round(shutdown_timeout))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace)
     server = uvicorn.Server(config)
-    server.run(sockets=[sock] if sock is not None else None)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was installed
+    # before it: a recording one here, so that a clean shutdown returns (the command exits 0) instead of dying of
+    # the signal or raising KeyboardInterrupt.
+    caught: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        server.run(sockets=[sock] if sock is not None else None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
