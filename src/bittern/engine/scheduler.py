@@ -49,7 +49,7 @@ import torch
 from bittern.engine.decoder import StaticKVCache
 from bittern.engine.detokenize import IncrementalText
 from bittern.engine.engine import Engine
-from bittern.engine.prefill import CudaGraphPrefill, EagerPrefill
+from bittern.engine.prefill import CudaGraphPrefill, EagerPrefill, bucket_lengths
 from bittern.errors import BitternError, ConfigError
 
 DEFAULT_MAX_QUEUE = 256
@@ -298,6 +298,37 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="bittern-scheduler", daemon=True)
             self._thread.start()
         return self
+
+    def warm_up(self, max_prompt_len: int | None = None) -> None:
+        """Before :meth:`start`: capture (on a GPU) every decode-step graph (one per batch bucket) and every prefill
+        graph admission can use (one prompt of each length bucket up to ``max_prompt_len``, default
+        ``max_seq_len``, and groups of prompts within ``prefill_tokens``), so that no request waits for a capture
+        (a compiled decode step takes tens of seconds per bucket). Does nothing without CUDA graphs. It writes
+        meaningless keys and values into the caches, which no request reads.
+
+        Raises:
+            ConfigError: the scheduler is already running.
+        """
+        if self._thread is not None:
+            raise ConfigError("warm_up() must run before start()")
+        if not self.engine.cuda_graph:
+            return
+        device = self.device
+        with torch.inference_mode():
+            step = self.engine._decode_step()
+            for batch in self.buckets:
+                zeros = torch.zeros(batch, dtype=torch.long, device=device)
+                step(zeros, 0, zeros)
+            runner = self._prefill_runner()
+            limit = min(max_prompt_len or self.max_seq_len, self.max_seq_len)
+            every = bucket_lengths(self.max_seq_len)
+            lengths = [n for i, n in enumerate(every) if i == 0 or every[i - 1] < limit]
+            for rows in sorted({self._group_rows(n) for n in range(1, self.prefill_rows + 1)}):
+                for length in lengths:
+                    if rows == 1 or rows * length <= self.prefill_tokens:
+                        ids = torch.zeros((rows, length), dtype=torch.long, device=device)
+                        runner(ids, torch.zeros(rows, dtype=torch.long, device=device))
+            self.engine._sync()
 
     def check(self, request: Request) -> None:
         """Raise :class:`ConfigError` (or :class:`ContextLengthError`) when ``request`` cannot run."""
@@ -579,10 +610,12 @@ class Scheduler:
         self._clock += 1
         self.steps += 1
         live = [r for r in rows if r is not None]
-        index = [i for i, r in enumerate(rows) if r is not None]
         argmax = step.last_argmax
-        chosen, logprobs = self._choose(logits[index] if len(index) < batch else logits, live,
-                                        argmax=None if argmax is None else argmax[index])  # fmt: skip
+        if len(live) < batch:  # holes: only possible below the bucket's size
+            index = torch.tensor([i for i, r in enumerate(rows) if r is not None], device=self.device)
+            logits = logits[index]
+            argmax = None if argmax is None else argmax[index]
+        chosen, logprobs = self._choose(logits, live, argmax=argmax)
         self._advance(live, chosen, logprobs)
 
     def _choose(

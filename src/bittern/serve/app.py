@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -56,13 +57,48 @@ class _Choice:
     completion_tokens: int = 0
 
 
+class _Dispatcher:
+    """Hands the engine thread's events to one event loop in batches: a decode step's events for every request
+    cost one wake-up of the loop (``call_soon_threadsafe``), not one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
+        self.scheduled = False
+
+    def put(self, target: asyncio.Queue, item: tuple[int, Event]) -> None:
+        """On the engine thread: queue ``item`` for ``target`` (an asyncio queue of the loop)."""
+        with self.lock:
+            self.items.append((target, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for target, item in items:
+            target.put_nowait(item)
+
+
+def _dispatcher(app: FastAPI) -> _Dispatcher:
+    loop = asyncio.get_running_loop()
+    current = getattr(app.state, "dispatcher", None)
+    if current is None or current.loop is not loop:
+        current = app.state.dispatcher = _Dispatcher(loop)
+    return current
+
+
 class _Job:
     """The scheduler requests of one HTTP request (one per prompt), their events delivered on the event loop."""
 
     def __init__(self, app: FastAPI, requests: list[EngineRequest]) -> None:
         self.scheduler: Scheduler = app.state.scheduler
         self.metrics: Metrics = app.state.metrics
-        self.loop = asyncio.get_running_loop()
+        self.dispatcher = _dispatcher(app)
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.arrival = time.perf_counter()
         self.last: dict[int, float] = {}
@@ -77,8 +113,7 @@ class _Job:
 
     def _deliver(self, index: int) -> Callable[[Event], None]:
         def deliver(event: Event) -> None:  # on the engine thread
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            self.dispatcher.put(self.queue, (index, event))
 
         return deliver
 
@@ -153,7 +188,10 @@ def create_app(
     """The OpenAI-compatible application for an engine (a :class:`Scheduler` is made for it) or a scheduler.
 
     Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming as server-sent events with
-    ``stream: true``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+    ``stream: true``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format). A stream
+    sends one chunk per token, except while text is held back (an incomplete character, or what may be the start
+    of a stop string); an engine without a tokenizer takes token-id prompts and streams one empty-text chunk per
+    token.
 
     The app owns the scheduler's life: it is started with the app (uvicorn's lifespan startup, or the first
     request) and shut down with it — waiting requests and running rows get up to ``shutdown_timeout`` seconds
@@ -174,6 +212,7 @@ def create_app(
     else:
         raise ConfigError(f"create_app takes an Engine or a Scheduler, not {type(model).__name__}")
     engine = scheduler.engine
+    text_known = engine.tokenizer is not None  # without a tokenizer, every token gets a (textless) stream chunk
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -318,8 +357,8 @@ def create_app(
                         choice = choices[index]
                         choice.prompt_tokens, choice.completion_tokens = event.prompt_tokens, event.completion_tokens
                         finish = _FINISH.get(event.finish_reason or "")
-                        if not event.text and finish is None and not (event.logprobs and body.logprobs is not None):
-                            continue
+                        if not event.text and finish is None and not event.logprobs and text_known:
+                            continue  # held back (a possible stop string) or an incomplete character
                         item = {"index": index, "text": event.text, "logprobs": None, "finish_reason": finish}
                         if body.logprobs is not None and event.logprobs:
                             item["logprobs"] = logprobs_json(event.logprobs, offsets[index])
@@ -387,7 +426,7 @@ def create_app(
                     async for _, event in job.events():
                         choice.prompt_tokens, choice.completion_tokens = event.prompt_tokens, event.completion_tokens
                         finish = _FINISH.get(event.finish_reason or "")
-                        if not event.text and finish is None and not (event.logprobs and body.logprobs):
+                        if not event.text and finish is None and not event.logprobs and text_known:
                             continue
                         delta = {"content": event.text} if event.text else {}
                         item = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from bittern import devices
 from bittern.engine.engine import Engine, Weights, load
+from bittern.engine.scheduler import Scheduler
 
 DEFAULT_MAX_BATCH_GPU = 64
 DEFAULT_MAX_BATCH_CPU = 8
@@ -73,7 +75,12 @@ def serve(
     engine = model if isinstance(model, Engine) else load_engine(model, **engine_options)  # type: ignore[arg-type]
     if served_model_name is None:
         served_model_name = Path(str(model)).name if not isinstance(model, Engine) else "bittern"
-    app = create_app(engine, served_model_name=served_model_name, api_key=api_key, max_queue=max_queue,
+    scheduler = Scheduler(engine) if max_queue is None else Scheduler(engine, max_queue=max_queue)
+    if engine.cuda_graph:
+        print("bittern serve: capturing the decode and prefill CUDA graphs (once per start)", file=sys.stderr,
+              flush=True)  # fmt: skip
+        scheduler.warm_up()
+    app = create_app(scheduler, served_model_name=served_model_name, api_key=api_key,
                      shutdown_timeout=shutdown_timeout)  # fmt: skip
     grace = None if shutdown_timeout is None else max(1, round(shutdown_timeout))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace)
