@@ -224,6 +224,18 @@ def test_a_client_leaving_mid_stream_frees_its_row(server) -> None:
     assert _wait_until(lambda: scheduler.cancelled > cancelled and scheduler.running == 0)
 
 
+def test_a_client_leaving_a_waiting_request_frees_its_row(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, scheduler, _ = server
+    monkeypatch.setattr("bittern.serve.app.DISCONNECT_POLL_SECONDS", 0.05)
+    cancelled = scheduler.cancelled
+    body = {"model": MODEL, "prompt": [5], "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.2)
+    assert _wait_until(lambda: scheduler.cancelled > cancelled and scheduler.running == 0)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'bittern_requests_total{endpoint="/v1/completions",status="499"} 1.0' in metrics
+
+
 def test_concurrent_requests_of_different_lengths_equal_alone(client: openai.OpenAI, reference: Engine) -> None:
     rng = random.Random(1)
     jobs = [(_prompt_ids(rng.randint(2, 40), seed), rng.randint(1, 40), seed % 2 == 0) for seed in range(12)]

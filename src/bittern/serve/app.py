@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -103,6 +103,7 @@ class _Job:
         self.arrival = time.perf_counter()
         self.last: dict[int, float] = {}
         self.open = set(range(len(requests)))
+        self.gone = False  # the client left before the answer was ready
         self.handles = []
         try:
             for index, request in enumerate(requests):
@@ -137,6 +138,7 @@ class _Job:
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
         """Every event of every prompt until all have finished. With ``request`` (non-streaming), the client's
         connection is checked while waiting; a client gone cancels the job and ends the iteration."""
+        check = time.monotonic() + DISCONNECT_POLL_SECONDS
         while self.open:
             if request is None:
                 index, event = await self.queue.get()
@@ -144,9 +146,14 @@ class _Job:
                 try:
                     index, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
                 except TimeoutError:
+                    index, event = -1, None
+                if time.monotonic() >= check:  # every poll interval, whether events flow or not
+                    check = time.monotonic() + DISCONNECT_POLL_SECONDS
                     if await request.is_disconnected():
                         self.cancel()
+                        self.gone = True
                         return
+                if event is None:
                     continue
             self._record(index, event)
             if event.finish_reason is not None:
@@ -242,16 +249,17 @@ def create_app(
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
         return await api_error(request, APIError(400, message, param))
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Response:
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(given.encode(), api_key.encode()):
-                error = APIError(401, "incorrect API key provided", code="invalid_api_key")
-                metrics.requests.labels(request.url.path, "401").inc()
-                return error.response()
-        return await call_next(request)
+    async def authenticate(request: Request) -> None:
+        """The ``/v1/*`` routes' dependency: the bearer key (a dependency, not an HTTP middleware, whose wrapping
+        of the connection would hide a client's disconnection from the route)."""
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    v1 = {"dependencies": [Depends(authenticate)]}
 
     def check_model(body: _Sampling) -> None:
         if body.model != served_model_name:
@@ -314,17 +322,17 @@ def create_app(
         return {"id": served_model_name, "object": "model", "created": created, "owned_by": "bittern",
                 "max_model_len": engine.max_seq_len}  # fmt: skip
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **v1)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", **v1)
     async def one_model(name: str) -> dict[str, Any]:
         if name != served_model_name:
             raise APIError(404, f"the model '{name}' does not exist", "model", "model_not_found")
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **v1)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body)
         prompts = _completion_prompts(body.prompt, engine)
@@ -378,6 +386,8 @@ def create_app(
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         choices = await _gather(job, request, len(prompts))
+        if job.gone:
+            return _client_gone(metrics, "/v1/completions")
         metrics.requests.labels("/v1/completions", "200").inc()
         return {
             **base,
@@ -393,7 +403,7 @@ def create_app(
             "usage": _usage(choices),
         }
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **v1)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body)
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
@@ -447,6 +457,8 @@ def create_app(
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         (choice,) = await _gather(job, request, 1)
+        if job.gone:
+            return _client_gone(metrics, "/v1/chat/completions")
         metrics.requests.labels("/v1/chat/completions", "200").inc()
         return {
             **base,
@@ -465,8 +477,14 @@ def create_app(
     return app
 
 
+def _client_gone(metrics: Metrics, endpoint: str) -> Response:
+    """The answer to a client that left (nobody reads it): nginx's 499, counted as such."""
+    metrics.requests.labels(endpoint, "499").inc()
+    return Response(status_code=499)
+
+
 async def _gather(job: _Job, request: Request, count: int) -> list[_Choice]:
-    """Every prompt's output of a non-streaming job (cancelled, with a 499-style empty answer, if the client
+    """Every prompt's output of a non-streaming job (partial, the job cancelled and ``job.gone`` set, if the client
     leaves)."""
     choices = [_Choice() for _ in range(count)]
     try:
