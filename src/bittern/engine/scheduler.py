@@ -8,11 +8,13 @@ static KV cache holds ``max_batch`` *rows*; each running request owns one row. E
    left-padded, into a separate prefill cache (:class:`~bittern.engine.prefill.EagerPrefill`, or the CUDA-graphed
    :class:`~bittern.engine.prefill.CudaGraphPrefill` per batch and length bucket on a GPU), their first tokens are
    sampled, and their keys and values are copied into the rows they take;
-3. runs **one decode step** over the running rows with the engine's own decode step
+3. launches **one decode step** over the running rows with the engine's own decode step
    (:class:`~bittern.engine.graphs.EagerDecodeStep` on the CPU, :class:`~bittern.engine.graphs.CudaGraphDecodeStep`
-   on a GPU: one graph per batch bucket 1, 2, 4, 8, …, ``max_batch``), samples every row with its own parameters
-   and generator, and frees a row the moment its request ends (end of sequence, stop string, ``max_tokens``, or
-   cancelled — a client gone).
+   on a GPU: one graph per batch bucket 1, 2, 4, 8, …, ``max_batch``) and samples every row with its own
+   parameters and generator, on the device: each row's token becomes its next input without visiting the host;
+4. while the GPU runs that step, takes the *previous* step's tokens on the host (text, stop strings, events) and
+   frees a row the moment its request ends (end of sequence, stop string, ``max_tokens``, or cancelled — a client
+   gone). A request that ended at EOS or a stop string is computed in one more step, whose token is dropped.
 
 **Positions.** The decode step writes every row's new token at one cache slot, the *clock*; each row keeps its own
 rope positions through its left padding (``pad``, :mod:`bittern.engine.decoder`): a request admitted at clock ``t``
@@ -43,6 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -200,13 +203,34 @@ class _Running:
     generator: torch.Generator | None
     start: int = 0  # the row's pad: first slot of the prompt
     end: int = 0  # one past the last slot it may write
-    token: int = 0  # the last token, fed to the next decode step
-    generated: int = 0
+    launched: int = 0  # tokens asked of the GPU (the prefill's and each decode step's)
+    generated: int = 0  # tokens the host has taken
     done: bool = False  # its finishing event was emitted
 
     @property
     def greedy(self) -> bool:
         return not self.request.temperature
+
+    @property
+    def decoding(self) -> bool:
+        """Whether the next decode step should compute a token for it (it may still end at EOS or a stop)."""
+        return not self.done and self.launched < self.request.max_tokens
+
+
+_Logprobs = tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, torch.Tensor]
+"""Log-probabilities on the device: ``(entry index, how many top tokens)`` of the entries that want them, then
+float32 ``[m]`` the chosen tokens', ``[m, w]`` the top values and int64 ``[m, w]`` their ids."""
+
+
+@dataclass
+class _Pending:
+    """A decode step launched on the GPU: its entries, their tokens (and log-probabilities) on their way to the
+    host, and the event that marks their arrival."""
+
+    entries: list[_Running]
+    tokens: torch.Tensor
+    logprobs: _Logprobs | None
+    ready: torch.cuda.Event | None
 
 
 class Scheduler:
@@ -261,6 +285,8 @@ class Scheduler:
         self._clock = 0
         self._prefill_cache: StaticKVCache | None = None
         self._prefill: EagerPrefill | CudaGraphPrefill | None = None
+        self._next = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)  # each row's next input
+        self._pending: _Pending | None = None  # the last decode step, launched and not yet taken by the host
         self.steps = 0
         """Decode steps run so far."""
         self.shifts = 0
@@ -431,8 +457,10 @@ class Scheduler:
                     return
                 try:
                     self._admit()
-                    if self.running:
-                        self._decode()
+                    launched = self._launch() if self.running else None
+                    pending, self._pending = self._pending, launched
+                    if pending is not None:  # the host's share of the last step, while the GPU runs this one
+                        self._process(pending)
                 except Exception as error:  # a failed step ends the requests it touched; the thread goes on
                     self._fail_running(error)
 
@@ -459,6 +487,7 @@ class Scheduler:
                 self._emit(entry, Event(entry.id, finish_reason="cancelled"))
 
     def _fail_running(self, error: Exception) -> None:
+        self._pending = None
         message = f"{type(error).__name__}: {error}"
         for index, entry in enumerate(self._rows):
             if entry is not None:
@@ -523,15 +552,15 @@ class Scheduler:
                     self._emit(entry, Event(entry.id, finish_reason="error", error=f"{type(error).__name__}: {error}"))
 
     def _prefill_group(self, group: list[_Running], runner: EagerPrefill | CudaGraphPrefill, shift: int) -> None:
-        device = self.device
         pad_id = self.engine.pad_token_id
         prompts = [list(r.request.prompt_ids) for r in group]
         length = runner.length(max(len(p) for p in prompts), 0)
         rows = self._group_rows(len(group))
         pads = [length - len(p) for p in prompts] + [length - 1] * (rows - len(group))
         padded = [[pad_id] * (length - len(p)) + p for p in prompts] + [[pad_id] * length] * (rows - len(group))
-        logits = runner(torch.tensor(padded, device=device), torch.tensor(pads, device=device))[: len(group)]
-        tokens, logprobs = self._choose(logits, group)
+        logits = runner(self._tensor(padded), self._tensor(pads))[: len(group)]
+        chosen, logprobs = self._choose(logits, group)
+        tokens = chosen.tolist()
         if self.running:
             self._shift(shift)
         else:
@@ -548,14 +577,17 @@ class Scheduler:
             src_slots += range(length - len(prompt), length)
             dst_rows += [row] * len(prompt)
             dst_slots += range(entry.start, self._clock)
-        where_src = (torch.tensor(src_rows, device=device), slice(None), torch.tensor(src_slots, device=device))
-        where_dst = (torch.tensor(dst_rows, device=device), slice(None), torch.tensor(dst_slots, device=device))
+        where_src = (self._tensor(src_rows), slice(None), self._tensor(src_slots))
+        where_dst = (self._tensor(dst_rows), slice(None), self._tensor(dst_slots))
         cache, scratch = self.engine.cache, self._prefill_cache
         assert scratch is not None
         for main, side in ((cache.keys, scratch.keys), (cache.values, scratch.values)):
             for layer, source in zip(main, side, strict=True):
                 layer[where_dst] = source[where_src]
-        self._advance(group, tokens, logprobs)
+        self._next[self._tensor(free[: len(group)])] = chosen
+        for entry in group:
+            entry.launched = 1
+        self._advance(group, tokens, self._logprob_lists(logprobs, tokens, len(group)))
 
     def _shift(self, shift: int) -> None:
         """Move every running row's slots (and the clock) by ``shift`` slots; positions do not change."""
@@ -576,6 +608,14 @@ class Scheduler:
 
     # --- decoding ------------------------------------------------------------------------------------------------
 
+    def _tensor(self, values: Any) -> torch.Tensor:
+        """``values`` (a list of ints or floats) on the device, copied without waiting for the GPU: through pinned
+        memory on CUDA (a plain copy from pageable memory would wait for the step in flight)."""
+        host = torch.tensor(values)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def _compact(self) -> None:
         """Move the highest running rows into free lower rows while that lets a smaller bucket run."""
         count = self.running
@@ -592,36 +632,66 @@ class Scheduler:
             assert entry is not None
             for layer in (*cache.keys, *cache.values):
                 layer[hole, :, entry.start : self._clock] = layer[source, :, entry.start : self._clock]
+            self._next[hole] = self._next[source]
             self._rows[hole], self._rows[source] = entry, None
 
-    def _decode(self) -> None:
-        """One decode step over the running rows; frees the rows whose requests end."""
+    def _launch(self) -> _Pending | None:
+        """Launch one decode step over the rows that still decode (None when none does): their next tokens are
+        chosen on the device, written to the rows' next inputs, and start their copy to the host. Rows whose
+        request has ended (or whose tokens are all asked for) ride along as padding."""
+        if not any(r is not None and r.decoding for r in self._rows):
+            return None
         if self._clock >= self.max_seq_len:  # unreachable: admission keeps every row's span inside the cache
             raise RuntimeError(f"the decode clock reached the cache's end ({self.max_seq_len} slots)")
         self._compact()
         top = max(index for index, r in enumerate(self._rows) if r is not None) + 1
         batch = next(b for b in self.buckets if b >= top)
         rows = self._rows[:batch]
-        pad_id = self.engine.pad_token_id
-        tokens = torch.tensor([r.token if r is not None else pad_id for r in rows], device=self.device)
-        pads = torch.tensor([r.start if r is not None else self._clock for r in rows], device=self.device)
+        live = [i for i, r in enumerate(rows) if r is not None and r.decoding]
+        entries = [rows[i] for i in live]
+        pads = [self._clock] * batch
+        for i, entry in zip(live, entries, strict=True):
+            pads[i] = entry.start
         step = self.engine._decode_step()
-        logits = step(tokens, self._clock, pads)
+        logits = step(self._next[:batch], self._clock, self._tensor(pads))
         self._clock += 1
         self.steps += 1
-        live = [r for r in rows if r is not None]
         argmax = step.last_argmax
-        if len(live) < batch:  # holes: only possible below the bucket's size
-            index = torch.tensor([i for i, r in enumerate(rows) if r is not None], device=self.device)
+        index = None
+        if len(live) < batch:
+            index = self._tensor(live)
             logits = logits[index]
             argmax = None if argmax is None else argmax[index]
-        chosen, logprobs = self._choose(logits, live, argmax=argmax)
-        self._advance(live, chosen, logprobs)
+        chosen, logprobs = self._choose(logits, entries, argmax=argmax)
+        if index is None:
+            self._next[:batch] = chosen
+        else:
+            self._next[index] = chosen
+        for entry in entries:
+            entry.launched += 1
+        ready = None
+        if self.device.type == "cuda":  # copy to pinned host memory behind the step; the host waits only when it reads
+            chosen = chosen.to("cpu", non_blocking=True)
+            if logprobs is not None:
+                logprobs = (logprobs[0], *(t.to("cpu", non_blocking=True) for t in logprobs[1:]))
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Pending(entries, chosen, logprobs, ready)  # type: ignore[arg-type]
+
+    def _process(self, pending: _Pending) -> None:
+        """Give a launched step's tokens to their requests (those that have not ended since)."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        tokens = pending.tokens.tolist()
+        logprobs = self._logprob_lists(pending.logprobs, tokens, len(tokens))
+        keep = [i for i, entry in enumerate(pending.entries) if not entry.done]
+        self._advance([pending.entries[i] for i in keep], [tokens[i] for i in keep], [logprobs[i] for i in keep])
 
     def _choose(
         self, logits: torch.Tensor, entries: list[_Running], argmax: torch.Tensor | None = None
-    ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """The next token of every entry from its logits row (``[n, V]``), with its log-probabilities if asked.
+    ) -> tuple[torch.Tensor, _Logprobs | None]:
+        """The next token of every entry from its logits row (``[n, V]``): int64 ``[n]`` on the device (no host
+        synchronisation), and the log-probabilities of the entries that asked (see :data:`_Logprobs`).
 
         Greedy rows take the argmax (``argmax``: computed already, int64 ``[n]``); sampled rows divide by their
         temperature, keep their top-k / top-p tokens, and take ``argmax(p / E)`` with ``E ~ Exp(1)`` drawn from
@@ -630,24 +700,24 @@ class Scheduler:
         sampled = [i for i, e in enumerate(entries) if not e.greedy]
         if sampled:
             tokens = tokens.clone()
-            where = torch.tensor(sampled, device=self.device)
+            where = self._tensor(sampled)
             requests = [entries[i].request for i in sampled]
             scores = logits[where].float()
-            temperature = torch.tensor([r.temperature for r in requests], device=self.device)
+            temperature = self._tensor([r.temperature for r in requests])
             scores = scores / temperature[:, None]
             top_k = [r.top_k if r.top_k and r.top_k < scores.shape[1] else 0 for r in requests]
             if any(top_k):
                 kept = torch.topk(scores, max(top_k), dim=-1).values
-                index = torch.tensor([max(k, 1) - 1 for k in top_k], device=self.device)[:, None]
+                index = self._tensor([max(k, 1) - 1 for k in top_k])[:, None]
                 floor = kept.gather(1, index)
-                floor = torch.where(torch.tensor(top_k, device=self.device)[:, None] > 0, floor, -torch.inf)
+                floor = torch.where(self._tensor(top_k)[:, None] > 0, floor, -torch.inf)
                 scores = scores.masked_fill(scores < floor, -torch.inf)
             top_p = [r.top_p if r.top_p is not None else 1.0 for r in requests]
             if any(p < 1.0 for p in top_p):
                 ordered, order = scores.sort(dim=-1, descending=True)
                 probs = torch.softmax(ordered, dim=-1)
                 before = probs.cumsum(dim=-1) - probs  # the mass of the tokens ranked above each one
-                drop = before >= torch.tensor(top_p, device=self.device)[:, None]
+                drop = before >= self._tensor(top_p)[:, None]
                 scores = scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
             probs = torch.softmax(scores, dim=-1)
             noise = torch.empty_like(probs)
@@ -661,27 +731,33 @@ class Scheduler:
                     noise[j].exponential_(generator=entries[i].generator)
             tokens[where] = (probs / noise).argmax(dim=-1)
         wanted = [i for i, e in enumerate(entries) if e.request.logprobs is not None]
-        logprobs: list[TokenLogprob | None] = [None] * len(entries)
-        chosen = tokens.tolist()
-        if wanted:
-            where = torch.tensor(wanted, device=self.device)
-            table = torch.log_softmax(logits[where].float(), dim=-1)
-            picked = table.gather(1, tokens[where][:, None])[:, 0].tolist()
-            width = max(entries[i].request.logprobs or 0 for i in wanted)
-            values, ids = table.topk(width, dim=-1) if width else (table[:, :0], table[:, :0].long())
-            values, ids = values.tolist(), ids.tolist()
-            for j, i in enumerate(wanted):
-                k = entries[i].request.logprobs or 0
-                top = list(zip(ids[j][:k], values[j][:k], strict=True))
-                logprobs[i] = TokenLogprob(chosen[i], picked[j], top)
-        return chosen, logprobs
+        if not wanted:
+            return tokens, None
+        where = self._tensor(wanted)
+        table = torch.log_softmax(logits[where].float(), dim=-1)
+        picked = table.gather(1, tokens[where][:, None])[:, 0]
+        widths = [entries[i].request.logprobs or 0 for i in wanted]
+        values, ids = table.topk(max(widths), dim=-1)
+        return tokens, ([*zip(wanted, widths, strict=True)], picked, values, ids)
+
+    @staticmethod
+    def _logprob_lists(logprobs: _Logprobs | None, tokens: list[int], count: int) -> list[TokenLogprob | None]:
+        """Per entry, its :class:`TokenLogprob` (None where not asked for), from :meth:`_choose`'s device tensors."""
+        out: list[TokenLogprob | None] = [None] * count
+        if logprobs is None:
+            return out
+        wanted, picked, values, ids = logprobs
+        picked_list, value_lists, id_lists = picked.tolist(), values.tolist(), ids.tolist()
+        for j, (i, width) in enumerate(wanted):
+            top = list(zip(id_lists[j][:width], value_lists[j][:width], strict=True))
+            out[i] = TokenLogprob(tokens[i], picked_list[j], top)
+        return out
 
     def _advance(self, entries: list[_Running], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Give each entry its new token: emit it, and free the row of an entry that has ended."""
         for entry, token, logprob in zip(entries, tokens, logprobs, strict=True):
             request = entry.request
             entry.generated += 1
-            entry.token = token
             reason = None
             event = Event(entry.id, logprobs=None if logprob is None else [logprob])
             if token in self.eos and not request.ignore_eos:
