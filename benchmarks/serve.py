@@ -257,15 +257,33 @@ def _closed_loop(requests: list[tuple[list[int], int]], concurrency: int, submit
 class _StaticServer:
     """Static batching: one thread takes every waiting request (up to ``max_batch``) as a batch and runs it with
     ``Engine.generate_ids`` until the batch's longest request ends. A request's first token comes at the batch's
-    prefill end; its tokens then come one decode step apart; its client is answered when the batch ends."""
+    prefill end; its tokens then come one decode step apart; its client is answered when the batch ends.
+
+    With CUDA graphs the engine captures (and compiles) its decode step per batch size and its prefill per batch
+    size and length bucket: a batch is padded with copies of its first prompt to the next power of two, and every
+    such graph is captured before timing (:meth:`warm_up`), so that no timed batch waits for a capture."""
 
     GATHER_SECONDS = 0.002
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        self.sizes = [1 << i for i in range(engine.max_batch.bit_length()) if 1 << i < engine.max_batch]
+        self.sizes.append(engine.max_batch)
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
+
+    def warm_up(self, longest_prompt: int, longest_output: int) -> None:
+        """Capture every graph a timed batch can use (with CUDA graphs; nothing otherwise)."""
+        if not self.engine.cuda_graph:
+            return
+        from bittern.engine.prefill import bucket_length
+
+        lengths = sorted({bucket_length(n, longest_output, self.engine.max_seq_len) or n
+                          for n in range(1, longest_prompt + 1)})  # fmt: skip
+        for size in self.sizes:
+            for length in lengths:
+                self.engine.generate_ids([[1] * length] * size, 2, ignore_eos=True)
 
     def submit(self, prompt: list[int], budget: int, outcome: Outcome) -> None:
         done = threading.Event()
@@ -282,8 +300,12 @@ class _StaticServer:
                 except queue.Empty:
                     break
             longest = max(budget for _, budget, _, _ in batch)
+            prompts = [p for p, _, _, _ in batch]
+            if self.engine.cuda_graph:
+                size = next(n for n in self.sizes if n >= len(prompts))
+                prompts += [prompts[0]] * (size - len(prompts))
             started = time.perf_counter()
-            result = self.engine.generate_ids([p for p, _, _, _ in batch], longest, ignore_eos=True)
+            result = self.engine.generate_ids(prompts, longest, ignore_eos=True)
             step = result.decode_seconds / max(longest - 1, 1)
             first = started + result.prefill_seconds
             for _, budget, outcome, done in batch:
@@ -294,6 +316,7 @@ class _StaticServer:
 
 def child_static(args: argparse.Namespace, workloads: dict[int, list]) -> list[dict[str, Any]]:
     server = _StaticServer(_engine(args, build_model(args, dense=False)))
+    server.warm_up(args.prompt_lens[1], args.output_lens[1])
     results = []
     for concurrency, requests in workloads.items():
         _closed_loop(requests[:concurrency], concurrency, server.submit)

@@ -527,7 +527,12 @@ class Scheduler:
         free = self.max_batch - self.running
         if not self._waiting or not free:
             return
-        runner = self._prefill_runner()
+        try:
+            runner = self._prefill_runner()
+        except Exception as error:  # e.g. no memory for the prefill cache: the request fails, not the thread
+            entry = self._waiting.popleft()
+            self._emit(entry, Event(entry.id, finish_reason="error", error=f"{type(error).__name__}: {error}"))
+            return
         group: list[_Running] = []
         shift = 0
         while self._waiting and len(group) < min(free, self.prefill_rows):

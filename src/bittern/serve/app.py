@@ -200,9 +200,12 @@ def create_app(
     of a stop string); an engine without a tokenizer takes token-id prompts and streams one empty-text chunk per
     token.
 
-    The app owns the scheduler's life: it is started with the app (uvicorn's lifespan startup, or the first
-    request) and shut down with it — waiting requests and running rows get up to ``shutdown_timeout`` seconds
+    The app owns the scheduler's life: it is started with the app (uvicorn's lifespan startup) and shut down with
+    it — waiting requests and running rows get up to ``shutdown_timeout`` seconds
     (None: as long as they need) to finish, the rest are cancelled.
+
+    On a GPU, pass a scheduler on which :meth:`~bittern.engine.scheduler.Scheduler.warm_up` has run (as
+    :func:`bittern.serve.serve` does) to capture every CUDA graph before the first request.
 
     Args:
         model: the engine (its ``max_batch`` rows are the batch) or a scheduler over one.
