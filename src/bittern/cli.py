@@ -8,6 +8,7 @@
 * ``bittern demo``    → :func:`bittern.demo.run_demo`
 * ``bittern generate`` → :meth:`bittern.engine.Engine.generate` (``bittern.load(path).generate(...)``)
 * ``bittern chat``    → :func:`bittern.engine.chat.chat_loop`
+* ``bittern serve``   → :func:`bittern.serve.serve`
 """
 
 from __future__ import annotations
@@ -451,6 +452,53 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(default_new_tokens=256)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API with continuous batching",
+        description=(
+            "Serve MODEL (any checkpoint directory bittern reads, with its tokenizer) on an OpenAI-compatible API:\n"
+            "POST /v1/completions and /v1/chat/completions (streaming with stream=true), GET /v1/models, /health\n"
+            "and /metrics (Prometheus). Requests join the running batch between decode steps and leave it when\n"
+            "they end. SIGINT/SIGTERM stops accepting connections, lets running requests finish for up to\n"
+            "--shutdown-timeout seconds and cancels the rest. Needs the serve extra: pip install -e '.[serve]'."
+        ),
+        epilog=(
+            "examples:\n"
+            "  bittern serve ./model-packed --port 8000\n"
+            "  bittern serve ./model-packed --max-batch 32 --api-key secret --served-model-name my-model\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="checkpoint directory (packed, bf16, prequantized or plain) with its tokenizer")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help="rows decoded together, the KV cache's rows (default: 64 on a "
+        "GPU, 8 on the CPU)"
+    )  # fmt: skip
+    parser.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + reply (default: 2048)")
+    parser.add_argument("--max-queue", type=int, default=None, help="requests waiting for a row before new ones "
+                        "are answered 429 (default 256)")  # fmt: skip
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype", choices=_DTYPES, default=None, help="activations and dense weights (default: bfloat16 on GPU, "
+        "float32 on CPU)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--weights", choices=("ternary", "dense"), default="ternary",
+        help="ternary: packed TernaryLinear layers (default); dense: nn.Linear holding Wt*s (the bf16 variant)",
+    )  # fmt: skip
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's "
+                        "directory name)")  # fmt: skip
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to "
+                        "finish after SIGINT/SIGTERM (default 30)")  # fmt: skip
+    parser.add_argument("--no-cuda-graph", action="store_true", help="run the decode step and prefill eagerly")
+    parser.add_argument("--no-compile", action="store_true", help="capture the decode step without torch.compile")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bittern",
@@ -466,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_generate(sub)
     _add_chat(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -599,6 +648,27 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("generate", "chat"):
         return _run_engine(args)
+    if args.command == "serve":
+        from bittern.serve import serve
+
+        serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            shutdown_timeout=args.shutdown_timeout,
+            log_level=args.log_level,
+            device=args.device,
+            dtype=args.dtype,
+            weights=args.weights,
+            max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len,
+            cuda_graph=not args.no_cuda_graph,
+            compile=not args.no_compile,
+        )
+        return 0
     if args.command == "demo":
         from bittern.demo import main as demo_main
 
