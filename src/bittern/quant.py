@@ -22,6 +22,7 @@ Shapes use ``N`` for output features, ``K`` for input features and ``...`` for a
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -298,21 +299,23 @@ def integer_linear(
 
 
 class _FrozenTernaryLinearSTE(torch.autograd.Function):
-    """Fixed codes (a packed, frozen layer): the forward of :func:`integer_linear`; the gradient reaches ``x``
-    straight through the activation quantizer (``grad_x = grad_y @ (Wt / s_w)``) and ``bias``, never the codes."""
+    """Fixed codes (a packed, frozen layer): the forward of :func:`integer_linear` (or a kernel's twin of it); the
+    gradient reaches ``x`` straight through the activation quantizer (``grad_x = grad_y @ (Wt / s_w)``, by
+    ``input_product``) and ``bias``, never the codes."""
 
     @staticmethod
-    def forward(ctx, x, codes, scale, bias, out_dtype):  # type: ignore[override]
+    def forward(ctx, x, codes, scale, bias, out_dtype, forward_fn, input_product):  # type: ignore[override]
         ctx.save_for_backward(codes, scale)
         ctx.dtypes = (x.dtype, None, None if bias is None else bias.dtype)
-        return integer_linear(x, codes, scale, bias, out_dtype)
+        ctx.input_product = input_product
+        return forward_fn(x, codes, scale, bias, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         codes, scale = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], False, ctx.needs_input_grad[3])
-        grad_x, _, grad_b = ste_gradients(grad_y, None, None, codes, scale, ctx.dtypes, needs)
-        return grad_x, None, None, grad_b, None
+        grad_x, _, grad_b = ste_gradients(grad_y, None, None, codes, scale, ctx.dtypes, needs, ctx.input_product)
+        return grad_x, None, None, grad_b, None, None, None
 
 
 def frozen_ternary_linear(
@@ -321,10 +324,16 @@ def frozen_ternary_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    forward_fn: Callable[..., torch.Tensor] | None = None,
+    input_product: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`integer_linear` with a straight-through gradient to ``x`` (and ``bias``): what a frozen packed
-    layer needs when something below it trains (adapters, for instance). Output ``[..., N]`` in ``out_dtype``."""
-    return _FrozenTernaryLinearSTE.apply(x, codes, scale, bias, out_dtype or x.dtype)
+    layer needs when something below it trains (adapters, for instance). Output ``[..., N]`` in ``out_dtype``.
+    ``forward_fn`` and ``input_product`` replace :func:`integer_linear` and :func:`dense_grad_input` (the kernels
+    pass their twins); the rule is this one either way."""
+    return _FrozenTernaryLinearSTE.apply(
+        x, codes, scale, bias, out_dtype or x.dtype, forward_fn or integer_linear, input_product or dense_grad_input
+    )
 
 
 def linear_from_integers(

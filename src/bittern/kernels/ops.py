@@ -405,29 +405,13 @@ def unpack_codes(packed_weight: torch.Tensor, out_features: int) -> torch.Tensor
         return packed.unpack(packed_weight, out_features)
 
 
-class _FrozenTernaryLinear(torch.autograd.Function):
-    """Fixed codes: forward by ``bittern::integer_linear``; ``grad_x = grad_y @ (Wt / s_w)`` by the fused
-    ``ternary_linear_grad_input`` kernel, which widens the int8 codes on chip (no dense copy of the weight)."""
-
-    @staticmethod
-    def forward(ctx, x, codes, scale, bias, out_dtype):  # type: ignore[override]
-        ctx.save_for_backward(codes, scale)
-        ctx.dtypes = (x.dtype, None, None if bias is None else bias.dtype)
-        return integer_linear(x, codes, scale, bias, out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        codes, scale = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], False, ctx.needs_input_grad[3])
-        grad_x, _, grad_b = quant.ste_gradients(grad_y, None, None, codes, scale, ctx.dtypes, needs, grad_input)
-        return grad_x, None, None, grad_b, None
-
-
 def frozen_ternary_linear(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """Inference forward on the kernels with a straight-through gradient to ``x`` (and ``bias``)."""
-    return _FrozenTernaryLinear.apply(x, codes, scale, bias, out_dtype)
+    """:func:`bittern.quant.frozen_ternary_linear` on the kernels: forward by ``bittern::integer_linear``,
+    ``grad_x = grad_y @ (Wt / s_w)`` by the fused ``ternary_linear_grad_input`` kernel, which widens the int8 codes
+    on chip (no dense copy of the weight)."""
+    return quant.frozen_ternary_linear(x, codes, scale, bias, out_dtype, integer_linear, grad_input)
 
 
 def ternary_linear(
