@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from bittern import kernels, packing, quant
+from bittern import kernels, packing, quant, reference
 
 pytest.importorskip("triton")
 from bittern.kernels import norms
@@ -39,6 +39,9 @@ def test_fused_norm_computes_the_module_and_quantizes_its_output_exactly(width: 
     assert ((y.float() - expected.float()).abs() <= tolerance * expected.float().abs() + 1e-6).all()
     xq_ref, scale_ref = quant.quantize_activations(y)  # of the norm's own output, bit for bit
     assert torch.equal(yq, xq_ref) and torch.equal(scale, scale_ref)
+    ref_summed, ref_y, _ = reference.rms_norm(x, module.weight, module.variance_epsilon, residual)
+    assert torch.equal(summed, ref_summed)
+    assert ((y.float() - ref_y.float()).abs() <= tolerance * ref_y.float().abs() + 1e-6).all()
 
 
 def test_fused_norm_without_residual_or_quantization() -> None:

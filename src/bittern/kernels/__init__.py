@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from bittern import packing, quant
+from bittern import packing, quant, reference
 from bittern.kernels import interpreter
 
 BACKENDS = ("auto", "reference", "triton")
@@ -272,10 +272,7 @@ def rms_norm(
 
         if norms.applies(x):
             return norms.rms_norm(x, weight, eps, residual, quantize)
-    summed = x if residual is None else x + residual
-    s32 = summed.to(torch.float32)
-    y = weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(summed.dtype)
-    return summed, y, quant.quantize_activations(y) if quantize else None
+    return reference.rms_norm(x, weight, eps, residual, quantize)
 
 
 def dense_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

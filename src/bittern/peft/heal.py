@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bittern import reference
 from bittern.convert import ConversionPolicy, ternary_layer_names, to_bitlinear, to_ternary
 from bittern.errors import ConfigError
 from bittern.nn import BitLinear
@@ -95,11 +95,7 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
             f"teacher logits {list(teacher_logits.shape)} do not match the model's {list(student_logits.shape)}; "
             "distillation needs the same tokenizer and vocabulary"
         )
-    width = student_logits.shape[-1]
-    student = F.log_softmax(student_logits.float().reshape(-1, width), dim=-1)
-    target = F.log_softmax(teacher_logits.float().reshape(-1, width), dim=-1)
-    # kl_div(input, target) = Σ exp(target)·(target − input); batchmean divides by the positions
-    return F.kl_div(student, target, reduction="batchmean", log_target=True)
+    return reference.distillation_kl(student_logits, teacher_logits)
 
 
 def _teacher_logits(teacher: nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from bittern import reference
 from bittern.train.losses import chunked_causal_lm_loss, final_hidden_states, output_head
 from bittern.train.schedules import lr_lambda
 
@@ -39,12 +39,7 @@ def distillation_kl(
             the same tokens the cross-entropy loss counts.
     """
     mask = labels[:, 1:] != -100
-    student = student_logits[:, :-1][mask].float() / temperature
-    teacher = teacher_logits[:, :-1][mask].float() / temperature
-    if student.numel() == 0:
-        return student_logits.sum() * 0.0
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    return reference.distillation_kl(student_logits[:, :-1], teacher_logits[:, :-1], temperature, mask)
 
 
 class TernaryTrainingMixin:
