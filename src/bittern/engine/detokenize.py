@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-_INCOMPLETE = "\ufffd"  # what a byte-level tokenizer decodes an incomplete UTF-8 sequence to
+from bittern.engine.text import INCOMPLETE, StreamedText
 
 
-class IncrementalText:
+class IncrementalText(StreamedText):
     """The generated text of one request, grown token by token, with stop strings and a streamable part.
 
     Each token decodes only the tokens since the last complete piece of text (the "prefix/read offsets" method):
@@ -26,15 +26,10 @@ class IncrementalText:
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
+        super().__init__(tokenizer, stop)
         self._longest_stop = max((len(s) for s in self.stop), default=0)
-        self.ids: list[int] = []
-        self.text = ""
-        self.stopped = False
         self._prefix = 0
         self._read = 0
-        self._emitted = 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -46,7 +41,7 @@ class IncrementalText:
         self.ids.append(int(token_id))
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith(_INCOMPLETE):
+        if len(after) > len(before) and not after.endswith(INCOMPLETE):
             self._append(after[len(before) :])
             self._prefix, self._read = self._read, len(self.ids)
 
@@ -67,25 +62,3 @@ class IncrementalText:
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True
-
-    def _held_back(self) -> int:
-        """Characters at the end of :attr:`text` that could be the beginning of a stop string."""
-        if self.stopped:
-            return 0
-        hold = 0
-        for stop in self.stop:
-            for size in range(min(len(stop) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(stop[:size]):
-                    hold = max(hold, size)
-                    break
-        return hold
-
-    def take_delta(self, final: bool = False) -> str:
-        """Text not returned by earlier calls, less a tail that may still turn out to be a stop string; with
-        ``final``, everything (call :meth:`flush` first)."""
-        end = len(self.text) if final else len(self.text) - self._held_back()
-        if end <= self._emitted:
-            return ""
-        delta = self.text[self._emitted : end]
-        self._emitted = end
-        return delta
