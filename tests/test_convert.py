@@ -768,3 +768,18 @@ def test_policy_for_layers_selects_exactly_the_named_layers() -> None:
     assert select_layers(model, ConversionPolicy.for_layers(["model.layers.1.mlp"])) == []
     with pytest.raises(ConfigError, match="at least one"):
         ConversionPolicy.for_layers([])
+
+
+def test_quantization_strength_is_set_in_one_place_and_validated() -> None:
+    """set_quantization_strength sets λ of every BitLinear; λ outside [0, 1] is refused there and on a layer."""
+    from bittern.convert import set_quantization_strength
+
+    model = to_bitlinear(tiny_model("llama"))
+    assert set_quantization_strength(model, 0.25) is model
+    assert {m.lam for m in model.modules() if isinstance(m, BitLinear)} == {0.25}
+    with pytest.raises(ValueError, match="lam must lie in"):
+        set_quantization_strength(model, 1.5)
+    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="lam must lie in"):
+        layer.lam = -0.1
+    assert layer.lam == 0.25

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bittern import quant
 from bittern.errors import ConfigError, UnsupportedModuleError
 from bittern.nn import BitLinear, TernaryLinear
 
@@ -207,6 +208,16 @@ def to_linear(model: nn.Module) -> nn.Module:
         return linear
 
     return _replace(model, ternary_layer_names(model), make)
+
+
+def set_quantization_strength(model: nn.Module, lam: float) -> nn.Module:
+    """Set λ (0 = full precision, 1 = fully ternary; a number in [0, 1], else ``ValueError``) of every
+    :class:`BitLinear` in ``model`` (returns ``model``)."""
+    lam = quant.check_lam(lam)
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.lam = lam
+    return model
 
 
 def set_activation_quantization(model: nn.Module, enabled: bool) -> nn.Module:

@@ -40,9 +40,18 @@ class BitLinear(nn.Linear):
         quantize_activations: bool = True,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.lam = quant._check_lam(lam)
+        self.lam = lam
         self.per_channel = per_channel
         self.quantize_activations = quantize_activations
+
+    @property
+    def lam(self) -> float:
+        """The quantization strength λ in [0, 1]; setting anything else raises ``ValueError``."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = quant.check_lam(value)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, lam: float = 1.0, per_channel: bool = False) -> BitLinear:

@@ -426,7 +426,8 @@ def ternary_linear_ste(
     return _TernaryLinearSTE.apply(x, weight, bias, per_channel, out_dtype or x.dtype)
 
 
-def _check_lam(lam: float) -> float:
+def check_lam(lam: float) -> float:
+    """``lam`` as a float, if it is a quantization strength λ in [0, 1]; ``ValueError`` otherwise."""
     lam = float(lam)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"the quantization warmup factor lam must lie in [0, 1], got {lam}")
@@ -472,7 +473,7 @@ def ste_weight(weight: torch.Tensor, lam: float = 1.0, per_channel: bool = False
 
     ``lam`` = 0 returns ``weight`` itself (full precision); ``lam`` = 1 returns exactly ``Wt / s_w``.
     """
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     if lam == 0.0:
         return weight
     return _WeightSTE.apply(weight, lam, per_channel)
@@ -480,7 +481,7 @@ def ste_weight(weight: torch.Tensor, lam: float = 1.0, per_channel: bool = False
 
 def ste_activations(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """``x + lam * (xq/s_x - x).detach()``: the training-time activation, gradient passed straight through."""
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     if lam == 0.0:
         return x
     return _ActivationSTE.apply(x, lam)

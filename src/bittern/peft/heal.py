@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bittern import reference
-from bittern.convert import ConversionPolicy, ternary_layer_names, to_bitlinear, to_ternary
+from bittern.convert import ConversionPolicy, set_quantization_strength, ternary_layer_names, to_bitlinear, to_ternary
 from bittern.errors import ConfigError
 from bittern.nn import BitLinear
 
@@ -198,9 +198,8 @@ def heal(
         raise ConfigError("heal: the model has no ternary layers")
     to_bitlinear(model, ConversionPolicy.for_layers(names))
     device = _device(model)
+    set_quantization_strength(model, 1.0)
     layers = [m for m in model.modules() if isinstance(m, BitLinear)]
-    for layer in layers:
-        layer.lam = 1.0
     model.requires_grad_(train_all)
     for layer in layers:
         layer.requires_grad_(True)

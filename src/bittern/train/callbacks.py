@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 from transformers import TrainerCallback
 
-from bittern.nn import BitLinear
+from bittern.convert import set_quantization_strength
 from bittern.train.schedules import quantization_strength, weight_decay_value
 
 
@@ -18,15 +18,14 @@ class QuantizationWarmup(TrainerCallback):
     see the same λ)."""
 
     def __init__(self, model: nn.Module, schedule: str, warmup_steps: int) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+        self.model = model
         self.schedule = schedule
         self.warmup_steps = warmup_steps
         self.current = 1.0
 
     def _apply(self, step: int) -> None:
         self.current = quantization_strength(self.schedule, step, self.warmup_steps)
-        for layer in self.layers:
-            layer.lam = self.current
+        set_quantization_strength(self.model, self.current)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._apply(state.global_step)

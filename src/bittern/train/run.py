@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from bittern.checkpoint import load_model, save_model
-from bittern.convert import ConversionPolicy, select_layers, ternary_layer_names, to_bitlinear
+from bittern.convert import (
+    ConversionPolicy,
+    select_layers,
+    set_quantization_strength,
+    ternary_layer_names,
+    to_bitlinear,
+)
 from bittern.errors import BitternError, ConfigError
 from bittern.formats import detect_format
 from bittern.formats.common import read_config
@@ -430,10 +436,7 @@ def _model_for_export(trainer, model: nn.Module, config: TrainConfig) -> nn.Modu
         exported = model.to(device="cpu", dtype=torch.float32)
     else:
         return None
-    for module in exported.modules():
-        if isinstance(module, BitLinear):
-            module.lam = 1.0
-    return exported.eval()
+    return set_quantization_strength(exported, 1.0).eval()
 
 
 def export_and_evaluate(
