@@ -66,9 +66,10 @@ def test_lam_attribute_and_validation() -> None:
             BitLinear(4, 3, lam=bad)
         with pytest.raises(ValueError, match="lam"):
             BitLinear.from_linear(nn.Linear(4, 3), lam=bad)
-    layer.lam = 3.0  # an out-of-range value set later is caught at the next forward
-    with pytest.raises(ValueError, match="lam"):
-        layer(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="lam"):  # an out-of-range value set later is refused when it is set
+        layer.lam = 3.0
+    assert layer.lam == 0.25
+    layer(torch.randn(2, 4))
 
 
 @pytest.mark.parametrize("bias", [True, False])
