@@ -21,7 +21,6 @@ Units: negative log-likelihoods in nats; perplexity ``= exp(mean NLL)``.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import operator
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from torch import nn
 
 from bittern import devices
 from bittern.errors import ConfigError, MissingFileError
+from bittern.records import jsonl_records
 
 DEFAULT_WINDOW_CAP = 1024
 """``evaluate_file`` uses ``min(config.max_position_embeddings, DEFAULT_WINDOW_CAP)`` when no window is given."""
@@ -267,18 +267,12 @@ def read_text(data_path: str | Path) -> str:
         text = raw
     else:
         documents = []
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"data file '{path}', line {number}: not valid JSON ({exc.msg})") from exc
+        for where, record in jsonl_records(path):
             if not isinstance(record, dict) or _TEXT_FIELD not in record:
-                raise ConfigError(f"data file '{path}', line {number}: no \"{_TEXT_FIELD}\" field")
+                raise ConfigError(f'data file {where}: no "{_TEXT_FIELD}" field')
             if not isinstance(record[_TEXT_FIELD], str):
                 kind = type(record[_TEXT_FIELD]).__name__
-                raise ConfigError(f"data file '{path}', line {number}: \"{_TEXT_FIELD}\" is a {kind}, not a string")
+                raise ConfigError(f'data file {where}: "{_TEXT_FIELD}" is a {kind}, not a string')
             documents.append(record[_TEXT_FIELD])
         text = "\n\n".join(documents)
     if not text.strip():

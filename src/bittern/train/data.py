@@ -15,7 +15,6 @@ the token stream is held out.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from bittern.errors import ConfigError
+from bittern.records import jsonl_records
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
@@ -42,15 +42,8 @@ class Corpus:
 
 
 def _read_jsonl(path: Path, documents: list[str], conversations: list[list[dict[str, str]]]) -> None:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-            _add_record(record, f"{path}: line {number}", documents, conversations)
+    for where, record in jsonl_records(path):
+        _add_record(record, where, documents, conversations)
 
 
 def _add_record(record: Any, where: str, documents: list[str], conversations: list[list[dict[str, str]]]) -> None:
