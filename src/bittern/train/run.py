@@ -113,7 +113,12 @@ def _check_run_directory(config: TrainConfig, run_dir: Path) -> bool:
 
 
 def _prepare_tokenizer(config: TrainConfig, corpus: Corpus, run_dir: Path):
-    """The run's tokenizer, saved once under ``run_dir/tokenizer`` and reloaded from there on resume."""
+    """The run's tokenizer, saved once under ``run_dir/tokenizer`` and reloaded from there on resume.
+
+    It gets ``config.chat_template`` when one is given, and :data:`~bittern.tokenization.DEFAULT_CHAT_TEMPLATE` when
+    the data is chat and the tokenizer has none (a tokenizer bittern trains never has one).
+    """
+    from bittern.tokenization import DEFAULT_CHAT_TEMPLATE, set_chat_template
     from bittern.train.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     saved = run_dir / "tokenizer"
@@ -128,12 +133,56 @@ def _prepare_tokenizer(config: TrainConfig, corpus: Corpus, run_dir: Path):
         split = split_documents(len(documents), config.eval_fraction)
         train_docs = [documents[i] for i in split[0]] if split else documents
         tokenizer = train_bpe_tokenizer(train_docs, config.vocab_size)
+    if config.chat_template is not None:
+        set_chat_template(tokenizer, config.chat_template)
+    elif corpus.is_chat and not getattr(tokenizer, "chat_template", None):
+        set_chat_template(tokenizer, DEFAULT_CHAT_TEMPLATE)
     if _is_main_process():
         tmp = run_dir / "tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tokenizer.save_pretrained(tmp)
         tmp.replace(saved)
     return tokenizer
+
+
+def _chat_template_note(config: TrainConfig, corpus: Corpus, tokenizer) -> list[str]:
+    """A report note naming the chat template the run's tokenizer carries, when the run chose it."""
+    from bittern.tokenization import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
+
+    template = getattr(tokenizer, "chat_template", None)
+    if config.chat_template is not None:
+        return [f"chat template: {config.chat_template} (--chat-template)"]
+    if corpus.is_chat and template == CHAT_TEMPLATES[DEFAULT_CHAT_TEMPLATE]:
+        return [f"chat template: {DEFAULT_CHAT_TEMPLATE} (the default for chat data; --chat-template sets another)"]
+    return []
+
+
+def _checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step a Trainer checkpoint directory was saved at (``trainer_state.json``'s global step)."""
+    state = Path(checkpoint) / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
+def mean_training_objective(metrics_path: Path) -> float | None:
+    """The mean training objective over every step of the run, from ``metrics.jsonl``: each logged ``loss`` is
+    the mean over the steps since the previous log, so the logs are weighted by the steps they cover. A resumed
+    run's file holds the records of the steps before the interruption too (see :class:`MetricsWriter`), so the
+    mean covers the whole run, not only the steps of the last process. None when nothing was logged."""
+    from bittern.train.callbacks import read_metrics
+
+    total, steps, previous = 0.0, 0, 0
+    for record in read_metrics(metrics_path):
+        if "loss" not in record:
+            continue
+        covered = int(record["step"]) - previous
+        if covered > 0:
+            total += float(record["loss"]) * covered
+            steps += covered
+            previous = int(record["step"])
+    return total / steps if steps else None
 
 
 def _source_is_full_precision(config: TrainConfig) -> bool:
@@ -374,12 +423,7 @@ def train(config: TrainConfig) -> TrainResult:
     shutil.rmtree(checkpoints / ".staging", ignore_errors=True)
     # checkpoint-N directories appear only whole (renamed from .staging), so the newest one is complete
     last = get_last_checkpoint(str(checkpoints)) if resuming and checkpoints.is_dir() else None
-    if last is not None and config.progress and _is_main_process():
-        print(f"resuming from {last}")
-    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-
-    from bittern.train.report import plot_curves, write_report
-
+    finished_at = _checkpoint_step(last) if last is not None else 0
     result = TrainResult(
         run_dir=run_dir,
         mode=prepared.mode,
@@ -387,9 +431,36 @@ def train(config: TrainConfig) -> TrainResult:
         train_tokens=data.train_tokens,
         held_out_tokens=int(data.eval_ids.numel()),
         unigram_perplexity=unigram_perplexity(data.train_ids, data.eval_ids, len(tokenizer)),
-        final_loss=getattr(output, "training_loss", None),
-        notes=[f"mode: {prepared.mode}", f"data: {corpus.description}; {data.how}", *prepared.notes],
+        final_loss=None,
+        notes=[
+            f"mode: {prepared.mode}",
+            f"data: {corpus.description}; {data.how}",
+            *prepared.notes,
+            *_chat_template_note(config, corpus, tokenizer),
+        ],
     )
+    if finished_at >= config.steps:
+        # A finished run is final: no more steps (Trainer would take one more when resumed at max_steps) and the
+        # checkpoints stay as they are. Its trained weights come back from the last checkpoint for the export.
+        if config.fsdp:
+            if _is_main_process():
+                print(
+                    f"run already finished at step {finished_at}: nothing to train; its variants are in "
+                    f"{run_dir / 'variants'} (a finished FSDP run's sharded checkpoint is not re-exported)"
+                )
+            result.final_loss = mean_training_objective(run_dir / "metrics.jsonl")
+            return result
+        if _is_main_process():
+            print(f"run already finished at step {finished_at}: re-exporting and re-evaluating (no training)")
+        trainer._load_from_checkpoint(str(last))
+    else:
+        if last is not None and config.progress and _is_main_process():
+            print(f"resuming from {last}")
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
+    result.final_loss = mean_training_objective(run_dir / "metrics.jsonl")
+
+    from bittern.train.report import plot_curves, write_report
+
     if config.export and config.lora_rank is not None:
         if _is_main_process():
             from bittern.train.lora import export_lora
