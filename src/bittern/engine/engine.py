@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -624,7 +625,9 @@ def attach_adapter(model: nn.Module, adapter: str | Path) -> nn.Module:
     except ImportError as exc:  # pragma: no cover - peft is a dev dependency
         raise ConfigError("--adapter needs PEFT: pip install 'bittern[peft]'") from exc
     try:
-        peft_model = load_adapter(model, adapter)
+        with warnings.catch_warnings():  # raised inside transformers when PEFT wraps a model, not bittern's concern
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            peft_model = load_adapter(model, adapter)
     except (RuntimeError, ValueError, KeyError) as exc:
         reason = " ".join(str(exc).split())[:400]
         raise CheckpointError(f"the LoRA adapter does not fit this model ({reason})", adapter) from exc

@@ -213,7 +213,11 @@ def check_finite(tensor: torch.Tensor, path: str | Path | None, key: str) -> Non
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (made contiguous, on CPU) to one safetensors file with ``format: pt`` metadata."""
+    """Write ``tensors`` (made contiguous, on CPU) to one safetensors file with ``format: pt`` metadata.
+
+    safetensors writes the metadata keys in a per-process random order (a Rust ``HashMap``), so a file whose
+    metadata has more than one key differs from byte to byte between two writes of the same tensors.
+    """
     ready = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     save_file(ready, str(path), metadata={"format": "pt", **(metadata or {})})
 
@@ -305,9 +309,15 @@ def write_checkpoint_dir(
     tokenizer_source: Path | None,
     overwrite: bool,
 ) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and the tokenizer files into ``destination``, atomically."""
+    """Write ``model.safetensors``, ``config.json`` and the tokenizer files into ``destination``, atomically.
+
+    ``fmt`` names the layout; callers record it in ``config.json``'s bittern marker (:func:`make_marker`). The same
+    tensors and config give the same bytes.
+    """
     with atomic_output_dir(destination, overwrite) as staging:
-        write_safetensors(staging / WEIGHTS_FILE, tensors, {"bittern_format": fmt})
+        # metadata: only format=pt (more keys would come out in a random order, see write_safetensors); the
+        # layout is recorded in config.json's bittern marker
+        write_safetensors(staging / WEIGHTS_FILE, tensors)
         write_config(staging, config)
         copy_tokenizer_files(tokenizer_source, staging)
     return Path(destination)

@@ -394,11 +394,12 @@ def train(config: TrainConfig) -> TrainResult:
 
     args = _training_arguments(config, run_dir, data.eval_set is not None, chat=corpus.is_chat)
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * args.world_size
+    progress_bar = ProgressBar(tokens_per_step, enabled=config.progress)
     callbacks = [
         QuantizationWarmup(prepared.model, prepared.lambda_schedule, prepared.lambda_warmup),
         WeightDecaySchedule(config.schedule, config.weight_decay, config.warmup),
         MetricsWriter(run_dir / "metrics.jsonl", tokens_per_step),
-        ProgressBar(tokens_per_step, enabled=config.progress),
+        progress_bar,
     ]
     teacher = prepared.teacher.to(args.device) if prepared.teacher is not None else None
     trainer_class = sft_trainer_class() if corpus.is_chat else TernaryTrainer
@@ -456,7 +457,10 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         if last is not None and config.progress and _is_main_process():
             print(f"resuming from {last}")
-        trainer.train(resume_from_checkpoint=str(last) if last else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
+        finally:
+            progress_bar.close()  # interrupted (Ctrl-C): end the bar before the CLI's message, not after it
     result.final_loss = mean_training_objective(run_dir / "metrics.jsonl")
 
     from bittern.train.report import plot_curves, write_report
@@ -503,6 +507,8 @@ def _model_for_export(trainer, model: nn.Module, config: TrainConfig) -> nn.Modu
     for module in exported.modules():
         if isinstance(module, BitLinear):
             module.lam = 1.0
+    # what save_pretrained records (Trainer's checkpoints set it on the live model; a model rebuilt from one lacks it)
+    exported.config.architectures = [type(exported).__name__]
     return exported.eval()
 
 
