@@ -258,7 +258,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "                        directory; none = the embedded corpus (Python's pydoc topics + docstrings)\n"
             "\n"
             "OUT is a run directory: checkpoints are renamed into place whole, so after any interruption (even\n"
-            "kill -9) the same command resumes from the last one and continues exactly as an uninterrupted run.\n"
+            "kill -9) the same command resumes from the last one and continues exactly as an uninterrupted run;\n"
+            "on a finished run it trains no further step and only re-exports and re-evaluates the variants.\n"
             "Under torchrun / accelerate launch the same command trains with DDP (or FSDP2 with --fsdp)."
         ),
         epilog=(
