@@ -4,16 +4,31 @@ Layers (docs/design.md §1): :mod:`bittern.quant` (the math) → :mod:`bittern.n
 :mod:`bittern.convert` (model surgery) and :mod:`bittern.formats` (checkpoint layouts) →
 :mod:`bittern.checkpoint` (load / save / convert models) → use-cases such as :mod:`bittern.engine` (generation:
 ``bittern.load(path).generate(...)``) → :mod:`bittern.cli`.
+
+The names below are imported on first use (PEP 562), so ``import bittern`` (and ``bittern --help``) does not
+import torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from bittern.checkpoint import convert_checkpoint, load_model, save_model
-from bittern.convert import ConversionPolicy, to_bitlinear, to_linear, to_ternary
-from bittern.engine import Engine, load
-from bittern.nn import BitLinear, TernaryLinear
+_EXPORTS = {
+    "BitLinear": "bittern.nn",
+    "ConversionPolicy": "bittern.convert",
+    "Engine": "bittern.engine",
+    "TernaryLinear": "bittern.nn",
+    "convert_checkpoint": "bittern.checkpoint",
+    "load": "bittern.engine",
+    "load_model": "bittern.checkpoint",
+    "save_model": "bittern.checkpoint",
+    "to_bitlinear": "bittern.convert",
+    "to_linear": "bittern.convert",
+    "to_ternary": "bittern.convert",
+}
 
 __all__ = [
     "BitLinear",
@@ -29,3 +44,29 @@ __all__ = [
     "to_linear",
     "to_ternary",
 ]
+
+if TYPE_CHECKING:
+    from bittern.checkpoint import convert_checkpoint, load_model, save_model
+    from bittern.convert import ConversionPolicy, to_bitlinear, to_linear, to_ternary
+    from bittern.engine import Engine, load
+    from bittern.nn import BitLinear, TernaryLinear
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` (or the submodule ``name``) on first access, and keep it."""
+    module = _EXPORTS.get(name)
+    if module is None:  # a submodule (``bittern.x`` after a bare import), as an eager __init__ would have loaded
+        try:
+            value = importlib.import_module(f"bittern.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"bittern.{name}":
+                raise
+            raise AttributeError(f"module 'bittern' has no attribute {name!r}") from None
+    else:
+        value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -313,6 +313,15 @@ def load_model(
     return model_from_checkpoint(formats.read_checkpoint(path), layers, dtype, device, policy)
 
 
+def stored_dtype(checkpoint: Checkpoint) -> torch.dtype:
+    """The floating dtype most of a checkpoint's dense values are stored in (float32 when it holds none)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in checkpoint.tensors.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
 def convert_checkpoint(
     source: str | Path,
     destination: str | Path,
@@ -323,12 +332,18 @@ def convert_checkpoint(
     allow_padded_rows: bool = False,
     policy: ConversionPolicy | None = None,
     overwrite: bool = False,
+    chat_template: str | None = None,
 ) -> Path:
-    """``bittern convert``: read any supported checkpoint and write it as ``variant``.
+    """``bittern convert``: read any supported checkpoint (a directory, or a GGUF file) and write it as ``variant``.
 
     A full-precision source is ternarized (layers chosen by ``policy``); codes and scales are computed in
-    float32 from the weights as stored. Tokenizer files are copied from ``source``.
+    float32 from the weights as stored. The dense tensors keep the dtype they are stored in unless ``dtype`` says
+    otherwise (the ``bf16`` variant: bfloat16 unless ``dtype``). Tokenizer files are copied from ``source``; a GGUF
+    file's tokenizer is read from the file and saved. ``chat_template`` (a name of
+    :data:`bittern.tokenization.CHAT_TEMPLATES` or a Jinja file) replaces the tokenizer's chat template in the output.
     """
+    from bittern.tokenization import check_chat_template_spec, tokenizer_source
+
     if variant not in formats.VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(formats.VARIANTS)}")
     source, destination = Path(source), Path(destination)
@@ -336,15 +351,21 @@ def convert_checkpoint(
         raise OutputExistsError(f"output '{destination}' already exists; pass --overwrite to replace it")
     if destination.resolve() == source.resolve():
         raise ConfigError("the destination must differ from the source")
+    check_chat_template_spec(chat_template)
     layers: Layers = "bitlinear" if variant == "prequantized" else "ternary"
-    model = load_model(source, layers=layers, dtype=torch.float32, policy=policy)
-    return save_model(
-        model,
-        destination,
-        variant,
-        scale_convention=scale_convention,
-        dtype=dtype,
-        allow_padded_rows=allow_padded_rows,
-        tokenizer_source=source,
-        overwrite=overwrite,
-    )
+    checkpoint = formats.read_checkpoint(source)
+    if dtype is None and variant == "packed":
+        dtype = stored_dtype(checkpoint)
+    model = model_from_checkpoint(checkpoint, layers=layers, dtype=torch.float32, policy=policy)
+    del checkpoint
+    with tokenizer_source(source, chat_template) as tokenizers:
+        return save_model(
+            model,
+            destination,
+            variant,
+            scale_convention=scale_convention,
+            dtype=dtype,
+            allow_padded_rows=allow_padded_rows,
+            tokenizer_source=tokenizers,
+            overwrite=overwrite,
+        )

@@ -23,6 +23,23 @@ from bittern import __version__
 from bittern.errors import BitternError
 
 _DTYPES = ("bfloat16", "float16", "float32")
+_CHAT_TEMPLATE_HELP = (
+    "a chat template: 'plain' (User:/Assistant: turns, each ended by the EOS token; bittern's default for chat "
+    "data), 'chatml' (for tokenizers with <|im_start|>/<|im_end|>), or a Jinja file"
+)
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +65,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
             "  bittern convert ./model-packed ./model-bf16 --to bf16\n"
         ),
     )
-    parser.add_argument("src", help="source checkpoint directory")
+    parser.add_argument("src", help="source checkpoint directory, or a .gguf file (its tokenizer is written to DST)")
     parser.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
     parser.add_argument("--to", required=True, choices=("packed", "bf16", "prequantized"), help="variant to write")
     parser.add_argument(
@@ -63,7 +80,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         choices=_DTYPES,
         default=None,
         help="dtype of the dense tensors (embeddings, norms, head): bf16 variant default bfloat16; "
-        "packed default: as in SRC",
+        "packed default: as stored in SRC",
+    )
+    parser.add_argument(
+        "--chat-template", metavar="NAME|FILE", help=_CHAT_TEMPLATE_HELP + " to store with DST's tokenizer"
     )
     parser.add_argument(
         "--allow-padded-rows",
@@ -158,12 +178,12 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="describe and validate a checkpoint",
         description=(
-            "Print the format, architecture, parameter counts, bits per linear weight and file size of a "
-            "checkpoint directory, after validating it: packed codes in {-1,0,1}, scales finite and > 0, "
-            "no NaN/Inf, shapes consistent. Exits with status 2 and one message on an invalid checkpoint."
+            "Print the format, architecture, parameter counts, bits per linear weight, file size and tokenizer of a "
+            "checkpoint directory or GGUF file, after validating it: packed codes in {-1,0,1}, scales finite and "
+            "> 0, no NaN/Inf, shapes consistent. Exits with status 2 and one message on an invalid checkpoint."
         ),
     )
-    parser.add_argument("path", help="checkpoint directory")
+    parser.add_argument("path", help="checkpoint directory or .gguf file")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -172,7 +192,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="perplexity of a checkpoint on a text file",
         description=(
-            "Perplexity of MODEL (any checkpoint directory bittern reads, with its tokenizer files) on the text\n"
+            "Perplexity of MODEL (any checkpoint bittern reads, with its tokenizer; a GGUF file carries its own) on\n"
+            "the text "
             "in --data, tokenized as one sequence (the tokenizer's BOS once at the start, no other special tokens).\n"
             "\n"
             "Strided windows: a window is one forward pass over --window tokens; windows start every --stride\n"
@@ -185,7 +206,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "  bittern eval ./model-bf16 --data docs.jsonl --window 512 --stride 512 --json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="checkpoint directory (packed, bf16, prequantized or plain), with tokenizer")
+    parser.add_argument(
+        "model", help="checkpoint directory (packed, bf16, prequantized or plain) with its tokenizer, or a .gguf file"
+    )
+    parser.add_argument(
+        "--adapter", metavar="DIR", help="a LoRA adapter directory to evaluate on MODEL (base + adapter)"
+    )
     parser.add_argument(
         "--data",
         required=True,
@@ -193,16 +219,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help='UTF-8 text file (.txt, .md, .rst, ...) or .jsonl with a "text" field per line',
     )
     parser.add_argument(
-        "--window", type=int, default=None, help="tokens per forward pass (default: min(max positions, 1024))"
+        "--window", type=_positive_int, default=None, help="tokens per forward pass (default: min(max positions, 1024))"
     )
     parser.add_argument(
         "--stride",
-        type=int,
+        type=_positive_int,
         default=None,
         help="tokens between window starts, 1..window (default: window // 2); each window after the first "
         "scores only its last STRIDE tokens",
     )
-    parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    parser.add_argument(
+        "--max-tokens", type=_positive_int, default=None, help="score only the first N tokens of the text"
+    )
     parser.add_argument("--dtype", choices=_DTYPES, default=None, help="dtype of the dense weights (default: float32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -231,7 +259,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "                        directory; none = the embedded corpus (Python's pydoc topics + docstrings)\n"
             "\n"
             "OUT is a run directory: checkpoints are renamed into place whole, so after any interruption (even\n"
-            "kill -9) the same command resumes from the last one and continues exactly as an uninterrupted run.\n"
+            "kill -9) the same command resumes from the last one and continues exactly as an uninterrupted run;\n"
+            "on a finished run it trains no further step and only re-exports and re-evaluates the variants.\n"
             "Under torchrun / accelerate launch the same command trains with DDP (or FSDP2 with --fsdp)."
         ),
         epilog=(
@@ -255,6 +284,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", action="append", default=[], metavar="PATH", help="training text (repeatable)")
     data.add_argument("--tokenizer", help="tokenizer directory (default: the model's, or trained locally)")
+    data.add_argument(
+        "--chat-template",
+        metavar="NAME|FILE",
+        help=_CHAT_TEMPLATE_HELP + " stored with the run's tokenizer (default: the tokenizer's own; 'plain' for chat "
+        "data when it has none)",
+    )
     data.add_argument("--vocab-size", type=int, default=4096, help="size of a locally trained BPE tokenizer")
     data.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
     data.add_argument("--eval-fraction", type=float, default=0.05, help="share of the data held out (default 0.05)")
@@ -359,10 +394,21 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     """Model, decoding and sampling options shared by ``generate`` and ``chat``."""
-    parser.add_argument("model", help="checkpoint directory (packed, bf16, prequantized or plain) with its tokenizer")
+    parser.add_argument(
+        "model", help="checkpoint directory (packed, bf16, prequantized or plain) with its tokenizer, or a .gguf file"
+    )
+    parser.add_argument(
+        "--adapter", metavar="DIR", help="a LoRA adapter directory (bittern train --lora-rank's adapter/) run on MODEL"
+    )
+    parser.add_argument(
+        "--chat-template", metavar="NAME|FILE", help=_CHAT_TEMPLATE_HELP + "; replaces the tokenizer's for this run"
+    )
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument(
-        "--max-new-tokens", type=int, default=None, help="most tokens per reply (default: generate 128, chat 256)"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=None,
+        help="most tokens per reply, >= 1 (default: generate 128, chat 256)",
     )
     decoding.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples from softmax(logits / T)"
@@ -394,7 +440,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="ternary: packed TernaryLinear layers, int8 activations (default); dense: the same layers as "
         "nn.Linear holding Wt*s (the bf16 variant's numbers)",
     )
-    runtime.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + reply (default: 2048)")
+    runtime.add_argument(
+        "--max-seq-len", type=_positive_int, default=None, help="longest prompt + reply (default: 2048)"
+    )
     runtime.add_argument(
         "--no-cuda-graph", action="store_true", help="run the decode step eagerly instead of replaying a CUDA graph"
     )
@@ -440,10 +488,14 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
         "chat",
         help="talk with a model through its chat template (reads turns from stdin)",
         description=(
-            "An interactive conversation with MODEL through its tokenizer's chat template, history kept.\n"
-            "Each line read from stdin is one user turn; the reply streams to stdout. /reset forgets the\n"
-            "history; /exit, /quit or end of input (Ctrl-D, or the end of a pipe) ends. Works with piped\n"
-            "input: printf 'Hi\\nWhat is 2+2?\\n' | bittern chat ./model"
+            "An interactive conversation with MODEL through its tokenizer's chat template (or --chat-template),\n"
+            "history kept. Each line read from stdin is one user turn; the reply streams to stdout. /reset forgets\n"
+            "the history; /exit, /quit or end of input (Ctrl-D, or the end of a pipe) ends. Works with piped\n"
+            "input: printf 'Hi\\nWhat is 2+2?\\n' | bittern chat ./model  (each turn is then echoed as '> TEXT'\n"
+            "and replies are separated by a blank line).\n"
+            "\n"
+            "A model bittern trained on plain text has no chat template: pass --chat-template plain (or store one\n"
+            "with bittern convert --chat-template); one trained on chat data has one."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -518,7 +570,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_existing_output(path: str, overwrite: bool) -> None:
+    from pathlib import Path
+
+    from bittern.errors import OutputExistsError
+
+    if Path(path).exists() and not overwrite:
+        raise OutputExistsError(f"output '{path}' already exists; pass --overwrite to replace it")
+
+
+def _check_adapter(adapter: str | None) -> None:
+    from pathlib import Path
+
+    from bittern.errors import MissingFileError
+
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise MissingFileError("--adapter: not a LoRA adapter directory (no adapter_config.json)", adapter)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check the options that need no model, before anything is loaded or printed.
+
+    Raises:
+        BitternError: the first bad option (a :class:`~bittern.errors.ConfigError` naming it, or an
+            :class:`~bittern.errors.OutputExistsError` for an output that exists without ``--overwrite``).
+    """
+    from bittern.errors import ConfigError
+    from bittern.tokenization import check_chat_template_spec
+
+    check_chat_template_spec(getattr(args, "chat_template", None))
+    _check_adapter(getattr(args, "adapter", None))
+    if args.command == "convert":
+        _refuse_existing_output(args.dst, args.overwrite)
+    elif args.command == "export":
+        _refuse_existing_output(args.out, args.overwrite)
+    elif args.command in ("generate", "chat"):
+        from bittern.engine.sampling import SamplingParams
+
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+        if args.command == "generate" and args.chat_template is not None and not args.chat:
+            raise ConfigError("--chat-template applies to chat prompts: add --chat (or use bittern chat)")
+        if args.max_seq_len is not None and args.max_seq_len < 2:
+            raise ConfigError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+        if args.max_seq_len is not None and args.max_new_tokens is not None and args.max_new_tokens >= args.max_seq_len:
+            raise ConfigError(
+                f"--max-new-tokens ({args.max_new_tokens}) leaves no room for a prompt in --max-seq-len "
+                f"({args.max_seq_len})"
+            )
+    elif args.command == "eval" and args.window is not None and args.window < 2:
+        raise ConfigError(f"--window must be at least 2, got {args.window}")
+
+
 def _run(args: argparse.Namespace) -> int:
+    validate(args)
     if args.command == "convert":
         import torch
 
@@ -534,6 +638,7 @@ def _run(args: argparse.Namespace) -> int:
             allow_padded_rows=args.allow_padded_rows,
             policy=ConversionPolicy(include=tuple(args.include), exclude=tuple(args.exclude)),
             overwrite=args.overwrite,
+            chat_template=args.chat_template,
         )
         print(f"wrote {args.to} checkpoint to {out}")
         return 0
@@ -580,9 +685,11 @@ def _run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             max_tokens=args.max_tokens,
+            adapter=args.adapter,
         )
         report = {
             "model": args.model,
+            "adapter": args.adapter,
             "variant": variant,
             "data": args.data,
             "dtype": args.dtype or "float32",
@@ -592,6 +699,8 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(report))
         else:
             print(f"model:       {args.model}")
+            if args.adapter:
+                print(f"adapter:     {args.adapter}")
             print(f"variant:     {variant}")
             print(f"data:        {args.data}")
             print(f"tokens:      {result.tokens:,} scored")
@@ -609,6 +718,7 @@ def _run(args: argparse.Namespace) -> int:
             gguf_file=args.gguf_file,
             data=list(args.data),
             tokenizer=args.tokenizer,
+            chat_template=args.chat_template,
             vocab_size=args.vocab_size,
             num_layers=args.num_layers,
             seq_len=args.seq_len,
@@ -688,6 +798,8 @@ def _run_engine(args: argparse.Namespace) -> int:
         cuda_graph=not args.no_cuda_graph,
         compile=not args.no_compile,
         max_batch=len(args.prompt) if args.command == "generate" else 1,
+        adapter=args.adapter,
+        chat_template=args.chat_template,
     )
     options = dict(
         temperature=args.temperature,
@@ -697,16 +809,18 @@ def _run_engine(args: argparse.Namespace) -> int:
         stop=args.stop,
         seed=args.seed,
     )
-    max_new_tokens = args.max_new_tokens or args.default_new_tokens
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else args.default_new_tokens
     if args.command == "chat":
         from bittern.engine.chat import chat_loop
 
+        interactive = sys.stdin.isatty()
         chat_loop(
             engine,
             sys.stdin,
             sys.stdout,
             system=args.system,
-            prompt="> " if sys.stdin.isatty() else "",
+            prompt="> " if interactive else "",
+            transcript=not interactive,
             max_new_tokens=max_new_tokens,
             **options,
         )
@@ -715,6 +829,7 @@ def _run_engine(args: argparse.Namespace) -> int:
         prompts = [engine.chat_prompt([{"role": "user", "content": text}]) for text in args.prompt]
     else:
         prompts = engine.encode(args.prompt)
+    engine.check_request(prompts, max_new_tokens)  # before the prompt is echoed
     stream = len(prompts) == 1 and not args.no_stream
     if stream and not args.chat:
         sys.stdout.write(args.prompt[0])
@@ -735,14 +850,32 @@ def _run_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def interrupted_message(args: argparse.Namespace) -> str:
+    """The one line printed after Ctrl-C: what state the interrupted command left, and how to go on."""
+    if args.command == "train":
+        return "bittern: interrupted; run the same command again to resume from the last checkpoint"
+    if args.command == "demo":
+        return "bittern: interrupted; run the same bittern demo command again to resume from the last checkpoint"
+    if args.command == "convert":
+        return f"bittern: interrupted; nothing was written ('{args.dst}' is as it was)"
+    if args.command == "export":
+        return f"bittern: interrupted; nothing was written ('{args.out}' is as it was)"
+    return "bittern: interrupted"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; bittern's own errors print one line (``bittern: error: ...``) and exit with status 2."""
+    """Run the CLI; bittern's own errors print one line (``bittern: error: ...``) and exit with status 2; Ctrl-C
+    prints one line (:func:`interrupted_message`) and exits with status 130."""
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except BitternError as exc:
         print(f"bittern: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(("\n" if args.command in ("generate", "chat") else "") + interrupted_message(args), file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

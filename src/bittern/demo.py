@@ -105,6 +105,11 @@ def format_table(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
+def format_sample(sample: str, indent: str = "  ") -> str:
+    """``sample`` as text to print: its own line breaks kept, each line indented (no quotes, no escapes)."""
+    return "\n".join(indent + line if line.strip() else "" for line in sample.splitlines() or [""])
+
+
 def main(out_dir: str | Path = "bittern-demo", seed: int = 0, steps: int = 400, progress: bool = True) -> int:
     """Entry point of ``bittern demo``: run, print the table and the sample, return an exit code."""
     print(
@@ -120,7 +125,7 @@ def main(out_dir: str | Path = "bittern-demo", seed: int = 0, steps: int = 400, 
         print(f"\nthe ternary model's perplexity is {unigram / best:.1f}x below the unigram baseline's")
     else:  # only after very few --steps
         print(f"\nthe ternary model's perplexity is still {best / unigram:.1f}x above the unigram baseline's")
-    print(f"\nsample from the reloaded packed model (prompt {DEMO_PROMPT!r}):\n  {demo.sample!r}")
+    print(f"\nsample from the reloaded packed model (prompt {DEMO_PROMPT!r}):\n{format_sample(demo.sample)}")
     print(f"\nreport: {demo.training.run_dir / 'report.md'}; curves: {demo.training.run_dir / 'curves.png'}")
     print(f"done in {demo.seconds:.0f} s")
     return 0

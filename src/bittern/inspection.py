@@ -7,6 +7,7 @@ figures describe the files as stored.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class Report:
     file_bytes: int
     scale_convention: str | None = None
     tokenizer_files: list[str] = field(default_factory=list)
+    tokenizer: str = "none"
+    chat_template: bool = False
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -70,7 +73,8 @@ class Report:
             f"bits per linear weight: {self.bits_per_linear_weight:.4g}"
             + (f" (scale convention: {self.scale_convention})" if self.scale_convention else ""),
             f"file size:             {_human(size)} ({size:,} bytes)",
-            f"tokenizer files:       {', '.join(self.tokenizer_files) or 'none'}",
+            f"tokenizer:             {self.tokenizer}",
+            f"chat template:         {'yes' if self.chat_template else 'none (bittern chat needs --chat-template)'}",
             f"validation:            ok ({self.ternary_layers} ternary layers: codes in {{-1, 0, 1}}, "
             "scales > 0 and finite, no NaN/Inf, shapes consistent)",
             *(f"note:                  {note}" for note in self.notes),
@@ -125,6 +129,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
         total = sum(sizes[k][0] for k in linear)
         bits_per_weight = sum(sizes[k][0] * sizes[k][1] for k in linear) / total if total else 0.0
     dense = sum(t.numel() for t in checkpoint.tensors.values())
+    files = sorted(p.name for p in directory.iterdir() if p.name in formats.common.TOKENIZER_FILES)
     latent = sum(checkpoint.tensors[f"{n}.weight"].numel() for n in latent_names)
     config = checkpoint.config
     convention = formats.packed.scale_convention(raw_config) if fmt == "packed" else None
@@ -141,9 +146,22 @@ def inspect_checkpoint(path: str | Path) -> Report:
         bits_per_linear_weight=bits_per_weight,
         file_bytes=sum(p.stat().st_size for p in directory.iterdir() if p.is_file()),
         scale_convention=convention,
-        tokenizer_files=sorted(p.name for p in directory.iterdir() if p.name in formats.common.TOKENIZER_FILES),
+        tokenizer_files=files,
+        tokenizer=f"files {', '.join(files)}" if files else "none",
+        chat_template=_directory_has_chat_template(directory),
         notes=list(checkpoint.notes),
     )
+
+
+def _directory_has_chat_template(directory: Path) -> bool:
+    """Whether the tokenizer files of ``directory`` define a chat template (a file, or in tokenizer_config.json)."""
+    if (directory / "chat_template.jinja").is_file() or (directory / "chat_template.json").is_file():
+        return True
+    config = directory / "tokenizer_config.json"
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template")) if config.is_file() else False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _inspect_gguf(path: Path) -> Report:
@@ -151,7 +169,11 @@ def _inspect_gguf(path: Path) -> Report:
     import gguf
 
     checkpoint = formats.read_gguf(path)  # raises on invalid blocks, NaN/Inf, unknown tensors
-    stored = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    reader = gguf.GGUFReader(str(path))
+    stored = {t.name: int(t.n_bytes) for t in reader.tensors}
+    fields = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+    tokens = fields.get("tokenizer.ggml.tokens") or []
+    model = fields.get("tokenizer.ggml.model")
     architecture = formats.gguf.ARCHITECTURES[checkpoint.config["model_type"]]
     names = [formats.gguf.gguf_tensor_name(f"{n}.weight", architecture) for n in checkpoint.ternary]
     ternary_bytes = sum(stored[name] for name in names)
@@ -170,4 +192,6 @@ def _inspect_gguf(path: Path) -> Report:
         dense_parameters=dense,
         bits_per_linear_weight=8 * ternary_bytes / ternary_weights if ternary_weights else 0.0,
         file_bytes=path.stat().st_size,
+        tokenizer=f"in the GGUF file ({model}, {len(tokens):,} tokens)" if model else "none",
+        chat_template=bool(fields.get("tokenizer.chat_template")),
     )

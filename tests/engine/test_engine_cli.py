@@ -61,7 +61,8 @@ def test_chat_reads_turns_from_a_pipe_and_keeps_history(
     first = engine.chat(history, 10).text
     history += [{"role": "assistant", "content": first}, {"role": "user", "content": "What next?"}]
     second = engine.chat(history, 10).text
-    assert out == f"{first}\n{second}\n"
+    # piped: each turn echoed, a blank line between one reply and the next turn (replies may hold newlines)
+    assert out == f"> Hello\n{first}\n\n> What next?\n{second}\n"
 
 
 def test_chat_reset_and_end_of_input(
@@ -70,7 +71,7 @@ def test_chat_reset_and_end_of_input(
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/reset\nHello"))  # no newline at the end: EOF ends
     assert main(["chat", str(checkpoint), "--max-new-tokens", "6"]) == 0
     first = bittern.load(checkpoint).chat([{"role": "user", "content": "Hello"}], 6).text
-    assert capsys.readouterr().out == f"{first}\n(history cleared)\n{first}\n"
+    assert capsys.readouterr().out == f"> Hello\n{first}\n(history cleared)\n\n> Hello\n{first}\n"
 
 
 def test_chat_without_a_template_fails_with_one_line(
@@ -84,6 +85,137 @@ def test_chat_without_a_template_fails_with_one_line(
     assert main(["chat", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bittern: error:") and "no chat template" in err and err.count("\n") == 1
+    assert "--chat-template plain" in err  # says how to give one
+
+
+def test_chat_template_option_on_a_model_without_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bittern.tokenization import set_chat_template
+
+    plain = tokenizer()
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "tokenizer")
+    path = bittern.save_model(trained_model("llama"), tmp_path / "m", "packed", tokenizer_source=tmp_path / "tokenizer")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", str(path), "--chat-template", "plain", "--max-new-tokens", "6"]) == 0
+    engine = bittern.load(path)
+    set_chat_template(engine.tokenizer, "plain")
+    reply = engine.chat([{"role": "user", "content": "Hello"}], 6).text
+    assert capsys.readouterr().out == f"> Hello\n{reply}\n"
+    args = ["generate", str(path), "--chat", "--chat-template", "plain", "--prompt", "Hello", "--max-new-tokens", "6"]
+    assert main([*args, "--no-stream"]) == 0
+    assert capsys.readouterr().out == reply + "\n"
+
+
+def test_an_unknown_chat_template_is_refused_before_the_model_loads(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bittern.engine.load", _must_not_load)
+    assert main(["chat", str(checkpoint), "--chat-template", "no-such-template"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--chat-template 'no-such-template'" in err and "plain, chatml" in err
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the options were checked")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "1.5"], "top_p must lie in (0, 1]"),
+        (["--top-k", "-2"], "top_k must be a non-negative integer"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+        (["--chat-template", "plain"], "--chat-template applies to chat prompts"),
+        (["--adapter", "no-such-adapter"], "not a LoRA adapter directory"),
+    ],
+)
+def test_options_are_checked_before_the_model_loads_or_the_prompt_is_echoed(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, options, message
+) -> None:
+    monkeypatch.setattr("bittern.engine.load", _must_not_load)
+    assert main(["generate", str(checkpoint), "--prompt", "The import statement", *options]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("bittern: error:") and message in captured.err and captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_max_new_tokens_must_be_positive(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setattr("bittern.engine.load", _must_not_load)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(checkpoint), "--prompt", "Hi", "--max-new-tokens", value])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--max-new-tokens" in captured.err
+
+
+def test_a_too_long_prompt_is_refused_before_it_is_echoed(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    long_prompt = "The import statement " * 400
+    assert main(["generate", str(checkpoint), "--prompt", long_prompt, "--max-seq-len", "64"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "plus max_new_tokens (128) exceeds max_seq_len (64)" in captured.err and captured.err.count("\n") == 1
+
+
+def test_generate_and_chat_read_a_gguf_file_with_its_tokenizer(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("gguf")
+    from bittern.export import export_gguf
+
+    with pytest.warns(UserWarning):  # hidden 64: the rows fall back to Q8_0
+        path = export_gguf(checkpoint, tmp_path / "m.gguf").path
+    engine = bittern.load(path)
+    assert engine.tokenizer is not None
+    assert engine.encode("The import") == bittern.load(checkpoint).encode("The import")
+    expected = engine.generate("The import", 12).text
+    assert main(["generate", str(path), "--prompt", "The import", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == f"The import{expected}\n"
+    reply = engine.chat([{"role": "user", "content": "Hello"}], 6).text  # the chat template travels in the file
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", str(path), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"> Hello\n{reply}\n"
+
+
+@pytest.fixture(scope="module")
+def adapter(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the packed checkpoint, with non-zero B so that it changes the output."""
+    import torch
+
+    from bittern.peft import apply_lora
+
+    peft_model = apply_lora(bittern.load_model(checkpoint), rank=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    directory = tmp_path_factory.mktemp("adapter") / "adapter"
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+def test_generate_runs_base_plus_adapter(checkpoint: Path, adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bittern.engine import Engine
+    from bittern.peft import load_adapter
+
+    peft_model = load_adapter(bittern.load_model(checkpoint, layers="ternary"), adapter)
+    expected = Engine(peft_model.get_base_model(), bittern.load(checkpoint).tokenizer).generate("The import", 12).text
+    assert expected != bittern.load(checkpoint).generate("The import", 12).text  # the adapter matters
+    assert main(["generate", str(checkpoint), "--adapter", str(adapter), "--prompt", "The import",
+                 "--max-new-tokens", "12"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == f"The import{expected}\n"
+
+
+def test_an_adapter_given_as_the_model_is_named_as_one(adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(adapter), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a LoRA adapter" in err and f"--adapter {adapter}" in err
 
 
 def test_help_explains_the_verbs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -234,7 +234,8 @@ def test_cli_export_gguf(llama_dir, tmp_path, capsys, bpe_tokenizer) -> None:
     assert "llama.cpp architecture 'llama'" in capsys.readouterr().out
     assert fields(out)[1]["blk.0.attn_q.weight"] == "tq1_0"
     assert main(["export", "gguf", str(llama_dir), str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in err and "overwrite=True" not in err  # CLI words
     odd = write_model(tmp_path / "odd", model_config("llama", len(bpe_tokenizer), hidden=96), bpe_tokenizer)
     assert main(["export", "gguf", str(odd), str(tmp_path / "odd.gguf"), "--quiet"]) == 0
     err = capsys.readouterr().err
@@ -247,6 +248,37 @@ def test_inspect_a_gguf_file(llama_dir, tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "gguf" and report["ternary_layers"] == 14
     assert report["bits_per_linear_weight"] == pytest.approx(54 * 8 / 256)  # TQ1_0: 54 bytes per 256 weights
+    assert report["tokenizer"] == "in the GGUF file (gpt2, 384 tokens)" and report["chat_template"] is True
+    assert main(["inspect", str(path)]) == 0
+    assert "tokenizer:             in the GGUF file (gpt2, 384 tokens)" in capsys.readouterr().out
+
+
+def test_convert_a_gguf_file_writes_its_tokenizer(llama_dir, tmp_path, capsys) -> None:
+    from transformers import AutoTokenizer
+
+    path = export_gguf(llama_dir, tmp_path / "m.gguf").path
+    out = tmp_path / "packed"
+    assert main(["convert", str(path), str(out), "--to", "packed"]) == 0
+    reference = AutoTokenizer.from_pretrained(llama_dir)
+    converted = AutoTokenizer.from_pretrained(out)
+    text = "The import statement, 42 times.\n\n  def f():"
+    assert converted(text)["input_ids"] == reference(text)["input_ids"]
+    assert converted.chat_template == reference.chat_template
+
+
+def test_eval_reads_a_gguf_file_with_its_tokenizer(llama_dir, tmp_path, capsys) -> None:
+    from bittern.train.corpus import pydoc_topics
+
+    path = export_gguf(llama_dir, tmp_path / "m.gguf").path
+    text = tmp_path / "held.txt"
+    text.write_text(pydoc_topics()[40][:3000], encoding="utf-8")
+    assert main(["eval", str(path), "--data", str(text), "--window", "64", "--json"]) == 0
+    from_gguf = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(llama_dir), "--data", str(text), "--window", "64", "--json"]) == 0
+    from_directory = json.loads(capsys.readouterr().out)
+    assert from_gguf["variant"] == "gguf" and from_gguf["tokens"] == from_directory["tokens"]
+    # the same codes; the scales rounded to fp16 and the embeddings stored as f16
+    assert from_gguf["perplexity"] == pytest.approx(from_directory["perplexity"], rel=1e-2)
 
 
 def test_corrupt_gguf_through_load_model(tmp_path, llama_dir) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,3 +85,56 @@ def test_a_different_command_on_the_same_run_directory_is_refused(
     error = capsys.readouterr().err
     assert "different settings" in error and "preset: 'small' → 'tiny'" in error and f"steps: 5 → {STEPS}" in error
     assert sorted(p.name for p in run.iterdir()) == ["run_config.json"]  # nothing written
+
+
+def _states(run: Path) -> dict[str, str]:
+    return {p.name: (p / "trainer_state.json").read_text() for p in sorted((run / "checkpoints").glob("checkpoint-*"))}
+
+
+def test_a_finished_run_is_final_and_a_rerun_only_re_exports(
+    text_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bittern.cli import main
+
+    run = tmp_path / "run"
+    args = [a for a in tiny_train_args(run, text_dir, batch_size=4, steps=4, save_every=2) if a != "--no-export"]
+    assert main(args) == 0
+    states, metrics = _states(run), (run / "metrics.jsonl").read_text()
+    files = {v: (run / "variants" / v / "model.safetensors").read_bytes() for v in ("packed", "bf16", "prequantized")}
+    configs = {v: (run / "variants" / v / "config.json").read_text() for v in ("packed", "bf16", "prequantized")}
+    report = (run / "report.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "run already finished at step 4: re-exporting and re-evaluating (no training)" in out
+    assert _checkpoint_steps(run) == [2, 4] and _states(run) == states  # no step 5, nothing rotated away
+    assert (run / "metrics.jsonl").read_text() == metrics
+    for variant in ("packed", "bf16", "prequantized"):  # the same trained weights, the same files
+        assert (run / "variants" / variant / "model.safetensors").read_bytes() == files[variant], variant
+        assert (run / "variants" / variant / "config.json").read_text() == configs[variant], variant
+    table = re.compile(r"^\| (packed|bf16|prequantized) .*$", re.MULTILINE)
+    assert table.findall((run / "report.md").read_text()) == table.findall(report)
+    assert table.findall(report) == ["packed", "bf16", "prequantized"]
+
+
+def test_the_reports_mean_objective_covers_every_step_after_a_resume(text_dir: Path, tmp_path: Path) -> None:
+    """Logged every 4 steps, checkpointed every 3, interrupted after the checkpoint of step 3: report.md's mean
+    training objective is still the mean over steps 1-6 (an uninterrupted run logging every step gives it)."""
+    from bittern.cli import main
+
+    def args(run: Path, log_every: int) -> list[str]:
+        argv = tiny_train_args(run, text_dir, batch_size=4, steps=6, save_every=3)
+        argv[argv.index("--log-every") + 1] = str(log_every)
+        return argv
+
+    assert main(args(tmp_path / "reference", 1)) == 0
+    per_step = _losses(tmp_path / "reference")
+    assert sorted(per_step) == [1, 2, 3, 4, 5, 6]
+    run = tmp_path / "run"
+    assert main(args(run, 4)) == 0
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")  # as if killed after the checkpoint of step 3
+    assert main(args(run, 4)) == 0  # resumes from step 3 and trains steps 4-6
+    assert sorted(_losses(run)) == [3, 4, 6]  # checkpoint steps are logged too: the records cover every step
+    reported = re.search(r"mean training objective over the run [^:]*: ([0-9.]+)", (run / "report.md").read_text())
+    assert reported is not None
+    assert float(reported.group(1)) == pytest.approx(sum(per_step.values()) / 6, abs=2e-4)

@@ -416,14 +416,49 @@ def test_chunked_loss_is_refused_for_chat_data(chat_files: dict[str, Path], tmp_
     assert not (out / RUN_CONFIG).exists(), "a refused command leaves no run behind"
 
 
-def test_chat_data_needs_a_tokenizer_with_a_chat_template(chat_files: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # raised inside TRL
+def test_chat_data_without_a_chat_template_gets_the_plain_default(chat_files: dict[str, Path], tmp_path: Path) -> None:
+    """From scratch on chat data: bittern's own tokenizer has no template, so the run gives it ``plain``, which
+    every exported variant carries (``bittern chat`` then works on them)."""
+    pytest.importorskip("trl")
+    from bittern.tokenization import CHAT_TEMPLATES
+
     out = tmp_path / "sft"
-    config = TrainConfig(
-        out=str(out), data=[str(chat_files["data"])], tokenizer=str(chat_files["plain"]), steps=2, **TINY
-    )
-    with pytest.raises(ConfigError, match="chat template"):
-        train(config)
-    assert not (out / "metrics.jsonl").exists() and not (out / RUN_CONFIG).exists()
+    result = train(TrainConfig(out=str(out), data=[str(chat_files["data"])], steps=2, log_every=1, **TINY))
+    assert load_tokenizer(out / "tokenizer").chat_template == CHAT_TEMPLATES["plain"]
+    assert any(note.startswith("chat template: plain (the default for chat data") for note in result.notes)
+    for variant in VARIANTS:
+        assert load_tokenizer(out / "variants" / variant).chat_template == CHAT_TEMPLATES["plain"]
+    engine = bittern.load(out / "variants" / "packed")
+    reply = engine.chat([{"role": "user", "content": "Hi"}], 4)
+    assert len(reply.token_ids[0]) >= 1
+
+
+def test_chat_template_option_is_stored_with_the_runs_tokenizer(text_dir: Path, tmp_path: Path) -> None:
+    from bittern.tokenization import CHAT_TEMPLATES
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}", encoding="utf-8")
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), data=[str(text_dir)], steps=1, export=False, chat_template=str(template), **TINY))
+    assert load_tokenizer(out / "tokenizer").chat_template == template.read_text(encoding="utf-8")
+    with pytest.raises(ConfigError, match="--chat-template 'chatm' is neither a template name"):
+        train(TrainConfig(out=str(tmp_path / "bad"), data=[str(text_dir)], chat_template="chatm", **TINY))
+    assert not (tmp_path / "bad").exists()
+    assert "plain" in CHAT_TEMPLATES
+
+
+def test_checkpoints_and_variants_get_the_umasks_permissions(scratch) -> None:
+    from bittern.formats.common import current_umask
+
+    config, _ = scratch
+    run = Path(config.out)
+    mask = current_umask()
+    files = [*(run / "checkpoints").rglob("*.safetensors"), *(run / "variants").rglob("*.safetensors")]
+    assert len(files) >= 5
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
+    directories = [p for p in (run / "variants").iterdir()] + [p for p in (run / "checkpoints").iterdir()]
+    assert {oct(p.stat().st_mode & 0o777) for p in directories} == {oct(0o777 & ~mask)}
 
 
 # -- errors before any training -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ def chat_loop(
     *,
     system: str | None = None,
     prompt: str = "",
+    transcript: bool = False,
     max_new_tokens: int = 256,
     **options: Any,
 ) -> list[dict[str, str]]:
@@ -28,6 +29,8 @@ def chat_loop(
     Args:
         system: an optional system message that opens the conversation.
         prompt: written to ``stdout`` before each turn is read (e.g. ``"> "`` on a terminal).
+        transcript: for input that is not typed (a pipe): echo each user turn as ``> TEXT`` before its reply and
+            put a blank line between one reply and the next turn, so the output reads as a conversation.
         max_new_tokens, options: as for :meth:`Engine.chat` (sampling, stop strings).
 
     Returns:
@@ -39,6 +42,7 @@ def chat_loop(
     engine.check_chat_template()
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
+    exchanges = 0
 
     def write(text: str) -> None:
         stdout.write(text)
@@ -60,6 +64,9 @@ def chat_loop(
             write("(history cleared)\n")
             continue
         messages.append({"role": "user", "content": user})
+        if transcript:
+            write(("\n" if exchanges else "") + f"> {user}\n")
+        exchanges += 1
         result = engine.chat(messages, max_new_tokens, stream=lambda _row, text: write(text), **options)
         write("\n")
         messages.append({"role": "assistant", "content": result.text})

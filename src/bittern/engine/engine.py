@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from bittern.engine.graphs import CudaGraphDecodeStep, EagerDecodeStep
 from bittern.engine.prefill import CudaGraphPrefill, EagerPrefill
 from bittern.engine.sampling import Sampler, SamplingParams
 from bittern.engine.text import RowText
-from bittern.errors import ConfigError, MissingFileError
+from bittern.errors import CheckpointError, ConfigError, MissingFileError
 
 StreamCallback = Callable[[int, str], None]
 """Receives ``(row, text)``: the next piece of row ``row``'s generated text."""
@@ -108,18 +109,10 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def _load_tokenizer(path: Path) -> Any | None:
-    """The tokenizer saved beside a checkpoint, or None when the directory has no tokenizer files."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved beside a checkpoint (or stored in a GGUF file), or None when there is none."""
+    from bittern.tokenization import has_tokenizer, load_tokenizer
 
-    from bittern.formats.common import TOKENIZER_FILES
-
-    if not any((path / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        reason = " ".join(str(exc).split())
-        raise MissingFileError(f"cannot load the tokenizer in directory '{path}': {reason}") from exc
+    return load_tokenizer(path, "the engine") if has_tokenizer(path) else None
 
 
 def _token_ids(value: Any) -> list[int]:
@@ -346,16 +339,7 @@ class Engine:
             a :class:`GenerationResult` with the texts (when there is a tokenizer), token ids and timings.
         """
         rows = [[int(t) for t in row] for row in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)]
-        if not rows:
-            raise ConfigError("no prompts given")
-        vocab = self.decoder.embed.num_embeddings
-        for index, row in enumerate(rows):
-            if not row:
-                raise ConfigError(f"prompt {index} has no tokens")
-            if min(row) < 0 or max(row) >= vocab:
-                raise ConfigError(f"prompt {index} holds token ids outside the vocabulary [0, {vocab})")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+        self.check_request(rows, max_new_tokens)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if stops or stream:
@@ -374,6 +358,26 @@ class Engine:
             row_callback = None if callback is None else _offset(callback, start)
             result.extend(self._generate_chunk(chunk, max_new_tokens, sampler, stops, row_callback, ignore_eos))
         return result
+
+    def check_request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """Raise :class:`ConfigError` unless every prompt is a non-empty list of ids in the vocabulary and fits
+        ``max_seq_len`` with ``max_new_tokens`` (a positive integer) after it: what :meth:`generate_ids` checks
+        before any work, callable before printing anything."""
+        if not prompts:
+            raise ConfigError("no prompts given")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+        vocab = self.decoder.embed.num_embeddings
+        for index, row in enumerate(prompts):
+            if not row:
+                raise ConfigError(f"prompt {index} has no tokens")
+            if min(row) < 0 or max(row) >= vocab:
+                raise ConfigError(f"prompt {index} holds token ids outside the vocabulary [0, {vocab})")
+            if len(row) + max_new_tokens > self.max_seq_len:
+                raise ConfigError(
+                    f"prompt {index} ({len(row)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                    f"({self.max_seq_len}); shorten the prompt or lower max_new_tokens"
+                )
 
     def _generate_chunk(
         self,
@@ -523,10 +527,12 @@ class Engine:
         """Raise :class:`ConfigError` when the tokenizer has no chat template."""
         tokenizer = self._require_tokenizer("chat")
         if not getattr(tokenizer, "chat_template", None):
-            where = f"in '{self.source}' " if self.source is not None else ""
+            where = f"of '{self.source}' " if self.source is not None else ""
             raise ConfigError(
                 f"the tokenizer {where}has no chat template (no chat_template in tokenizer_config.json or "
-                "chat_template.jinja); use generate with a plain prompt instead"
+                "chat_template.jinja; a tokenizer bittern trained on plain text has none): give one with "
+                "--chat-template plain (or chatml, or a Jinja file), or store one in the model with bittern convert "
+                "--chat-template / bittern train --chat-template (from Python: bittern.tokenization.set_chat_template)"
             )
 
     def chat(
@@ -556,18 +562,25 @@ def load(
     max_seq_len: int | None = None,
     cuda_graph: bool = True,
     compile: bool = True,
+    adapter: str | Path | None = None,
+    chat_template: str | None = None,
 ) -> Engine:
-    """An :class:`Engine` for the checkpoint directory ``path`` and the tokenizer saved beside it.
+    """An :class:`Engine` for the checkpoint at ``path`` and the tokenizer saved beside it (or inside it).
 
     Args:
         path: any checkpoint :func:`bittern.load_model` reads: bittern's packed (either scale convention), bf16
-            and prequantized variants, Falcon-E and 2B4T style packed checkpoints, plain full-precision ones.
+            and prequantized variants, Falcon-E and 2B4T style packed checkpoints, plain full-precision ones, and
+            ``llama`` / ``bitnet`` GGUF files (whose tokenizer is read from the file).
         device: default ``cuda`` when available, else ``cpu``.
         dtype: of the dense weights and activations; default bfloat16 on a GPU, float32 on the CPU.
         weights: ``ternary``: every ternary layer (and, for a plain checkpoint, every decoder linear) as a packed
             :class:`~bittern.nn.TernaryLinear` (int8 activations); ``dense``: the same layers as ``nn.Linear``
             holding ``Wt / s_w`` in ``dtype`` (the bf16 variant's numbers, no activation quantization).
         max_batch, max_seq_len, cuda_graph, compile: see :class:`Engine`.
+        adapter: a PEFT LoRA adapter directory (``bittern train --lora-rank``'s ``adapter/``) to run on the model
+            as base + adapter, unmerged (:func:`bittern.peft.load_adapter`).
+        chat_template: a chat template for :meth:`Engine.chat` that replaces the tokenizer's: a name of
+            :data:`bittern.tokenization.CHAT_TEMPLATES` or a Jinja file.
     """
     from bittern.checkpoint import load_model
 
@@ -576,10 +589,18 @@ def load(
     torch_device = devices.resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     directory = Path(path)
-    tokenizer = _load_tokenizer(directory) if directory.is_dir() else None
+    tokenizer = _load_tokenizer(directory)
+    if chat_template is not None:
+        from bittern.tokenization import set_chat_template
+
+        if tokenizer is None:
+            raise MissingFileError("--chat-template needs the model's tokenizer, and there are none", directory)
+        set_chat_template(tokenizer, chat_template)
     model = load_model(
         directory, layers="ternary" if weights == "ternary" else "linear", dtype=torch_dtype, device=torch_device
     )
+    if adapter is not None:
+        model = attach_adapter(model, adapter)
     return Engine(
         model,
         tokenizer,
@@ -589,3 +610,25 @@ def load(
         compile=compile,
         source=directory,
     )
+
+
+def attach_adapter(model: nn.Module, adapter: str | Path) -> nn.Module:
+    """``model`` with the PEFT LoRA adapter in directory ``adapter`` attached, unmerged: the Hugging Face model
+    whose adapted linear layers compute base + ``scaling · B(A(x))`` (PEFT's ``get_base_model()``).
+
+    Raises:
+        MissingFileError: ``adapter`` is not an adapter directory.
+        CheckpointError: the adapter does not fit the model (another base's shapes or layer names).
+    """
+    try:
+        from bittern.peft import load_adapter
+    except ImportError as exc:  # pragma: no cover - peft is a dev dependency
+        raise ConfigError("--adapter needs PEFT: pip install 'bittern[peft]'") from exc
+    try:
+        with warnings.catch_warnings():  # raised inside transformers when PEFT wraps a model, not bittern's concern
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            peft_model = load_adapter(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        reason = " ".join(str(exc).split())[:400]
+        raise CheckpointError(f"the LoRA adapter does not fit this model ({reason})", adapter) from exc
+    return peft_model.get_base_model().eval()

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bittern import devices
-from bittern.errors import ConfigError, MissingFileError
+from bittern.errors import ConfigError
 from bittern.records import jsonl_records
 
 DEFAULT_WINDOW_CAP = 1024
@@ -281,27 +281,15 @@ def read_text(data_path: str | Path) -> str:
 
 
 def load_tokenizer(model_path: str | Path) -> Any:
-    """``AutoTokenizer.from_pretrained(model_path)``, with a clear error when the directory has no tokenizer.
+    """The tokenizer of the checkpoint at ``model_path`` (its directory's files, or the one a GGUF file stores),
+    with a clear error when there is none.
 
     Raises:
-        MissingFileError: ``model_path`` holds no tokenizer files, or they cannot be loaded.
+        MissingFileError: ``model_path`` holds no tokenizer, or it cannot be loaded.
     """
-    from transformers import AutoTokenizer
+    from bittern.tokenization import load_tokenizer as load
 
-    from bittern.formats.common import TOKENIZER_FILES
-
-    directory = Path(model_path)
-    present = [name for name in TOKENIZER_FILES if name != "generation_config.json" and (directory / name).is_file()]
-    needed = "bittern eval needs the model's tokenizer beside the weights (e.g. tokenizer.json)"
-    if not present:
-        raise MissingFileError(f"directory '{directory}' holds no tokenizer files; {needed}")
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        reason = " ".join(str(exc).split())  # one line
-        raise MissingFileError(
-            f"cannot load the tokenizer in directory '{directory}' ({', '.join(present)}): {reason}; {needed}"
-        ) from exc
+    return load(model_path, "bittern eval")
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
@@ -331,6 +319,7 @@ def evaluate_file(
     layers: str = "auto",
     batch_size: int = 8,
     progress: bool | None = None,
+    adapter: str | Path | None = None,
 ) -> PerplexityResult:
     """``bittern eval``: perplexity of the checkpoint at ``model_path`` on the text in ``data_path``.
 
@@ -351,6 +340,7 @@ def evaluate_file(
         layers: passed to :func:`bittern.load_model` (``auto``: packed/bf16 → TernaryLinear, prequantized →
             BitLinear).
         batch_size: windows per forward pass.
+        adapter: a PEFT LoRA adapter directory evaluated on the model (base + adapter, unmerged).
 
     Raises:
         ConfigError: bad arguments, or a missing, empty or malformed data file (named).
@@ -375,6 +365,10 @@ def evaluate_file(
     if ids.numel() < 2:
         raise ConfigError(f"data file '{data_path}' gives {ids.numel()} token(s); at least 2 are needed")
     model = load_model(model_path, layers=layers, dtype=torch_dtype, device=torch_device)  # type: ignore[arg-type]
+    if adapter is not None:
+        from bittern.engine.engine import attach_adapter
+
+        model = attach_adapter(model, adapter)
     if window is None:
         window = default_window(model)
     if stride is None:
@@ -384,10 +378,12 @@ def evaluate_file(
 
 def describe_variant(model_path: str | Path) -> str:
     """A short name of the checkpoint's layout: ``packed (divide)``, ``packed (multiply)``, ``bf16``,
-    ``prequantized`` or ``full`` (a plain checkpoint)."""
+    ``prequantized``, ``full`` (a plain checkpoint) or ``gguf`` (a GGUF file)."""
     from bittern import formats
 
     directory = Path(model_path)
+    if formats.gguf.is_gguf_file(directory):
+        return "gguf"
     config = formats.read_config(directory)
     fmt = formats.detect_format(config, directory)
     if fmt != "packed":

@@ -34,6 +34,8 @@ from bittern.errors import (
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+"""A PEFT adapter directory's config (an adapter is not a model: it runs on a base, ``--adapter``)."""
 MARKER_KEY = "bittern"
 """Key of bittern's own block in ``config.json``: ``{"format": ..., "ternary_layers": [...], ...}``."""
 MARKER_VERSION = 1
@@ -153,9 +155,16 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise MissingFileError("checkpoint directory does not exist", directory)
+        what = "is a file, not a checkpoint directory" if directory.is_file() else "checkpoint directory does not exist"
+        raise MissingFileError(what, directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
+        if (directory / ADAPTER_CONFIG_FILE).is_file():
+            raise MissingFileError(
+                "is a LoRA adapter (adapter_config.json), not a model: give its base model and the adapter with "
+                f"--adapter {directory}{_adapter_base_hint(directory)}",
+                directory,
+            )
         raise MissingFileError("config.json is missing; a checkpoint directory needs one", path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -164,6 +173,15 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CorruptCheckpointError("must hold a JSON object", path)
     return config
+
+
+def _adapter_base_hint(directory: Path) -> str:
+    """`` (base: PATH)`` from an adapter's ``base_model_name_or_path``, or nothing."""
+    try:
+        base = json.loads((directory / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (its base: {base})" if isinstance(base, str) and base else ""
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -239,7 +257,11 @@ def check_finite(tensor: torch.Tensor, path: str | Path | None, key: str) -> Non
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (made contiguous, on CPU) to one safetensors file with ``format: pt`` metadata."""
+    """Write ``tensors`` (made contiguous, on CPU) to one safetensors file with ``format: pt`` metadata.
+
+    safetensors writes the metadata keys in a per-process random order (a Rust ``HashMap``), so a file whose
+    metadata has more than one key differs from byte to byte between two writes of the same tensors.
+    """
     ready = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     save_file(ready, str(path), metadata={"format": "pt", **(metadata or {})})
 
@@ -261,12 +283,40 @@ def copy_tokenizer_files(source: Path | None, directory: Path) -> list[str]:
     return copied
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_permissions(path: str | Path) -> None:
+    """Give ``path`` (and, for a directory, everything below it) the permissions a plain ``open``/``mkdir`` would:
+    ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for directories.
+
+    ``tempfile.mkdtemp`` makes private (0700) directories and safetensors writes private (0600) files; outputs
+    renamed into place from there would otherwise stay readable by their owner only.
+    """
+    mask = current_umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, directories, files in os.walk(path):
+            for name in directories:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    elif path.exists():
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``destination``; on success rename it into place.
 
     On any exception the temporary directory is removed and ``destination`` is left untouched. An existing
-    ``destination`` is replaced only with ``overwrite=True`` (and only after the new content is complete).
+    ``destination`` is replaced only with ``overwrite=True`` (and only after the new content is complete). The
+    directory and its files get the permissions the umask gives (:func:`apply_umask_permissions`).
 
     Raises:
         OutputExistsError: ``destination`` exists and ``overwrite`` is False (checked before any work).
@@ -282,6 +332,7 @@ def atomic_output_dir(destination: str | Path, overwrite: bool = False) -> Itera
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
         yield staging
+        apply_umask_permissions(staging)
         if destination.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
             os.replace(destination, retired / destination.name)
@@ -302,9 +353,15 @@ def write_checkpoint_dir(
     tokenizer_source: Path | None,
     overwrite: bool,
 ) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and the tokenizer files into ``destination``, atomically."""
+    """Write ``model.safetensors``, ``config.json`` and the tokenizer files into ``destination``, atomically.
+
+    ``fmt`` names the layout; callers record it in ``config.json``'s bittern marker (:func:`make_marker`). The same
+    tensors and config give the same bytes.
+    """
     with atomic_output_dir(destination, overwrite) as staging:
-        write_safetensors(staging / WEIGHTS_FILE, tensors, {"bittern_format": fmt})
+        # metadata: only format=pt (more keys would come out in a random order, see write_safetensors); the
+        # layout is recorded in config.json's bittern marker
+        write_safetensors(staging / WEIGHTS_FILE, tensors)
         write_config(staging, config)
         copy_tokenizer_files(tokenizer_source, staging)
     return Path(destination)

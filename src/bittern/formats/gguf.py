@@ -396,7 +396,7 @@ def read_gguf(path: str | Path, progress: bool | None = None) -> Checkpoint:
         fields = {name: _field_value(field) for name, field in reader.fields.items()}
         tensors = list(reader.tensors)
     except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
-        raise CorruptCheckpointError(f"not a readable GGUF file ({exc})", path) from exc
+        raise CorruptCheckpointError(_unreadable(path), path) from exc
     names = {t.name for t in tensors}
     config = config_from_metadata(fields, names, path)
     architecture = ARCHITECTURES[config["model_type"]]
@@ -461,6 +461,17 @@ def read_gguf(path: str | Path, progress: bool | None = None) -> Checkpoint:
         format="gguf",
         source=None,
         files=dict.fromkeys([*dense, *(f"{m}.weight" for m in ternary)], path),
+    )
+
+
+def _unreadable(path: Path) -> str:
+    """Why ``gguf.GGUFReader`` could not parse ``path``, in words (its own errors are numpy's reshape messages)."""
+    size = path.stat().st_size
+    if not is_gguf_file(path):
+        return f"not a readable GGUF file: it does not start with the magic bytes 'GGUF' ({size:,} bytes)"
+    return (
+        f"not a readable GGUF file: truncated or corrupt ({size:,} bytes; its metadata or tensor data is cut short "
+        "or damaged, e.g. an interrupted copy or download)"
     )
 
 

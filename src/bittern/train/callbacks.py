@@ -59,7 +59,11 @@ class WeightDecaySchedule(TrainerCallback):
 class MetricsWriter(TrainerCallback):
     """Appends every log (training loss, learning rate, λ, eval loss) to ``metrics.jsonl`` with the step,
     tokens seen and tokens/s. Each start writes an ``{"event": "start"}`` or ``{"event": "resume"}`` record;
-    on resume, records past the resumed step are dropped first, so the file always describes one run."""
+    on resume, records past the resumed step are dropped first, so the file always describes one run.
+
+    A step that saves a checkpoint (and the last step) is always logged as well, so the ``loss`` records (each the
+    mean since the previous one) cover every step up to each checkpoint: after a resume the file still covers
+    every step of the run once (:func:`bittern.train.run.mean_training_objective`)."""
 
     def __init__(self, path: Path, tokens_per_step: int) -> None:
         self.path = path
@@ -75,6 +79,11 @@ class MetricsWriter(TrainerCallback):
             event = {"step": state.global_step, "event": "resume" if state.global_step else "start"}
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(event) + "\n")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:  # set by DefaultFlowCallback, which runs first
+            control.should_log = True
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -150,6 +159,10 @@ class ProgressBar(TrainerCallback):
                 self._postfix = " ".join(parts)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """End the bar (also when training stops early, e.g. on Ctrl-C, so nothing redraws it afterwards)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -26,7 +26,9 @@ class TrainConfig:
     fine-tuning. Chat data (jsonl with ``messages``) trains through TRL's ``SFTTrainer``. ``lora_rank`` trains
     LoRA adapters on the ternary ``model`` loaded packed and frozen (:mod:`bittern.train.lora`). ``loss_chunk``
     computes the language-model loss that many tokens at a time without keeping the full logits
-    (:mod:`bittern.train.losses`; 0: transformers' loss).
+    (:mod:`bittern.train.losses`; 0: transformers' loss). ``chat_template`` (a name of
+    :data:`bittern.tokenization.CHAT_TEMPLATES` or a Jinja file) is stored with the run's tokenizer; chat data gets
+    ``plain`` when the tokenizer has no template.
     """
 
     out: str
@@ -35,6 +37,7 @@ class TrainConfig:
     gguf_file: str | None = None
     data: list[str] = field(default_factory=list)
     tokenizer: str | None = None
+    chat_template: str | None = None
     vocab_size: int = 4096
     num_layers: int | None = None
     seq_len: int = 256
@@ -76,6 +79,9 @@ class TrainConfig:
             get_preset(self.preset)
         if self.gguf_file and not self.model:
             raise ConfigError("--gguf-file names a file inside --model's directory; give --model too")
+        from bittern.tokenization import check_chat_template_spec
+
+        check_chat_template_spec(self.chat_template)
         positive = {
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,

@@ -49,8 +49,9 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
+    # every width a multiple of 256, so each ternary layer's rows fit GGUF's TQ1_0 / TQ2_0 blocks
     "tiny": Preset(
-        "llama", 256, 704, 4, 4, 2, 1024, description="Llama, 4 layers, hidden 256 (~2M linear weights; CPU demo)"
+        "llama", 256, 768, 4, 4, 2, 1024, description="Llama, 4 layers, hidden 256 (~3M linear weights; CPU demo)"
     ),
     "small": Preset("llama", 512, 1408, 8, 8, 4, 2048, description="Llama, 8 layers, hidden 512 (~25M linear)"),
     "125m": Preset("llama", 768, 2048, 12, 12, 4, 2048, description="Llama, 12 layers, hidden 768 (~85M linear)"),

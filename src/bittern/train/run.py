@@ -120,7 +120,12 @@ def _check_run_directory(config: TrainConfig, run_dir: Path) -> bool:
 
 
 def _prepare_tokenizer(config: TrainConfig, corpus: Corpus, run_dir: Path):
-    """The run's tokenizer, saved once under ``run_dir/tokenizer`` and reloaded from there on resume."""
+    """The run's tokenizer, saved once under ``run_dir/tokenizer`` and reloaded from there on resume.
+
+    It gets ``config.chat_template`` when one is given, and :data:`~bittern.tokenization.DEFAULT_CHAT_TEMPLATE` when
+    the data is chat and the tokenizer has none (a tokenizer bittern trains never has one).
+    """
+    from bittern.tokenization import DEFAULT_CHAT_TEMPLATE, set_chat_template
     from bittern.train.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     saved = run_dir / "tokenizer"
@@ -135,12 +140,56 @@ def _prepare_tokenizer(config: TrainConfig, corpus: Corpus, run_dir: Path):
         split = split_documents(len(documents), config.eval_fraction)
         train_docs = [documents[i] for i in split[0]] if split else documents
         tokenizer = train_bpe_tokenizer(train_docs, config.vocab_size)
+    if config.chat_template is not None:
+        set_chat_template(tokenizer, config.chat_template)
+    elif corpus.is_chat and not getattr(tokenizer, "chat_template", None):
+        set_chat_template(tokenizer, DEFAULT_CHAT_TEMPLATE)
     if _is_main_process():
         tmp = run_dir / "tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tokenizer.save_pretrained(tmp)
         tmp.replace(saved)
     return tokenizer
+
+
+def _chat_template_note(config: TrainConfig, corpus: Corpus, tokenizer) -> list[str]:
+    """A report note naming the chat template the run's tokenizer carries, when the run chose it."""
+    from bittern.tokenization import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
+
+    template = getattr(tokenizer, "chat_template", None)
+    if config.chat_template is not None:
+        return [f"chat template: {config.chat_template} (--chat-template)"]
+    if corpus.is_chat and template == CHAT_TEMPLATES[DEFAULT_CHAT_TEMPLATE]:
+        return [f"chat template: {DEFAULT_CHAT_TEMPLATE} (the default for chat data; --chat-template sets another)"]
+    return []
+
+
+def _checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step a Trainer checkpoint directory was saved at (``trainer_state.json``'s global step)."""
+    state = Path(checkpoint) / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
+def mean_training_objective(metrics_path: Path) -> float | None:
+    """The mean training objective over every step of the run, from ``metrics.jsonl``: each logged ``loss`` is
+    the mean over the steps since the previous log, so the logs are weighted by the steps they cover. A resumed
+    run's file holds the records of the steps before the interruption too (see :class:`MetricsWriter`), so the
+    mean covers the whole run, not only the steps of the last process. None when nothing was logged."""
+    from bittern.train.callbacks import read_metrics
+
+    total, steps, previous = 0.0, 0, 0
+    for record in read_metrics(metrics_path):
+        if "loss" not in record:
+            continue
+        covered = int(record["step"]) - previous
+        if covered > 0:
+            total += float(record["loss"]) * covered
+            steps += covered
+            previous = int(record["step"])
+    return total / steps if steps else None
 
 
 def _source_is_full_precision(config: TrainConfig) -> bool:
@@ -352,11 +401,12 @@ def train(config: TrainConfig) -> TrainResult:
 
     args = _training_arguments(config, run_dir, data.eval_set is not None, chat=corpus.is_chat)
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * args.world_size
+    progress_bar = ProgressBar(tokens_per_step, enabled=config.progress)
     callbacks = [
         QuantizationWarmup(prepared.model, prepared.lambda_schedule, prepared.lambda_warmup),
         WeightDecaySchedule(config.schedule, config.weight_decay, config.warmup),
         MetricsWriter(run_dir / "metrics.jsonl", tokens_per_step),
-        ProgressBar(tokens_per_step, enabled=config.progress),
+        progress_bar,
     ]
     teacher = prepared.teacher.to(args.device) if prepared.teacher is not None else None
     trainer_class = sft_trainer_class() if corpus.is_chat else TernaryTrainer
@@ -381,12 +431,7 @@ def train(config: TrainConfig) -> TrainResult:
     shutil.rmtree(checkpoints / ".staging", ignore_errors=True)
     # checkpoint-N directories appear only whole (renamed from .staging), so the newest one is complete
     last = get_last_checkpoint(str(checkpoints)) if resuming and checkpoints.is_dir() else None
-    if last is not None and config.progress and _is_main_process():
-        print(f"resuming from {last}")
-    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-
-    from bittern.train.report import plot_curves, write_report
-
+    finished_at = _checkpoint_step(last) if last is not None else 0
     result = TrainResult(
         run_dir=run_dir,
         mode=prepared.mode,
@@ -394,9 +439,39 @@ def train(config: TrainConfig) -> TrainResult:
         train_tokens=data.train_tokens,
         held_out_tokens=int(data.eval_ids.numel()),
         unigram_perplexity=unigram_perplexity(data.train_ids, data.eval_ids, len(tokenizer)),
-        final_loss=getattr(output, "training_loss", None),
-        notes=[f"mode: {prepared.mode}", f"data: {corpus.description}; {data.how}", *prepared.notes],
+        final_loss=None,
+        notes=[
+            f"mode: {prepared.mode}",
+            f"data: {corpus.description}; {data.how}",
+            *prepared.notes,
+            *_chat_template_note(config, corpus, tokenizer),
+        ],
     )
+    if finished_at >= config.steps:
+        # A finished run is final: no more steps (Trainer would take one more when resumed at max_steps) and the
+        # checkpoints stay as they are. Its trained weights come back from the last checkpoint for the export.
+        if config.fsdp:
+            if _is_main_process():
+                print(
+                    f"run already finished at step {finished_at}: nothing to train; its variants are in "
+                    f"{run_dir / 'variants'} (a finished FSDP run's sharded checkpoint is not re-exported)"
+                )
+            result.final_loss = mean_training_objective(run_dir / "metrics.jsonl")
+            return result
+        if _is_main_process():
+            print(f"run already finished at step {finished_at}: re-exporting and re-evaluating (no training)")
+        trainer._load_from_checkpoint(str(last))
+    else:
+        if last is not None and config.progress and _is_main_process():
+            print(f"resuming from {last}")
+        try:
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
+        finally:
+            progress_bar.close()  # interrupted (Ctrl-C): end the bar before the CLI's message, not after it
+    result.final_loss = mean_training_objective(run_dir / "metrics.jsonl")
+
+    from bittern.train.report import plot_curves, write_report
+
     if config.export and config.lora_rank is not None:
         if _is_main_process():
             from bittern.train.lora import export_lora
@@ -436,7 +511,10 @@ def _model_for_export(trainer, model: nn.Module, config: TrainConfig) -> nn.Modu
         exported = model.to(device="cpu", dtype=torch.float32)
     else:
         return None
-    return set_quantization_strength(exported, 1.0).eval()
+    set_quantization_strength(exported, 1.0)
+    # what save_pretrained records (Trainer's checkpoints set it on the live model; a model rebuilt from one lacks it)
+    exported.config.architectures = [type(exported).__name__]
+    return exported.eval()
 
 
 def export_and_evaluate(

@@ -22,6 +22,7 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from bittern import reference
+from bittern.formats.common import apply_umask_permissions
 from bittern.train.losses import chunked_causal_lm_loss, final_hidden_states, output_head
 from bittern.train.schedules import lr_lambda
 
@@ -151,6 +152,7 @@ class TernaryTrainingMixin:
             final = root / name
             if final.exists():
                 shutil.rmtree(final)
+            apply_umask_permissions(root / STAGING / name)  # safetensors writes its files private (0600)
             os.replace(root / STAGING / name, final)
             shutil.rmtree(root / STAGING, ignore_errors=True)
             rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit)
