@@ -2,8 +2,9 @@
 
 Layers call the functions here, never a backend directly. Which backend runs:
 
-* ``auto`` (the default): the Triton kernels for CUDA tensors when Triton is installed, the reference
-  otherwise (CPU, or no Triton);
+* ``auto`` (the default): the Triton kernels for CUDA tensors when Triton is installed; for CPU tensors the native
+  CPU kernels of the packed products (:mod:`bittern.kernels.cpu`, compiled on first use; ``BITTERN_CPU_KERNELS=0``
+  turns them off); the reference otherwise;
 * ``reference``: always :mod:`bittern.quant` (the baseline every kernel is tested against);
 * ``triton``: always the kernels — an error if Triton is missing, or if a tensor is on the CPU without
   ``TRITON_INTERPRET=1`` (Triton's interpreter, slow: how CI tests the kernels on CPU).
@@ -23,7 +24,7 @@ from types import ModuleType
 import torch
 
 from bittern import packing, quant
-from bittern.kernels import interpreter
+from bittern.kernels import cpu, interpreter
 
 BACKENDS = ("auto", "reference", "triton")
 _ENV = "BITTERN_KERNELS"
@@ -107,6 +108,12 @@ def uses_triton(t: torch.Tensor) -> bool:
     return True
 
 
+def native_cpu(x: torch.Tensor) -> bool:
+    """Whether a packed product on ``x`` runs on the native CPU kernels (:mod:`bittern.kernels.cpu`): a CPU tensor
+    under the ``auto`` backend, outside torch.compile, the kernels enabled and built (on first use)."""
+    return x.device.type == "cpu" and backend() == "auto" and not torch.compiler.is_compiling() and cpu.available()
+
+
 def _ops() -> ModuleType:
     from bittern.kernels import ops
 
@@ -177,10 +184,11 @@ def packed_linear(
     (:mod:`bittern.packing`), ``N = out_features``. ``[..., K]`` → ``[..., N]``, bit-identical on either backend.
 
     Without gradients, the Triton backend multiplies straight from the packed bytes (no unpacked copy of the
-    weight: :mod:`bittern.kernels.packed`). Under ``torch.compile`` the activations are quantized by traced PyTorch
-    (:func:`bittern.quant.quantize_activations`, which inductor fuses into the kernel that produces ``x``, the norm
-    before each projection) and the kernels take the int8 input; eagerly, the kernels' own quantization is cheaper
-    than PyTorch's several launches. When ``x`` or ``bias`` needs a gradient, the codes are unpacked and
+    weight: :mod:`bittern.kernels.packed`), and so do the native CPU kernels for CPU tensors
+    (:mod:`bittern.kernels.cpu`). Under ``torch.compile`` the Triton backend's activations are quantized by traced
+    PyTorch (:func:`bittern.quant.quantize_activations`, which inductor fuses into the kernel that produces ``x``, the
+    norm before each projection) and the kernels take the int8 input; eagerly, the kernels' own quantization is
+    cheaper than PyTorch's several launches. When ``x`` or ``bias`` needs a gradient, the codes are unpacked and
     :func:`integer_linear` gives the straight-through one.
     """
     out_dtype = out_dtype or output_dtype(x)
@@ -190,6 +198,8 @@ def packed_linear(
             xq, act_scale = quant.quantize_activations(x)
             return _ops().packed_quantized(xq, act_scale, [packed_weight], [out_features], [scale], bias, out_dtype)[0]
         return _ops().packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
+    if not needs_grad and native_cpu(x):
+        return cpu.packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
     return integer_linear(x, unpack_codes(packed_weight, out_features), scale, bias, out_dtype)
 
 
@@ -211,10 +221,13 @@ def packed_linear_group(
     """:func:`packed_linear` of two or three bias-free layers on the same input ``x`` ``[..., K]``, without
     gradients: on the Triton backend (the scales all per tensor or all per row) one launch for every layer — the
     decode kernel up to :data:`DECODE_MAX_TOKENS` tokens with ``K % 4 == 0``, else the activations quantized once
-    and one launch of the on-chip-unpacking tensor-core product; one :func:`packed_linear` per layer otherwise.
+    and one launch of the on-chip-unpacking tensor-core product; on the native CPU kernels one call (the activations
+    quantized once, every layer's rows in one parallel pass); one :func:`packed_linear` per layer otherwise.
     Each result equals that layer's :func:`packed_linear` exactly.
     """
     out_dtype = out_dtype or output_dtype(x)
+    if not (torch.is_grad_enabled() and x.requires_grad) and native_cpu(x):
+        return cpu.packed_linear_group(x, packed_weights, out_features, scales, out_dtype)
     grouped = (
         not (torch.is_grad_enabled() and x.requires_grad)
         and 2 <= len(packed_weights) <= 3
@@ -243,10 +256,12 @@ def packed_quantized(
     """The packed product of an input quantized beforehand: int8 ``xq`` ``[..., K]`` and its float32 scales
     ``[..., 1]`` (:func:`bittern.quant.quantize_activations`, or :func:`rms_norm` with ``quantize``); one layer
     (its bias allowed) or two or three bias-free layers. One ``[..., N_i]`` per layer in ``out_dtype``, equal to
-    :func:`packed_linear` of the unquantized input bit for bit. Triton backend: one launch for the group; reference:
-    each layer from its unpacked codes."""
+    :func:`packed_linear` of the unquantized input bit for bit. Triton backend: one launch for the group; native CPU
+    kernels: one call; reference: each layer from its unpacked codes."""
     if uses_triton(xq):
         return _ops().packed_quantized(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype)
+    if native_cpu(xq):
+        return cpu.packed_quantized(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype)
     return [
         quant.linear_from_integers(xq, act_scale, packing.unpack_ternary_rows(w, n), s, bias if i == 0 else None).to(
             out_dtype

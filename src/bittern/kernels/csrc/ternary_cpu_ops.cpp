@@ -1,0 +1,191 @@
+// PyTorch operators (torch.ops.bittern_cpu.*) over the kernels of ternary_cpu.cpp: argument checks (one clear
+// error each), output allocation, dtype handling. Called by bittern/kernels/cpu.py, which documents them.
+
+#include <torch/library.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "ternary_cpu.h"
+
+namespace bittern_cpu {
+namespace {
+
+DType kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    default:
+      return DType::kFloat32;
+  }
+}
+
+bool kernel_output(at::ScalarType type) {
+  return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
+}
+
+// The quantized activations of a call, in a buffer of the calling thread reused by its later calls (a tensor
+// allocation costs about as much as a decode step's whole quantization).
+struct Workspace {
+  std::vector<int8_t> xq;
+  std::vector<float> scale;
+  std::vector<int32_t> rowsum;
+
+  Quantized get(int64_t m, int64_t k) {
+    const int64_t kp = padded_k(k);
+    if (static_cast<int64_t>(xq.size()) < m * kp) xq.resize(static_cast<size_t>(m * kp));
+    if (static_cast<int64_t>(scale.size()) < m) {
+      scale.resize(static_cast<size_t>(m));
+      rowsum.resize(static_cast<size_t>(m));
+    }
+    return Quantized{xq.data(), scale.data(), rowsum.data(), m, k, kp};
+  }
+};
+
+Quantized workspace(int64_t m, int64_t k) {
+  thread_local Workspace w;
+  return w.get(m, k);
+}
+
+// x [..., K] as rows for the kernel: float32 or bfloat16, contiguous (anything else upcast or copied first, as the
+// reference upcasts).
+at::Tensor kernel_input(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), "bittern_cpu.", what, ": x must be on the CPU, not ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "bittern_cpu.", what, ": x must be floating, not ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.size(-1) <= kMaxK, "bittern_cpu.", what,
+              ": x must have a last dimension of 1 to ", kMaxK, " features, got ", x.sizes());
+  const bool direct = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (direct && x.is_contiguous()) return x;
+  return (direct ? x : x.to(at::kFloat)).contiguous();
+}
+
+Quantized quantize_rows(const at::Tensor& x, const Quantized& q) {
+  quantize(x.data_ptr(), kernel_dtype(x.scalar_type()), q.k, q);
+  return q;
+}
+
+std::vector<at::Tensor> run(const Quantized& q, at::IntArrayRef lead, at::TensorList packed,
+                            at::IntArrayRef out_features, at::TensorList scales, const std::optional<at::Tensor>& bias,
+                            at::ScalarType out_dtype, const char* what) {
+  const int64_t count = static_cast<int64_t>(packed.size());
+  TORCH_CHECK(count >= 1, "bittern_cpu.", what, ": no layers given");
+  TORCH_CHECK(static_cast<int64_t>(out_features.size()) == count && static_cast<int64_t>(scales.size()) == count,
+              "bittern_cpu.", what, ": ", count, " packed weights but ", out_features.size(), " output sizes and ",
+              scales.size(), " scales");
+  TORCH_CHECK(!bias.has_value() || count == 1, "bittern_cpu.", what, ": a bias needs a single layer");
+  const at::ScalarType compute = kernel_output(out_dtype) ? out_dtype : at::kFloat;
+  std::vector<at::Tensor> outs, keep;
+  std::vector<Layer> layers;
+  outs.reserve(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& w = packed[i];
+    const int64_t n = out_features[i];
+    TORCH_CHECK(n > 0, "bittern_cpu.", what, ": out_features must be positive, got ", n);
+    const int64_t rows = (n + 3) / 4;
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.size(0) == rows &&
+                    w.size(1) == q.k && w.is_contiguous(),
+                "bittern_cpu.", what, ": packed weight ", i, " must be a contiguous CPU uint8 [", rows, ", ", q.k,
+                "] tensor for ", n, " outputs and ", q.k, " inputs, got ", w.scalar_type(), " ", w.sizes());
+    const at::Tensor& s = scales[i];
+    TORCH_CHECK(s.device().is_cpu() && (s.numel() == 1 || s.numel() == n), "bittern_cpu.", what, ": scale ", i,
+                " must be a CPU tensor of 1 or ", n, " values, got ", s.sizes(), " on ", s.device());
+    at::Tensor scale = s.scalar_type() == at::kFloat && s.is_contiguous() ? s : s.to(at::kFloat).contiguous();
+    keep.push_back(scale);
+    const float* bias_ptr = nullptr;
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->device().is_cpu() && bias->numel() == n, "bittern_cpu.", what, ": bias must be a CPU [", n,
+                  "] tensor, got ", bias->sizes(), " on ", bias->device());
+      at::Tensor b32 = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias
+                                                                                  : bias->to(at::kFloat).contiguous();
+      keep.push_back(b32);
+      bias_ptr = b32.data_ptr<float>();
+    }
+    std::vector<int64_t> shape(lead.begin(), lead.end());
+    shape.push_back(n);
+    at::Tensor out = at::empty(shape, at::TensorOptions().dtype(compute).device(at::kCPU));
+    layers.push_back(Layer{w.data_ptr<uint8_t>(), n, rows, scale.data_ptr<float>(), s.numel() != 1, bias_ptr,
+                           out.data_ptr()});
+    outs.push_back(out);
+  }
+  linear(q, layers.data(), static_cast<int>(count), kernel_dtype(compute));
+  if (compute != out_dtype)
+    for (auto& out : outs) out = out.to(out_dtype);
+  return outs;
+}
+
+std::vector<at::Tensor> packed_linear(const at::Tensor& x, at::TensorList packed, at::IntArrayRef out_features,
+                                      at::TensorList scales, const std::optional<at::Tensor>& bias,
+                                      at::ScalarType out_dtype) {
+  const at::Tensor rows = kernel_input(x, "packed_linear");
+  const int64_t k = rows.size(-1);
+  const Quantized q = quantize_rows(rows, workspace(rows.numel() / k, k));
+  const auto sizes = x.sizes();
+  return run(q, sizes.slice(0, sizes.size() - 1), packed, out_features, scales, bias, out_dtype, "packed_linear");
+}
+
+std::vector<at::Tensor> packed_quantized(const at::Tensor& xq, const at::Tensor& act_scale, at::TensorList packed,
+                                         at::IntArrayRef out_features, at::TensorList scales,
+                                         const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  TORCH_CHECK(xq.device().is_cpu() && xq.scalar_type() == at::kChar && xq.dim() >= 1 && xq.size(-1) > 0 &&
+                  xq.size(-1) <= kMaxK,
+              "bittern_cpu.packed_quantized: xq must be a CPU int8 [..., K] tensor with 1 <= K <= ", kMaxK, ", got ",
+              xq.scalar_type(), " ", xq.sizes());
+  const at::Tensor rows = xq.contiguous();
+  const int64_t k = rows.size(-1);
+  const int64_t m = rows.numel() / k;
+  TORCH_CHECK(act_scale.numel() == m, "bittern_cpu.packed_quantized: act_scale must hold one scale per token (", m,
+              "), got ", act_scale.sizes());
+  const at::Tensor scale = act_scale.to(at::kFloat).contiguous();
+  Quantized q = workspace(m, k);
+  prepare(rows.data_ptr<int8_t>(), scale.data_ptr<float>(), q);
+  const auto sizes = xq.sizes();
+  return run(q, sizes.slice(0, sizes.size() - 1), packed, out_features, scales, bias, out_dtype,
+             "packed_quantized");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x) {
+  const at::Tensor rows = kernel_input(x, "quantize");
+  const int64_t k = rows.size(-1);
+  const int64_t m = rows.numel() / k;
+  const Quantized q = quantize_rows(rows, workspace(m, k));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  at::Tensor xq = at::empty(shape, at::TensorOptions().dtype(at::kChar));
+  for (int64_t t = 0; t < m; ++t)
+    std::memcpy(xq.data_ptr<int8_t>() + t * k, q.xq + t * q.kp, static_cast<size_t>(k));
+  shape.back() = 1;
+  at::Tensor scale = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+  std::memcpy(scale.data_ptr<float>(), q.scale, static_cast<size_t>(m) * sizeof(float));
+  return {xq, scale};
+}
+
+int64_t isa(int64_t request) {
+  if (request >= -1) set_isa(static_cast<int>(request));
+  return current_isa();
+}
+
+int64_t isas() { return supported_isas(); }
+
+int64_t threads(int64_t n) { return parallel_threads(n); }
+
+}  // namespace
+}  // namespace bittern_cpu
+
+TORCH_LIBRARY(bittern_cpu, m) {
+  m.def("packed_linear(Tensor x, Tensor[] packed, int[] out_features, Tensor[] scales, Tensor? bias, "
+        "ScalarType out_dtype) -> Tensor[]",
+        &bittern_cpu::packed_linear);
+  m.def("packed_quantized(Tensor xq, Tensor act_scale, Tensor[] packed, int[] out_features, Tensor[] scales, "
+        "Tensor? bias, ScalarType out_dtype) -> Tensor[]",
+        &bittern_cpu::packed_quantized);
+  m.def("quantize(Tensor x) -> (Tensor, Tensor)", &bittern_cpu::quantize_activations);
+  m.def("isa(int request) -> int", &bittern_cpu::isa);
+  m.def("isas() -> int", &bittern_cpu::isas);
+  m.def("parallel_threads(int n) -> int", &bittern_cpu::threads);
+}
