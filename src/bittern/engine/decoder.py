@@ -117,16 +117,18 @@ def _norm(
 
     On the Triton backend, outside torch.compile, a Hugging Face RMSNorm is one fused kernel
     (:func:`bittern.kernels.rms_norm`: the add, the norm and the quantization in one pass; the eager prompt forward
-    would otherwise launch seven or more kernels). Elsewhere the module itself runs: under torch.compile inductor
-    fuses the same work, and the traced graph stays the model's own."""
+    would otherwise launch seven or more kernels); on the native CPU kernels the add and the norm are one call (the
+    packed products that follow quantize their input themselves). Elsewhere the module itself runs: under
+    torch.compile inductor fuses the same work, and the traced graph stays the model's own."""
+    triton = kernels.uses_triton(x)
     fused = (
         type(norm).__name__ in _HF_RMS_NORMS
         and not torch.compiler.is_compiling()
-        and kernels.uses_triton(x)
+        and (triton or kernels.native_cpu(x))
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))  # kernels: no autograd
     )
     if fused:
-        quantize = all(isinstance(layer, TernaryLinear) for layer in consumers)
+        quantize = triton and all(isinstance(layer, TernaryLinear) for layer in consumers)
         return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, delta, quantize)
     summed = x if delta is None else x + delta
     return summed, norm(summed), None

@@ -39,6 +39,12 @@ On an H100 (BENCHMARKS.md), per 2B4T block (q/k/v, o, gate/up and down launches,
 42.2 at 4."""
 
 
+CPU_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes the native CPU kernels read and write."""
+CPU_DENSE_MAX_ROWS = 8
+"""Token counts up to this run a 16-bit dense layer (an LM head) on the native CPU GEMV; more go to PyTorch."""
+
+
 def _check(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -281,12 +287,18 @@ def rms_norm(
     quantization of its output: ``(s, y, (yq, a) or None)`` with ``s = x + residual`` (``x`` if None),
     ``y = weight * (s_f32 * rsqrt(mean(s_f32²) + eps)).to(s.dtype)``, ``(yq, a) = quantize_activations(y)``.
     ``x`` ``[..., D]``; ``y`` in ``promote_types(weight.dtype, x.dtype)``. On the Triton backend (outside
-    torch.compile) one kernel (:mod:`bittern.kernels.norms`); else PyTorch, the module's own formula."""
+    torch.compile) one kernel (:mod:`bittern.kernels.norms`); on the native CPU kernels one call
+    (:func:`bittern.kernels.cpu.rms_norm`; the quantization, if asked for, another); else PyTorch, the module's own
+    formula."""
     if not torch.compiler.is_compiling() and uses_triton(x):
         from bittern.kernels import norms
 
         if norms.applies(x):
             return norms.rms_norm(x, weight, eps, residual, quantize)
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if not wants_grad and native_cpu(x) and x.dtype in CPU_FLOATS and weight.dtype in CPU_FLOATS:
+        summed, y = cpu.rms_norm(x, weight, eps, residual)
+        return summed, y, cpu.quantize_activations(y) if quantize else None
     summed = x if residual is None else x + residual
     s32 = summed.to(torch.float32)
     y = weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)).to(summed.dtype)
@@ -299,7 +311,12 @@ def dense_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     (a decode step of one sequence), or up to 16 rows of a weight of at least
     :data:`bittern.kernels.dense.FEW_ROWS_MIN_FEATURES` outputs (an LM head)."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if wants_grad or output_dtype(x) != x.dtype or not uses_triton(x):
+    if wants_grad or output_dtype(x) != x.dtype:
+        return False
+    if native_cpu(x):
+        rows = x.numel() // max(x.shape[-1], 1)
+        return x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16) and rows <= CPU_DENSE_MAX_ROWS
+    if not uses_triton(x):
         return False
     from bittern.kernels import dense
 
@@ -310,16 +327,22 @@ def dense_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a few rows on the Triton backend (where :func:`dense_linear_applies`): a
     dense layer's decode step, streaming the weights faster than cuBLAS's kernels for those shapes
-    (:mod:`bittern.kernels.dense`). ``[..., N]`` in ``x``'s dtype."""
+    (:mod:`bittern.kernels.dense`); on the CPU, the native 16-bit GEMV (:func:`bittern.kernels.cpu.dense_linear`).
+    ``[..., N]`` in ``x``'s dtype."""
+    if x.device.type == "cpu":
+        return cpu.dense_linear(x, weight, bias)
     return _ops().dense_linear(x, weight, bias)
 
 
 def decode_attention_applies(q: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention` runs on ``q`` ``[B, H_kv, G, D]``: the Triton backend, a head dimension that
-    is a power of two of at least 16, and no gradient wanted."""
+    """Whether :func:`decode_attention` runs on ``q`` ``[B, H_kv, G, D]``: no gradient wanted, and the Triton backend
+    with a head dimension that is a power of two of at least 16, or the native CPU kernels with an even one."""
     dim = q.shape[-1]
-    wants_grad = torch.is_grad_enabled() and q.requires_grad
-    return not wants_grad and dim >= 16 and dim & (dim - 1) == 0 and uses_triton(q)
+    if torch.is_grad_enabled() and q.requires_grad:
+        return False
+    if native_cpu(q):
+        return dim % 2 == 0 and q.dtype in CPU_FLOATS
+    return dim >= 16 and dim & (dim - 1) == 0 and uses_triton(q)
 
 
 def decode_attention(
@@ -341,7 +364,10 @@ def decode_attention(
     ``max(slot - pad[b], 0)``) and the cache slot ``slot`` (int64 ``[1]``). Writes the roped key and the value
     into the cache ``keys`` / ``values`` ``[B_max, H_kv, S, D]`` at that slot, then attends over the slots each
     row sees, from its padding ``pad`` (int64 ``[B]``) to the new one (within ``window``, if any), reading only
-    those (:mod:`bittern.kernels.attention`). ``[B, H_kv, G, D]``."""
+    those (:mod:`bittern.kernels.attention`; on the CPU :func:`bittern.kernels.cpu.decode_attention`).
+    ``[B, H_kv, G, D]``."""
+    if q.device.type == "cpu":
+        return cpu.decode_attention(q, k, v, cos, sin, keys, values, slot, pad, scale, window)
     return _ops().decode_attention(q, k, v, cos, sin, keys, values, slot, pad, scale, window)
 
 

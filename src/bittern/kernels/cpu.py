@@ -55,7 +55,7 @@ ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
 """The instruction sets of the kernels, lowest first (``scalar``: portable C++)."""
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("ternary_cpu.cpp", "ternary_cpu_ops.cpp")
+_SOURCES = ("ternary_cpu.cpp", "engine_cpu.cpp", "ternary_cpu_ops.cpp")
 _HEADERS = ("ternary_cpu.h", "ternary_cpu_simd.inc")
 _LIBRARY = "bittern_cpu"
 
@@ -298,6 +298,50 @@ def parallel_threads(tasks: int = 64) -> int:
     """How many threads the kernels' thread pool (torch's intra-op pool) runs ``tasks`` tasks on."""
     _require()
     return int(torch.ops.bittern_cpu.parallel_threads.default(tasks))
+
+
+# --- the engine's other kernels ------------------------------------------------------------------------------
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for float32 / bfloat16 / float16 CPU tensors (a few rows: the LM head of a decode
+    step), streaming the weight once with float32 sums (their order is not PyTorch's). ``[..., N]`` in ``x``'s
+    dtype."""
+    _require()
+    return torch.ops.bittern_cpu.dense_linear.default(x, weight, bias)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, y)``: ``s = x + residual`` (``x`` itself without one), ``y = weight * (s_f32 * rsqrt(mean(s_f32²) +
+    eps)).to(s.dtype)`` in ``promote_types(weight.dtype, x.dtype)`` — a Hugging Face ``LlamaRMSNorm``'s forward, every
+    elementwise rounding where the module rounds, the mean summed in double (it may differ from PyTorch's in the last
+    bit). ``x`` ``[..., D]`` float32 / bfloat16 / float16 on the CPU."""
+    _require()
+    return torch.ops.bittern_cpu.rms_norm.default(x, residual, weight, eps)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    pad: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """:func:`bittern.kernels.decode_attention` on the CPU: the decode step's rope (rounded in the model's dtype as
+    the model rounds it), cache write and attention over each row's slots ``[pad[b], slot]`` (within ``window``) in
+    one call, float32 sums and softmax. ``q`` ``[B, H_kv, G, D]``, ``k`` / ``v`` ``[B, H_kv, D]``, ``cos`` / ``sin``
+    ``[P > slot, D]``, the cache ``[B_max, H_kv, S, D]`` (contiguous, written at ``slot``), all of one dtype; ``slot``
+    int64 ``[1]``, ``pad`` int64 ``[B]``. Returns ``[B, H_kv, G, D]``."""
+    _require()
+    return torch.ops.bittern_cpu.decode_attention.default(q, k, v, cos, sin, keys, values, slot, pad, scale, window)
 
 
 # --- instruction sets ------------------------------------------------------------------------------------------

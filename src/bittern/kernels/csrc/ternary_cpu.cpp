@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <cstdlib>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define BITTERN_X86 1
@@ -284,7 +285,7 @@ int detect() {
   int isas = 1 << kScalar;
 #if BITTERN_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) {
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     isas |= 1 << kAvx2;
     if (__builtin_cpu_supports("avxvnni")) isas |= 1 << kAvxVnni;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

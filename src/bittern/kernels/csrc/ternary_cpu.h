@@ -75,4 +75,34 @@ void prepare(const int8_t* xq, const float* scale, const Quantized& q);
 // Parallel over the byte rows of all layers together.
 void linear(const Quantized& q, const Layer* layers, int count, DType out);
 
+// ---- the engine's other kernels (engine_cpu.cpp) ----------------------------------------------------------------
+
+// y [m, n] = x [m, k] @ w [n, k]^T (+ bias [n]), float32 sums; w float32, bfloat16 or float16. Parallel over rows.
+void dense_linear(const void* x, DType xdt, const void* w, DType wdt, const void* bias, DType bdt, void* y, DType ydt,
+                  int64_t m, int64_t n, int64_t k);
+
+// s = x + residual (when residual is given; rounded to x's dtype, stored in s_out), then
+// y = weight * (s * rsqrt(mean(s^2) + eps)).to(x's dtype), in y's dtype: a Hugging Face LlamaRMSNorm. Rows [m, d].
+void rms_norm(const void* x, const void* residual, void* s_out, DType xdt, const void* weight, DType wdt, void* y,
+              DType ydt, int64_t m, int64_t d, float eps);
+
+// The decode step's attention for one new token per row (all tensors in `dtype`, contiguous): rope on q and k at
+// position max(slot - pad[b], 0), k and v written into the cache at `slot`, then each query head attends over the
+// row's slots [pad[b], slot] (within `window` when > 0).
+struct AttentionArgs {
+  const void* q;     // [batch, kv_heads, groups, head_dim]
+  const void* k;     // [batch, kv_heads, head_dim]
+  const void* v;     // [batch, kv_heads, head_dim]
+  const void* cos;   // [positions, head_dim]
+  const void* sin;   // [positions, head_dim]
+  void* keys;        // [>= batch, kv_heads, cache_len, head_dim]
+  void* values;      // [>= batch, kv_heads, cache_len, head_dim]
+  void* out;         // [batch, kv_heads, groups, head_dim]
+  const int64_t* pad;  // [batch]
+  DType dtype;
+  int64_t batch, kv_heads, groups, head_dim, cache_len, slot, window;
+  float scale;
+};
+void decode_attention(const AttentionArgs& args);
+
 }  // namespace bittern_cpu

@@ -165,6 +165,90 @@ std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x) {
   return {xq, scale};
 }
 
+// ---- the engine's other kernels ----------------------------------------------------------------------------------
+
+bool kernel_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+at::Tensor dense_linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && kernel_float(x.scalar_type()) && x.dim() >= 1, "bittern_cpu.dense_linear: x ",
+              "must be a float32, bfloat16 or float16 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(weight.device().is_cpu() && kernel_float(weight.scalar_type()) && weight.dim() == 2 &&
+                  weight.size(1) == k,
+              "bittern_cpu.dense_linear: weight must be a float32, bfloat16 or float16 CPU [N, ", k, "] tensor, got ",
+              weight.scalar_type(), " ", weight.sizes());
+  const int64_t n = weight.size(0);
+  TORCH_CHECK(!bias.has_value() || (bias->device().is_cpu() && kernel_float(bias->scalar_type()) &&
+                                    bias->numel() == n),
+              "bittern_cpu.dense_linear: bias must be a CPU [", n, "] tensor");
+  const at::Tensor rows = x.contiguous(), w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, at::TensorOptions().dtype(x.scalar_type()));
+  dense_linear(rows.data_ptr(), kernel_dtype(x.scalar_type()), w.data_ptr(), kernel_dtype(w.scalar_type()),
+               b.defined() ? b.data_ptr() : nullptr, b.defined() ? kernel_dtype(b.scalar_type()) : DType::kFloat32,
+               y.data_ptr(), kernel_dtype(x.scalar_type()), rows.numel() / std::max<int64_t>(k, 1), n, k);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                               const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && kernel_float(x.scalar_type()) && x.dim() >= 1, "bittern_cpu.rms_norm: x must ",
+              "be a float32, bfloat16 or float16 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.device().is_cpu() && kernel_float(weight.scalar_type()) && weight.numel() == d,
+              "bittern_cpu.rms_norm: weight must be a CPU [", d, "] tensor, got ", weight.sizes());
+  TORCH_CHECK(!residual.has_value() || (residual->sizes() == x.sizes() &&
+                                        residual->scalar_type() == x.scalar_type() && residual->device().is_cpu()),
+              "bittern_cpu.rms_norm: residual must match x");
+  const at::Tensor rows = x.contiguous(), w = weight.contiguous();
+  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  at::Tensor s = r.defined() ? at::empty(x.sizes(), x.options()) : x;
+  const at::ScalarType ytype = c10::promoteTypes(weight.scalar_type(), x.scalar_type());
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(ytype));
+  rms_norm(rows.data_ptr(), r.defined() ? r.data_ptr() : nullptr, r.defined() ? s.data_ptr() : nullptr,
+           kernel_dtype(x.scalar_type()), w.data_ptr(), kernel_dtype(w.scalar_type()), y.data_ptr(),
+           kernel_dtype(ytype), rows.numel() / std::max<int64_t>(d, 1), d, static_cast<float>(eps));
+  return {s, y};
+}
+
+at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                               const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, const at::Tensor& slot,
+                               const at::Tensor& pad, double scale, std::optional<int64_t> window) {
+  const auto type = q.scalar_type();
+  TORCH_CHECK(q.device().is_cpu() && kernel_float(type) && q.dim() == 4, "bittern_cpu.decode_attention: q must be ",
+              "a float32, bfloat16 or float16 CPU [B, H_kv, G, D] tensor, got ", type, " ", q.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), groups = q.size(2), dim = q.size(3);
+  TORCH_CHECK(dim % 2 == 0, "bittern_cpu.decode_attention: the head dimension must be even, got ", dim);
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->scalar_type() == type && t->sizes() == at::IntArrayRef({batch, heads, dim}),
+                "bittern_cpu.decode_attention: k and v must be [", batch, ", ", heads, ", ", dim, "] in ", type);
+  for (const at::Tensor* t : {&keys, &values})
+    TORCH_CHECK(t->scalar_type() == type && t->dim() == 4 && t->size(0) >= batch && t->size(1) == heads &&
+                    t->size(3) == dim && t->is_contiguous(),
+                "bittern_cpu.decode_attention: the cache must be contiguous [>= ", batch, ", ", heads, ", S, ", dim,
+                "] in ", type, ", got ", t->sizes());
+  TORCH_CHECK(keys.sizes() == values.sizes(), "bittern_cpu.decode_attention: keys and values differ in shape");
+  TORCH_CHECK(slot.device().is_cpu() && slot.scalar_type() == at::kLong && slot.numel() == 1,
+              "bittern_cpu.decode_attention: slot must be a CPU int64 tensor of one value");
+  const int64_t where = *slot.contiguous().data_ptr<int64_t>();
+  TORCH_CHECK(where >= 0 && where < keys.size(2), "bittern_cpu.decode_attention: slot ", where, " outside the cache");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == type && t->dim() == 2 && t->size(1) == dim && t->size(0) > where,
+                "bittern_cpu.decode_attention: the rope tables must be [> ", where, ", ", dim, "] in ", type);
+  TORCH_CHECK(pad.device().is_cpu() && pad.scalar_type() == at::kLong && pad.numel() == batch, "bittern_cpu.decode_attention: pad must be ",
+              "int64 [", batch, "]");
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), cc = cos.contiguous(),
+                   sc = sin.contiguous(), pc = pad.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  AttentionArgs args{qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), cc.data_ptr(), sc.data_ptr(), keys.data_ptr(),
+                     values.data_ptr(), out.data_ptr(), pc.data_ptr<int64_t>(), kernel_dtype(type), batch, heads,
+                     groups, dim, keys.size(2), where, window.value_or(0), static_cast<float>(scale)};
+  decode_attention(args);
+  return out;
+}
+
 int64_t isa(int64_t request) {
   if (request >= -1) set_isa(static_cast<int>(request));
   return current_isa();
@@ -188,4 +272,10 @@ TORCH_LIBRARY(bittern_cpu, m) {
   m.def("isa(int request) -> int", &bittern_cpu::isa);
   m.def("isas() -> int", &bittern_cpu::isas);
   m.def("parallel_threads(int n) -> int", &bittern_cpu::threads);
+  m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &bittern_cpu::dense_linear_op);
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+        &bittern_cpu::rms_norm_op);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, "
+        "Tensor slot, Tensor pad, float scale, int? window) -> Tensor",
+        &bittern_cpu::decode_attention_op);
 }

@@ -1,0 +1,348 @@
+// The generation engine's other CPU kernels (bittern/engine on the CPU): the residual add and RMSNorm of a decoder
+// block in one pass, the decode step's attention (rope, cache write, attention over the cached slots) in one call,
+// and a 16-bit dense GEMV for the LM head. Eagerly, each replaces several PyTorch operators whose fixed cost per
+// call dominates a decode step of one token.
+//
+// Numbers: the elementwise steps round exactly where the Hugging Face modules round (in the model's dtype, each
+// product and sum computed in float32 and rounded once); the reductions (the norm's mean of squares, the attention's
+// dot products and softmax, the GEMV's sums) run in float32 (the mean in double) in their own order, so they may
+// differ from PyTorch's in the last bit, as PyTorch's own CPU kernels differ between instruction sets.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "ternary_cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BITTERN_X86 1
+#include <immintrin.h>
+#else
+#define BITTERN_X86 0
+#endif
+
+namespace bittern_cpu {
+namespace {
+
+// Element types: float32, bfloat16 (as raw bits: the conversions vectorize) and float16.
+struct F32 {
+  using T = float;
+  static inline float get(const T* p, int64_t i) { return p[i]; }
+  static inline void put(T* p, int64_t i, float v) { p[i] = v; }
+  static inline float round(float v) { return v; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static inline float get(const T* p, int64_t i) {
+    const uint32_t u = uint32_t(p[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static inline uint16_t bits(float v) {  // round to nearest even, as c10::BFloat16 (and Tensor.to) round
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    if (std::isnan(v)) return 0x7FC0;
+    return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+  static inline void put(T* p, int64_t i, float v) { p[i] = bits(v); }
+  static inline float round(float v) {
+    const uint32_t u = uint32_t(bits(v)) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+struct F16 {
+  using T = c10::Half;
+  static inline float get(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+  static inline void put(T* p, int64_t i, float v) { p[i] = c10::Half(v); }
+  static inline float round(float v) { return static_cast<float>(c10::Half(v)); }
+};
+
+// Calls f(E{}) with the element traits of `dt`.
+template <class F>
+inline void with_type(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kBFloat16:
+      return f(BF16{});
+    case DType::kFloat16:
+      return f(F16{});
+    default:
+      return f(F32{});
+  }
+}
+
+inline float load(const void* p, DType dt, int64_t i) {
+  float v = 0.0f;
+  with_type(dt, [&](auto e) { v = decltype(e)::get(static_cast<const typename decltype(e)::T*>(p), i); });
+  return v;
+}
+
+inline void put(void* p, DType dt, int64_t i, float v) {
+  with_type(dt, [&](auto e) { decltype(e)::put(static_cast<typename decltype(e)::T*>(p), i, v); });
+}
+
+// ---- dense GEMV ------------------------------------------------------------------------------------------------
+
+void dense_rows_scalar(const float* x, const void* w, DType wdt, int64_t k, int64_t r0, int64_t r1, float* acc) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < k; ++j) s += x[j] * load(w, wdt, r * k + j);
+    acc[r - r0] = s;
+  }
+}
+
+#if BITTERN_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+inline __m256 load8w(const void* w, DType wdt, int64_t i) {
+  if (wdt == DType::kBFloat16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  if (wdt == DType::kFloat16)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+constexpr int64_t kPrefetch = 1024;  // bytes
+
+template <DType WDT>
+void dense_rows_avx2_t(const float* x, const void* w, int64_t k, int64_t r0, int64_t r1, float* acc) {
+  constexpr int R = 4;
+  constexpr int64_t size = WDT == DType::kFloat32 ? 4 : 2;
+  const int64_t k16 = k / 16 * 16;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    __m256 a[R][2];
+    for (int i = 0; i < R; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < k16; j += 16) {
+      for (int i = 0; i < R; ++i)  // each row a little ahead: R streams in flight keep one core's bandwidth up
+        _mm_prefetch(static_cast<const char*>(w) + ((r + i) * k + j) * size + kPrefetch, _MM_HINT_T0);
+      const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+      for (int i = 0; i < R; ++i) {
+        a[i][0] = _mm256_fmadd_ps(load8w(w, WDT, (r + i) * k + j), x0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(load8w(w, WDT, (r + i) * k + j + 8), x1, a[i][1]);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      float s = hsum8(_mm256_add_ps(a[i][0], a[i][1]));
+      for (int64_t j = k16; j < k; ++j) s += x[j] * load(w, WDT, (r + i) * k + j);
+      acc[r + i - r0] = s;
+    }
+  }
+  for (; r < r1; ++r) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < k16; j += 16) {
+      a0 = _mm256_fmadd_ps(load8w(w, WDT, r * k + j), _mm256_loadu_ps(x + j), a0);
+      a1 = _mm256_fmadd_ps(load8w(w, WDT, r * k + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (int64_t j = k16; j < k; ++j) s += x[j] * load(w, WDT, r * k + j);
+    acc[r - r0] = s;
+  }
+}
+
+void dense_rows_avx2(const float* x, const void* w, DType wdt, int64_t k, int64_t r0, int64_t r1, float* acc) {
+  switch (wdt) {
+    case DType::kBFloat16:
+      return dense_rows_avx2_t<DType::kBFloat16>(x, w, k, r0, r1, acc);
+    case DType::kFloat16:
+      return dense_rows_avx2_t<DType::kFloat16>(x, w, k, r0, r1, acc);
+    default:
+      return dense_rows_avx2_t<DType::kFloat32>(x, w, k, r0, r1, acc);
+  }
+}
+
+#pragma GCC pop_options
+#endif
+
+}  // namespace
+
+void dense_linear(const void* x, DType xdt, const void* w, DType wdt, const void* bias, DType bdt, void* y, DType ydt,
+                  int64_t m, int64_t n, int64_t k) {
+  std::vector<float> xf(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m * k; ++i) xf[i] = load(x, xdt, i);
+#if BITTERN_X86
+  const bool simd = current_isa() >= kAvx2;
+#else
+  const bool simd = false;
+#endif
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kRows * k * m, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    float acc[kRows];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * kRows, r1 = std::min(n, r0 + kRows);
+      for (int64_t t = 0; t < m; ++t) {
+#if BITTERN_X86
+        if (simd)
+          dense_rows_avx2(xf.data() + t * k, w, wdt, k, r0, r1, acc);
+        else
+#endif
+          dense_rows_scalar(xf.data() + t * k, w, wdt, k, r0, r1, acc);
+        for (int64_t r = r0; r < r1; ++r) {
+          put(y, ydt, t * n + r, bias ? acc[r - r0] + load(bias, bdt, r) : acc[r - r0]);
+        }
+      }
+    }
+  });
+}
+
+// ---- residual add + RMSNorm --------------------------------------------------------------------------------------
+
+namespace {
+
+template <class X, class W, class Y>
+void rms_norm_rows(const void* xv, const void* rv, void* sv, const void* wv, void* yv, int64_t m, int64_t d,
+                   float eps) {
+  using XT = typename X::T;
+  const XT* x = static_cast<const XT*>(xv);
+  const XT* r = static_cast<const XT*>(rv);
+  XT* s_out = static_cast<XT*>(sv);
+  const typename W::T* w = static_cast<const typename W::T*>(wv);
+  typename Y::T* y = static_cast<typename Y::T*>(yv);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(d, 1));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(static_cast<size_t>(d));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t at = t * d;
+      if (r) {
+        for (int64_t j = 0; j < d; ++j) {
+          s[j] = X::round(X::get(x, at + j) + X::get(r, at + j));  // x + residual in the input dtype
+          X::put(s_out, at + j, s[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < d; ++j) s[j] = X::get(x, at + j);
+      }
+      double parts[8] = {};  // pow(2) in float32, summed in double in 8 interleaved parts
+      int64_t j = 0;
+      for (; j + 8 <= d; j += 8)
+        for (int l = 0; l < 8; ++l) parts[l] += static_cast<double>(s[j + l] * s[j + l]);
+      for (; j < d; ++j) parts[0] += static_cast<double>(s[j] * s[j]);
+      double squares = 0.0;
+      for (double part : parts) squares += part;
+      const float variance = static_cast<float>(squares) / static_cast<float>(d);
+      const float inv = 1.0f / std::sqrt(variance + eps);  // torch.rsqrt on the CPU: 1 / sqrt, two roundings
+      for (int64_t i = 0; i < d; ++i) Y::put(y, at + i, W::get(w, i) * X::round(s[i] * inv));  // .to(x dtype)
+    }
+  });
+}
+
+}  // namespace
+
+void rms_norm(const void* x, const void* residual, void* s_out, DType xdt, const void* weight, DType wdt, void* y,
+              DType ydt, int64_t m, int64_t d, float eps) {
+  with_type(xdt, [&](auto xe) {
+    with_type(wdt, [&](auto we) {
+      with_type(ydt, [&](auto ye) {
+        rms_norm_rows<decltype(xe), decltype(we), decltype(ye)>(x, residual, s_out, weight, y, m, d, eps);
+      });
+    });
+  });
+}
+
+// ---- the decode step's attention -----------------------------------------------------------------------------
+
+namespace {
+
+// sum_i a[i] * b[i] in 8 interleaved float32 parts (the compiler vectorizes it without reassociating).
+template <class E>
+inline float dot(const float* a, const typename E::T* b, int64_t n) {
+  float parts[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) parts[l] += a[i + l] * E::get(b, i + l);
+  for (; i < n; ++i) parts[0] += a[i] * E::get(b, i);
+  float total = 0.0f;
+  for (float part : parts) total += part;
+  return total;
+}
+
+template <class E>
+void attention_rows(const AttentionArgs& a) {
+  using T = typename E::T;
+  const int64_t d = a.head_dim, half = d / 2;
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const T* cos = static_cast<const T*>(a.cos);
+  const T* sin = static_cast<const T*>(a.sin);
+  T* keys = static_cast<T*>(a.keys);
+  T* values = static_cast<T*>(a.values);
+  T* out = static_cast<T*>(a.out);
+  at::parallel_for(0, a.batch * a.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qr(static_cast<size_t>(a.groups * d)), scores(static_cast<size_t>(a.slot + 1)),
+        acc(static_cast<size_t>(d));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / a.kv_heads;
+      const int64_t pos = std::max<int64_t>(a.slot - a.pad[b], 0);
+      const T* c = cos + pos * d;
+      const T* s = sin + pos * d;
+      // rope as the model computes it in its dtype: q * cos + rotate_half(q) * sin, each step rounded
+      auto rope = [&](const T* src, int64_t j) {
+        const float other = j < half ? -E::get(src, j + half) : E::get(src, j - half);
+        return E::round(E::round(E::get(src, j) * E::get(c, j)) + E::round(other * E::get(s, j)));
+      };
+      const T* kh = k + bh * d;
+      T* key_row = keys + (bh * a.cache_len + a.slot) * d;
+      T* value_row = values + (bh * a.cache_len + a.slot) * d;
+      for (int64_t j = 0; j < d; ++j) {
+        E::put(key_row, j, rope(kh, j));
+        value_row[j] = v[bh * d + j];
+      }
+      for (int64_t g = 0; g < a.groups; ++g)
+        for (int64_t j = 0; j < d; ++j) qr[g * d + j] = rope(q + (bh * a.groups + g) * d, j);
+      // the slots this row sees: from its first real one (the new one alone for a padding row) to the new one,
+      // within the window
+      int64_t first = std::min(a.pad[b], a.slot);
+      if (a.window > 0) first = std::max(first, a.slot - a.window + 1);
+      const T* kbase = keys + bh * a.cache_len * d;
+      const T* vbase = values + bh * a.cache_len * d;
+      for (int64_t g = 0; g < a.groups; ++g) {
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = first; j <= a.slot; ++j) {
+          scores[j] = dot<E>(qr.data() + g * d, kbase + j * d, d) * a.scale;
+          top = std::max(top, scores[j]);
+        }
+        float total = 0.0f;
+        for (int64_t j = first; j <= a.slot; ++j) {
+          scores[j] = std::exp(scores[j] - top);
+          total += scores[j];
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = first; j <= a.slot; ++j) {
+          const float p = scores[j] / total;
+          const T* vr = vbase + j * d;
+          for (int64_t i = 0; i < d; ++i) acc[i] += p * E::get(vr, i);
+        }
+        T* o = out + (bh * a.groups + g) * d;
+        for (int64_t i = 0; i < d; ++i) E::put(o, i, acc[i]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void decode_attention(const AttentionArgs& a) {
+  with_type(a.dtype, [&](auto e) { attention_rows<decltype(e)>(a); });
+}
+
+}  // namespace bittern_cpu
