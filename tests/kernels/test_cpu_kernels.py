@@ -22,9 +22,10 @@ def _isas() -> list[str]:
 
 
 # (tokens M, outputs N, inputs K): K around the 32- and 64-byte blocks and past a 32-block chunk of either (1024,
-# 2048 bytes); N around the 4 rows of a byte row and the 2 byte rows of a work item; M past a 64-token tile
+# 2048 bytes); N around the 4 rows of a byte row, the 4 byte rows of a work item and the 8 outputs of a vector; M past
+# a 64-token tile and past the 256 tokens summed at once
 SHAPES = [(1, 1, 1), (1, 5, 31), (1, 13, 100), (1, 8, 2100), (1, 37, 4500), (2, 4, 33), (3, 9, 64), (5, 130, 65),
-          (70, 37, 77), (65, 6, 2049)]  # fmt: skip
+          (70, 37, 77), (65, 6, 2049), (300, 10, 40)]  # fmt: skip
 
 
 def _operands(m: int, n: int, k: int, per_channel: bool, seed: int, dtype: torch.dtype = torch.float32):

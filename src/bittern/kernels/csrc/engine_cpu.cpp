@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ternary_cpu.h"
@@ -262,18 +263,138 @@ void rms_norm(const void* x, const void* residual, void* s_out, DType xdt, const
 
 namespace {
 
-// sum_i a[i] * b[i] in 8 interleaved float32 parts (the compiler vectorizes it without reassociating).
+// out[g] = softmax_j(scale * qr[g] . key_j) . value_j over the slots j in [first, last], for the G query heads of one
+// KV head; qr [G, d] float32 (roped), key / value rows `d` elements apart, `scores` room for last + 1 values per
+// head. Portable version: float32 sums in 8 interleaved parts (the compiler vectorizes them without reassociating).
 template <class E>
-inline float dot(const float* a, const typename E::T* b, int64_t n) {
-  float parts[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) parts[l] += a[i + l] * E::get(b, i + l);
-  for (; i < n; ++i) parts[0] += a[i] * E::get(b, i);
-  float total = 0.0f;
-  for (float part : parts) total += part;
-  return total;
+void attend_scalar(const float* qr, int64_t groups, int64_t d, const typename E::T* keys, const typename E::T* values,
+                   int64_t first, int64_t last, float scale, float* scores, float* out) {
+  const int64_t span = last + 1;
+  for (int64_t g = 0; g < groups; ++g) {
+    float* sc = scores + g * span;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t j = first; j <= last; ++j) {
+      float parts[8] = {};
+      const typename E::T* kr = keys + j * d;
+      int64_t i = 0;
+      for (; i + 8 <= d; i += 8)
+        for (int l = 0; l < 8; ++l) parts[l] += qr[g * d + i + l] * E::get(kr, i + l);
+      for (; i < d; ++i) parts[0] += qr[g * d + i] * E::get(kr, i);
+      float dot = 0.0f;
+      for (float part : parts) dot += part;
+      sc[j] = dot * scale;
+      top = std::max(top, sc[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = first; j <= last; ++j) {
+      sc[j] = std::exp(sc[j] - top);
+      total += sc[j];
+    }
+    float* o = out + g * d;
+    std::fill(o, o + d, 0.0f);
+    for (int64_t j = first; j <= last; ++j) {
+      const float p = sc[j] / total;
+      const typename E::T* vr = values + j * d;
+      for (int64_t i = 0; i < d; ++i) o[i] += p * E::get(vr, i);
+    }
+  }
 }
+
+#if BITTERN_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+template <class E>
+inline __m256 load8(const typename E::T* p) {
+  if constexpr (std::is_same_v<E, BF16>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (std::is_same_v<E, F16>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    return _mm256_loadu_ps(p);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp of 8 floats <= 0 (Cephes' expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp; below -87
+// the result is about 1e-38 rather than the exact tiny value, nothing next to the softmax's maximum's 1).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+// attend_scalar with 8-wide float32 vectors (d a multiple of 8).
+template <class E>
+void attend_avx2(const float* qr, int64_t groups, int64_t d, const typename E::T* keys, const typename E::T* values,
+                 int64_t first, int64_t last, float scale, float* scores, float* out) {
+  const int64_t span = last + 1;
+  for (int64_t j = first; j <= last; ++j) {
+    const typename E::T* kr = keys + j * d;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* qg = qr + g * d;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= d; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), load8<E>(kr + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), load8<E>(kr + i + 8), a1);
+      }
+      for (; i < d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), load8<E>(kr + i), a0);
+      scores[g * span + j] = hsum(_mm256_add_ps(a0, a1)) * scale;
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    float* sc = scores + g * span;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t j = first; j <= last; ++j) top = std::max(top, sc[j]);
+    const __m256 vtop = _mm256_set1_ps(top);
+    __m256 vtotal = _mm256_setzero_ps();
+    int64_t j = first;
+    for (; j + 8 <= span; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vtop));
+      _mm256_storeu_ps(sc + j, e);
+      vtotal = _mm256_add_ps(vtotal, e);
+    }
+    float total = hsum(vtotal);
+    for (; j < span; ++j) {
+      sc[j] = std::exp(sc[j] - top);
+      total += sc[j];
+    }
+    const float inv = 1.0f / total;
+    for (j = first; j < span; ++j) sc[j] *= inv;
+    std::fill(out + g * d, out + (g + 1) * d, 0.0f);
+  }
+  for (int64_t j = first; j <= last; ++j) {
+    const typename E::T* vr = values + j * d;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 p = _mm256_set1_ps(scores[g * span + j]);
+      float* o = out + g * d;
+      for (int64_t i = 0; i < d; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, load8<E>(vr + i), _mm256_loadu_ps(o + i)));
+    }
+  }
+}
+
+#pragma GCC pop_options
+#endif
 
 template <class E>
 void attention_rows(const AttentionArgs& a) {
@@ -287,9 +408,14 @@ void attention_rows(const AttentionArgs& a) {
   T* keys = static_cast<T*>(a.keys);
   T* values = static_cast<T*>(a.values);
   T* out = static_cast<T*>(a.out);
+#if BITTERN_X86
+  const bool simd = current_isa() >= kAvx2 && d % 8 == 0;
+#else
+  const bool simd = false;
+#endif
   at::parallel_for(0, a.batch * a.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qr(static_cast<size_t>(a.groups * d)), scores(static_cast<size_t>(a.slot + 1)),
-        acc(static_cast<size_t>(d));
+    std::vector<float> qr(static_cast<size_t>(a.groups * d)), scores(static_cast<size_t>(a.groups * (a.slot + 1))),
+        acc(static_cast<size_t>(a.groups * d));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / a.kv_heads;
       const int64_t pos = std::max<int64_t>(a.slot - a.pad[b], 0);
@@ -315,26 +441,14 @@ void attention_rows(const AttentionArgs& a) {
       if (a.window > 0) first = std::max(first, a.slot - a.window + 1);
       const T* kbase = keys + bh * a.cache_len * d;
       const T* vbase = values + bh * a.cache_len * d;
-      for (int64_t g = 0; g < a.groups; ++g) {
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t j = first; j <= a.slot; ++j) {
-          scores[j] = dot<E>(qr.data() + g * d, kbase + j * d, d) * a.scale;
-          top = std::max(top, scores[j]);
-        }
-        float total = 0.0f;
-        for (int64_t j = first; j <= a.slot; ++j) {
-          scores[j] = std::exp(scores[j] - top);
-          total += scores[j];
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = first; j <= a.slot; ++j) {
-          const float p = scores[j] / total;
-          const T* vr = vbase + j * d;
-          for (int64_t i = 0; i < d; ++i) acc[i] += p * E::get(vr, i);
-        }
-        T* o = out + (bh * a.groups + g) * d;
-        for (int64_t i = 0; i < d; ++i) E::put(o, i, acc[i]);
-      }
+#if BITTERN_X86
+      if (simd)
+        attend_avx2<E>(qr.data(), a.groups, d, kbase, vbase, first, a.slot, a.scale, scores.data(), acc.data());
+      else
+#endif
+        attend_scalar<E>(qr.data(), a.groups, d, kbase, vbase, first, a.slot, a.scale, scores.data(), acc.data());
+      T* o = out + bh * a.groups * d;
+      for (int64_t i = 0; i < a.groups * d; ++i) E::put(o, i, acc[i]);
     }
   });
 }

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <vector>
 #include <cstdlib>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -36,6 +37,8 @@ constexpr float kEps = 1e-5f;  // bittern.quant.EPS, as float32 (torch.clamp rou
 constexpr float kActMax = 127.0f;
 // The widest K whose sums of fields masked in place (up to 3 << 6 times |x| <= 128) fit in int32.
 constexpr int64_t kMaxInPlaceK = 87381;
+// Tokens whose int32 sums are held at once (longer prompts run in pieces of this many).
+constexpr int64_t kStageTokens = 256;
 
 inline float activation_scale(float amax) { return (1.0f / std::max(amax, kEps)) * kActMax; }
 
@@ -58,24 +61,38 @@ inline void store(void* out, DType dtype, int64_t i, float y) {
   }
 }
 
-// y = acc / (s_w * s_x) [+ bias] for the outputs of `g` byte rows from `row` of layer L, tokens [t0, t1):
+// Keep the sums of `g` byte rows from `row` of layer L, tokens [t0, t1), in L.stage:
 // sums[(t - t0) * g + i][f] is sum_k (code + 1) x_k of output row + i + f * rows.
-void finish(const Quantized& q, const Layer& L, int64_t row, int g, int64_t t0, int64_t t1, const int32_t (*sums)[4],
-            DType out) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const float sx = q.scale[t];
-    const int32_t rowsum = q.rowsum[t];
-    for (int i = 0; i < g; ++i) {
+inline void collect(const Layer& L, int64_t row, int g, int64_t t0, int64_t t1, const int32_t (*sums)[4]) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int i = 0; i < g; ++i)
       for (int f = 0; f < 4; ++f) {
         const int64_t n = row + i + f * L.rows;
-        if (n >= L.n) continue;
-        const int32_t acc = sums[(t - t0) * g + i][f] - rowsum;
-        const float d = (L.per_row ? L.scale[n] : L.scale[0]) * sx;
-        float y = static_cast<float>(acc) / d;
-        if (L.bias) y = y + L.bias[n];
-        store(L.out, out, t * L.n + n, y);
+        if (n < L.n) L.stage[t * L.n + n] = sums[(t - t0) * g + i][f];
       }
+}
+
+// y = (stage - rowsum) / (s_w * s_x) [+ bias] of outputs [n0, n1) of layer L, every token: the product of the two
+// scales, one IEEE division, the bias, the output dtype.
+void rescale_scalar(const Quantized& q, const Layer& L, int64_t n0, int64_t n1, DType out) {
+  for (int64_t t = 0; t < q.m; ++t) {
+    const float sx = q.scale[t];
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t acc = L.stage[t * L.n + n] - q.rowsum[t];
+      const float d = (L.per_row ? L.scale[n] : L.scale[0]) * sx;
+      float y = static_cast<float>(acc) / d;
+      if (L.bias) y = y + L.bias[n];
+      store(L.out, out, t * L.n + n, y);
     }
+  }
+}
+
+// The outputs of byte rows [r0, r1) of layer L: 4 contiguous ranges, one per 2-bit field.
+template <class Rescale>
+void rescale_rows(const Quantized& q, const Layer& L, int64_t r0, int64_t r1, DType out, Rescale rescale) {
+  for (int f = 0; f < 4; ++f) {
+    const int64_t n0 = r0 + f * L.rows, n1 = std::min(L.n, r1 + f * L.rows);
+    if (n0 < n1) rescale(q, L, n0, n1, out);
   }
 }
 
@@ -117,9 +134,10 @@ void linear_impl(const Quantized& q, const Layer* layers, int count, DType out) 
             s[3] += static_cast<int32_t>(b >> 6) * xv;
           }
           const int32_t sums[1][4] = {{s[0], s[1], s[2], s[3]}};
-          finish(q, L, r, 1, t, t + 1, sums, out);
+          collect(L, r, 1, t, t + 1, sums);
         }
       }
+      rescale_rows(q, L, begin, end, out, rescale_scalar);
     });
   }
 }
@@ -131,7 +149,7 @@ void linear_impl(const Quantized& q, const Layer* layers, int count, DType out) 
 // ---- AVX2: activation quantization (every x86 SIMD level uses it) and the vpmaddubsw product ----------------
 
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma,f16c")
 
 namespace avx2 {
 
@@ -186,6 +204,47 @@ void quantize_row(const void* x, DType dtype, int64_t k, int8_t* out, int64_t kp
   *rowsum = total;
 }
 
+// rescale_scalar, 8 outputs at a time (the same IEEE steps: vcvtdq2ps, vmulps, vdivps, vaddps).
+void rescale(const Quantized& q, const Layer& L, int64_t n0, int64_t n1, DType out) {
+  for (int64_t t = 0; t < q.m; ++t) {
+    const float sx = q.scale[t];
+    const __m256 vsx = _mm256_set1_ps(sx);
+    const __m256 vd = _mm256_set1_ps(L.scale[0] * sx);
+    const __m256i vrowsum = _mm256_set1_epi32(q.rowsum[t]);
+    const int32_t* stage = L.stage + t * L.n;
+    int64_t n = n0;
+    for (; n + 8 <= n1; n += 8) {
+      const __m256i acc = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(stage + n)), vrowsum);
+      const __m256 d = L.per_row ? _mm256_mul_ps(_mm256_loadu_ps(L.scale + n), vsx) : vd;
+      __m256 y = _mm256_div_ps(_mm256_cvtepi32_ps(acc), d);
+      if (L.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(L.bias + n));
+      const int64_t at = t * L.n + n;
+      if (out == DType::kFloat32) {
+        _mm256_storeu_ps(static_cast<float*>(L.out) + at, y);
+      } else if (out == DType::kBFloat16) {  // round to nearest even; NaN as c10::BFloat16 writes it
+        const __m256i u = _mm256_castps_si256(y);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(L.out) + at),
+                         _mm256_castsi256_si128(packed));
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(L.out) + at),
+                         _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+    }
+    if (n < n1) {
+      const Quantized one{q.xq + t * q.kp, q.scale + t, q.rowsum + t, 1, q.k, q.kp};
+      Layer rest = L;
+      rest.stage = L.stage + t * L.n;
+      rest.out = static_cast<char*>(L.out) + t * L.n * (out == DType::kFloat32 ? 4 : 2);
+      rescale_scalar(one, rest, n, n1, out);
+    }
+  }
+}
+
 struct V {
   using I = __m256i;
   static constexpr int B = 32;
@@ -220,7 +279,7 @@ struct V {
 // ---- AVX-VNNI: 256-bit vpdpbusd (VEX) ----------------------------------------------------------------------
 
 #pragma GCC push_options
-#pragma GCC target("avx2,avxvnni")
+#pragma GCC target("avx2,fma,f16c,avxvnni")
 
 namespace avxvnni {
 
@@ -243,7 +302,7 @@ struct V : avx2::V {
 // ---- AVX-512 VNNI: 512-bit vpdpbusd -------------------------------------------------------------------------
 
 #pragma GCC push_options
-#pragma GCC target("avx2,avx512f,avx512bw,avx512vnni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")
 
 namespace avx512vnni {
 
@@ -357,19 +416,44 @@ void linear(const Quantized& q, const Layer* layers, int count, DType out) {
     for (int i = 0; i < count; i += kMaxLayers) linear(q, layers + i, std::min(kMaxLayers, count - i), out);
     return;
   }
+  const int64_t width = out == DType::kFloat32 ? 4 : 2;
+  if (q.m > kStageTokens) {  // long prompts in pieces: the int32 sums of a piece at a time
+    for (int64_t t0 = 0; t0 < q.m; t0 += kStageTokens) {
+      const Quantized piece{q.xq + t0 * q.kp, q.scale + t0, q.rowsum + t0, std::min(kStageTokens, q.m - t0), q.k, q.kp};
+      Layer moved[kMaxLayers];
+      for (int i = 0; i < count; ++i) {
+        moved[i] = layers[i];
+        moved[i].out = static_cast<char*>(layers[i].out) + t0 * layers[i].n * width;
+      }
+      linear(piece, moved, count, out);
+    }
+    return;
+  }
+  // int32 sums of every output, rescaled by each thread once its rows are done (in a buffer of the calling thread)
+  thread_local std::vector<int32_t> stage;
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += q.m * layers[i].n;
+  if (static_cast<int64_t>(stage.size()) < total) stage.resize(static_cast<size_t>(total));
+  Layer staged[kMaxLayers];
+  int64_t at = 0;
+  for (int i = 0; i < count; ++i) {
+    staged[i] = layers[i];
+    staged[i].stage = stage.data() + at;
+    at += q.m * layers[i].n;
+  }
   int isa = current_isa();
   if (isa > kAvx2 && q.k > kMaxInPlaceK) isa = kAvx2;  // fields in place would overflow int32
   switch (isa) {
 #if BITTERN_X86
     case kAvx512Vnni:
-      return avx512vnni::linear_impl(q, layers, count, out);
+      return avx512vnni::linear_impl(q, staged, count, out);
     case kAvxVnni:
-      return avxvnni::linear_impl(q, layers, count, out);
+      return avxvnni::linear_impl(q, staged, count, out);
     case kAvx2:
-      return avx2::linear_impl(q, layers, count, out);
+      return avx2::linear_impl(q, staged, count, out);
 #endif
     default:
-      return scalar::linear_impl(q, layers, count, out);
+      return scalar::linear_impl(q, staged, count, out);
   }
 }
 

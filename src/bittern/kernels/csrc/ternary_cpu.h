@@ -55,6 +55,7 @@ struct Layer {
   bool per_row;           // scale has n entries
   const float* bias;      // [n] float32, or nullptr
   void* out;              // [m, n] in the output dtype, rows of n elements
+  int32_t* stage;         // [m, n] int32 scratch of the kernels (set by linear())
 };
 
 // Which instruction sets this CPU runs (bit i: Isa i); scalar is always there.
