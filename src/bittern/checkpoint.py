@@ -24,7 +24,7 @@ from bittern.convert import (
 )
 from bittern.errors import CheckpointError, ConfigError, OutputExistsError, ShapeMismatchError, UnknownFormatError
 from bittern.formats import Checkpoint, TernaryWeight
-from bittern.formats.common import CONFIG_FILE, WEIGHTS_FILE
+from bittern.formats.common import CONFIG_FILE, WEIGHTS_FILE, PackedTernaryWeight
 from bittern.nn import BitLinear, TernaryLinear
 
 Layers = Literal["auto", "ternary", "bitlinear", "linear"]
@@ -196,9 +196,9 @@ def _install_ternary(model: nn.Module, checkpoint: Checkpoint) -> None:
         if not isinstance(old, nn.Linear):
             raise ShapeMismatchError(f"'{name}' is a {type(old).__name__}, not a linear layer", None, f"{name}.weight")
         expected = (old.out_features, old.in_features)
-        if tuple(weight.codes.shape) != expected:
+        if weight.shape != expected:
             raise ShapeMismatchError(
-                f"holds a [{weight.codes.shape[0]}, {weight.codes.shape[1]}] ternary matrix but the model's layer "
+                f"holds a [{weight.shape[0]}, {weight.shape[1]}] ternary matrix but the model's layer "
                 f"is [{expected[0]}, {expected[1]}]",
                 checkpoint.files.get(f"{name}.weight"),
                 f"{name}.weight",
@@ -209,7 +209,10 @@ def _install_ternary(model: nn.Module, checkpoint: Checkpoint) -> None:
                 checkpoint.files.get(f"{name}.weight_scale"),
                 f"{name}.weight_scale",
             )
-        layer = TernaryLinear.from_codes(weight.codes, weight.scale, bias=None)
+        if isinstance(weight, PackedTernaryWeight):  # the packed bytes as read: never unpacked
+            layer = TernaryLinear.from_packed(weight.packed, weight.out_features, weight.scale)
+        else:
+            layer = TernaryLinear.from_codes(weight.codes, weight.scale, bias=None)
         if old.bias is not None:
             layer.bias = nn.Parameter(torch.zeros_like(old.bias), requires_grad=False)
         model.set_submodule(name, layer)
@@ -245,8 +248,10 @@ def _load_dense(model: nn.Module, checkpoint: Checkpoint) -> None:
     if missing:
         source = checkpoint.source / WEIGHTS_FILE if checkpoint.source else None
         raise CheckpointError(f"{len(missing)} tensors are missing, e.g. {missing[:3]}", source)
+    # assigned rather than copied (in the model's dtypes): the model holds the tensors read, one copy of each
+    state = {k: v.to(own[k].dtype) for k, v in checkpoint.tensors.items() if k in own}
     with torch.no_grad():
-        model.load_state_dict({k: v for k, v in checkpoint.tensors.items() if k in own}, strict=False)
+        model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
 

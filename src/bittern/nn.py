@@ -155,6 +155,31 @@ class TernaryLinear(nn.Module):
         return layer
 
     @classmethod
+    def from_packed(
+        cls,
+        packed: torch.Tensor,
+        out_features: int,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        per_channel: bool | None = None,
+    ) -> TernaryLinear:
+        """Build from packed codes as stored (uint8 ``[ceil(N/4), K]``, :mod:`bittern.packing`; held, not copied),
+        ``N = out_features``, a float32 weight scale ``s_w`` ``[1]`` or ``[N]`` and a bias."""
+        if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[0] != packing.packed_rows(out_features):
+            raise ValueError(
+                f"packed codes for {out_features} outputs must be uint8 [{packing.packed_rows(out_features)}, K], "
+                f"got {packed.dtype} {tuple(packed.shape)}"
+            )
+        if per_channel is None:
+            per_channel = scale.numel() != 1
+        layer = cls(packed.shape[1], out_features, bias=bias is not None, per_channel=per_channel, device="meta")
+        layer.packed_weight = packed.contiguous()
+        layer.weight_scale = scale.detach().to(torch.float32).reshape(-1).clone()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @classmethod
     def from_bitlinear(cls, layer: nn.Linear, per_channel: bool | None = None) -> TernaryLinear:
         """Quantize a trained :class:`BitLinear` (or any ``nn.Linear``) into a packed layer.
 

@@ -80,6 +80,7 @@ class _NativeLayer:
     down: _Packed
     down_bias: torch.Tensor | None
     ffn_sub_norm: _Norm | None
+    relu2: bool  # the activation is transformers' ReLUSquaredActivation (computed natively, bit for bit)
 
 
 class StaticKVCache:
@@ -364,6 +365,7 @@ class Decoder:
                         down=packed(layer.down_proj),
                         down_bias=layer.down_proj.bias,
                         ffn_sub_norm=norm(layer.ffn_sub_norm),
+                        relu2=type(layer.act).__name__ == "ReLUSquaredActivation",
                     )
                 )
             norm(self.norm)
@@ -419,7 +421,7 @@ class Decoder:
             attended = cpu.packed_linear(out, *block.o_proj, block.o_bias, dtype)
             x, h = rms(x, *block.post_norm, attended)
             gate, up = products(h, *zip(*block.gate_up, strict=True), dtype)
-            h = layer.act(gate) * up
+            h = cpu.relu2_mul(gate, up) if block.relu2 else layer.act(gate) * up
             if block.ffn_sub_norm is not None:
                 h = rms(h, *block.ffn_sub_norm)[1]
             pending = cpu.packed_linear(h, *block.down, block.down_bias, dtype)

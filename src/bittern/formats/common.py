@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from bittern import packing
 from bittern.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -67,6 +68,37 @@ class TernaryWeight:
     @property
     def per_channel(self) -> bool:
         return self.scale.numel() != 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, K)`` of the ternary matrix."""
+        n, k = self.codes.shape
+        return int(n), int(k)
+
+
+class PackedTernaryWeight(TernaryWeight):
+    """A :class:`TernaryWeight` read in the Hugging Face 2-bit layout and kept in it: ``codes`` are unpacked on each
+    access, so a loaded packed checkpoint holds a quarter of the bytes, and its layers are built from ``packed``
+    directly (:meth:`bittern.nn.TernaryLinear.from_packed`).
+
+    Attributes:
+        packed: uint8 ``[ceil(N/4), K]`` (:mod:`bittern.packing`).
+        out_features: ``N``.
+    """
+
+    def __init__(self, packed: torch.Tensor, out_features: int, scale: torch.Tensor) -> None:
+        self.packed = packed
+        self.out_features = int(out_features)
+        self.scale = scale
+
+    @property
+    def codes(self) -> torch.Tensor:  # type: ignore[override]
+        """int8 ``[N, K]``, unpacked from :attr:`packed` (a new tensor on each access)."""
+        return packing.unpack_ternary_rows(self.packed, self.out_features)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, int(self.packed.shape[1])
 
 
 @dataclass

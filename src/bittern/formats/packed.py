@@ -26,6 +26,7 @@ from bittern.formats.common import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     Checkpoint,
+    PackedTernaryWeight,
     TernaryWeight,
     check_finite,
     make_marker,
@@ -202,7 +203,7 @@ def read_packed(
                 f"{invalid} packed 2-bit slots hold the value 3, which is no ternary code", path, key
             )
         scale = stored if divide else quant.reciprocal(stored)
-        ternary[name] = TernaryWeight(packing.unpack_ternary_rows(packed, out_features), scale)
+        ternary[name] = PackedTernaryWeight(packed, out_features, scale)
     if not ternary:
         raise CorruptCheckpointError(
             "config.json declares a bitnet quantization but no tensor holds packed uint8 weights",

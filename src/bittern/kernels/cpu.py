@@ -322,6 +322,14 @@ def rms_norm(
     return torch.ops.bittern_cpu.rms_norm.default(x, residual, weight, eps)
 
 
+def relu2_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``square(relu(gate)) * up`` (Hugging Face's ``ReLUSquaredActivation`` — BitNet's relu² — times the up
+    projection), bit for bit as PyTorch computes it in the tensors' dtype (float32 / bfloat16 / float16, CPU, one
+    shape)."""
+    _require()
+    return torch.ops.bittern_cpu.relu2_mul.default(gate, up)
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -40,25 +40,21 @@ struct F32 {
 };
 struct BF16 {
   using T = uint16_t;
-  static inline float get(const T* p, int64_t i) {
-    const uint32_t u = uint32_t(p[i]) << 16;
+  static inline float from_bits(uint32_t u) {
     float f;
     std::memcpy(&f, &u, 4);
     return f;
   }
-  static inline uint16_t bits(float v) {  // round to nearest even, as c10::BFloat16 (and Tensor.to) round
+  static inline float get(const T* p, int64_t i) { return from_bits(uint32_t(p[i]) << 16); }
+  // round to nearest even, as c10::BFloat16 (and Tensor.to) round; NaN as c10 writes it. Branch-free: vectorizes.
+  static inline uint16_t bits(float v) {
     uint32_t u;
     std::memcpy(&u, &v, 4);
-    if (std::isnan(v)) return 0x7FC0;
-    return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    const uint32_t r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
+    return static_cast<uint16_t>(v != v ? 0x7FC0u : r);
   }
   static inline void put(T* p, int64_t i, float v) { p[i] = bits(v); }
-  static inline float round(float v) {
-    const uint32_t u = uint32_t(bits(v)) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  static inline float round(float v) { return from_bits(uint32_t(bits(v)) << 16); }
 };
 struct F16 {
   using T = c10::Half;
@@ -223,25 +219,43 @@ void rms_norm_rows(const void* xv, const void* rv, void* sv, const void* wv, voi
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> s(static_cast<size_t>(d));
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t at = t * d;
+      const XT* xt = x + t * d;
       if (r) {
+        const XT* rt = r + t * d;
+        XT* st = s_out + t * d;
         for (int64_t j = 0; j < d; ++j) {
-          s[j] = X::round(X::get(x, at + j) + X::get(r, at + j));  // x + residual in the input dtype
-          X::put(s_out, at + j, s[j]);
+          s[j] = X::round(X::get(xt, j) + X::get(rt, j));  // x + residual in the input dtype
+          X::put(st, j, s[j]);
         }
       } else {
-        for (int64_t j = 0; j < d; ++j) s[j] = X::get(x, at + j);
+        for (int64_t j = 0; j < d; ++j) s[j] = X::get(xt, j);
       }
-      double parts[8] = {};  // pow(2) in float32, summed in double in 8 interleaved parts
+      float parts[16] = {};  // pow(2) in float32, summed in 16 interleaved parts (vectorized), then in double
       int64_t j = 0;
-      for (; j + 8 <= d; j += 8)
-        for (int l = 0; l < 8; ++l) parts[l] += static_cast<double>(s[j + l] * s[j + l]);
-      for (; j < d; ++j) parts[0] += static_cast<double>(s[j] * s[j]);
+      for (; j + 16 <= d; j += 16)
+        for (int l = 0; l < 16; ++l) parts[l] += s[j + l] * s[j + l];
       double squares = 0.0;
-      for (double part : parts) squares += part;
+      for (; j < d; ++j) squares += static_cast<double>(s[j] * s[j]);
+      for (float part : parts) squares += static_cast<double>(part);
       const float variance = static_cast<float>(squares) / static_cast<float>(d);
       const float inv = 1.0f / std::sqrt(variance + eps);  // torch.rsqrt on the CPU: 1 / sqrt, two roundings
-      for (int64_t i = 0; i < d; ++i) Y::put(y, at + i, W::get(w, i) * X::round(s[i] * inv));  // .to(x dtype)
+      typename Y::T* yt = y + t * d;
+      for (int64_t i = 0; i < d; ++i) Y::put(yt, i, W::get(w, i) * X::round(s[i] * inv));  // .to(x dtype)
+    }
+  });
+}
+
+template <class E>
+void relu2_mul_rows(const void* gv, const void* uv, void* ov, int64_t n) {
+  using T = typename E::T;
+  const T* g = static_cast<const T*>(gv);
+  const T* u = static_cast<const T*>(uv);
+  T* o = static_cast<T*>(ov);
+  at::parallel_for(0, n, int64_t(1) << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = E::get(g, i);
+      const float relu = v > 0.0f || v != v ? v : 0.0f;  // relu keeps NaN
+      E::put(o, i, E::round(relu * relu) * E::get(u, i));
     }
   });
 }
@@ -257,6 +271,10 @@ void rms_norm(const void* x, const void* residual, void* s_out, DType xdt, const
       });
     });
   });
+}
+
+void relu2_mul(const void* gate, const void* up, void* out, DType dt, int64_t n) {
+  with_type(dt, [&](auto e) { relu2_mul_rows<decltype(e)>(gate, up, out, n); });
 }
 
 // ---- the decode step's attention -----------------------------------------------------------------------------

@@ -87,6 +87,10 @@ void dense_linear(const void* x, DType xdt, const void* w, DType wdt, const void
 void rms_norm(const void* x, const void* residual, void* s_out, DType xdt, const void* weight, DType wdt, void* y,
               DType ydt, int64_t m, int64_t d, float eps);
 
+// out = square(relu(gate)) * up, every step rounded to `dt` as PyTorch rounds it: Hugging Face's
+// ReLUSquaredActivation (BitNet's relu²) times the up projection. n elements.
+void relu2_mul(const void* gate, const void* up, void* out, DType dt, int64_t n);
+
 // The decode step's attention for one new token per row (all tensors in `dtype`, contiguous): rope on q and k at
 // position max(slot - pad[b], 0), k and v written into the cache at `slot`, then each query head attends over the
 // row's slots [pad[b], slot] (within `window` when > 0).

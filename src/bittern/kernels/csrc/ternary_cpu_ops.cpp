@@ -213,6 +213,17 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const std::o
   return {s, y};
 }
 
+at::Tensor relu2_mul_op(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu() && kernel_float(gate.scalar_type()) && gate.sizes() == up.sizes() &&
+                  gate.scalar_type() == up.scalar_type() && up.device().is_cpu(),
+              "bittern_cpu.relu2_mul: gate and up must be CPU tensors of one shape and one float32, bfloat16 or ",
+              "float16 dtype, got ", gate.scalar_type(), " ", gate.sizes(), " and ", up.scalar_type(), " ", up.sizes());
+  const at::Tensor g = gate.contiguous(), u = up.contiguous();
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  relu2_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), kernel_dtype(gate.scalar_type()), gate.numel());
+  return out;
+}
+
 at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                                const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, const at::Tensor& slot,
                                const at::Tensor& pad, double scale, std::optional<int64_t> window) {
@@ -275,6 +286,7 @@ TORCH_LIBRARY(bittern_cpu, m) {
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &bittern_cpu::dense_linear_op);
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
         &bittern_cpu::rms_norm_op);
+  m.def("relu2_mul(Tensor gate, Tensor up) -> Tensor", &bittern_cpu::relu2_mul_op);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, "
         "Tensor slot, Tensor pad, float scale, int? window) -> Tensor",
         &bittern_cpu::decode_attention_op);
