@@ -20,14 +20,8 @@ pytestmark = [
     pytest.mark.usefixtures("single_thread"),
 ]
 
-ENTRY_POINTS = (
-    "packed_linear",
-    "packed_linear_group",
-    "packed_quantized",
-    "rms_norm",
-    "decode_attention",
-    "dense_linear",
-)
+ENTRY_POINTS = ("packed_linear", "packed_linear_group", "packed_quantized", "rms_norm", "norm_linear", "relu2_mul",
+                "decode_attention", "dense_linear")  # fmt: skip
 
 
 @pytest.fixture
@@ -81,19 +75,20 @@ def test_decode_steps_on_the_native_attention_equal_the_masked_attention(dtype: 
 
 
 def test_a_bitnet_decode_step_runs_on_the_native_kernels(calls) -> None:
-    """bf16: every norm fused, q/k/v and gate/up one grouped product each, o and down one each, the decode attention,
-    the 16-bit LM head on the native GEMV for the one-row steps."""
+    """bf16: the prompt's forward on the dispatch (fused norms, grouped q/k/v and gate/up); each decode step on the
+    direct path: every norm with the packed layers after it in one call (relu² and ffn_sub_norm with down_proj), the
+    attention in one, the 16-bit LM head on the native GEMV for the one-row steps."""
     model = trained_model("bitnet").to(torch.bfloat16)
     engine = Engine(model, tokenizer(), max_batch=1, max_seq_len=64)
     prompt = synthetic_tokens(1, 9, seed=3)[0].tolist()
     engine.generate_ids([prompt], 5, ignore_eos=True)
-    layers = model.config.num_hidden_layers
-    forwards = 5  # the prompt, then 4 decode steps
-    assert calls["rms_norm"] == forwards * (4 * layers + 1)
-    assert calls["packed_linear_group"] == forwards * 2 * layers
-    assert calls["packed_linear"] == forwards * 2 * layers
-    assert calls["decode_attention"] == 4 * layers
-    assert calls["dense_linear"] == forwards  # the prompt's last token and every step: one row each
+    layers, steps = model.config.num_hidden_layers, 4  # the prompt, then 4 decode steps
+    assert calls["rms_norm"] == 4 * layers + 1 + steps  # the prompt's norms, then each step's final norm
+    assert calls["packed_linear_group"] == 2 * layers and calls["packed_linear"] == 2 * layers
+    assert calls["norm_linear"] == steps * 4 * layers
+    assert calls["decode_attention"] == steps * layers
+    assert calls["dense_linear"] == 1 + steps  # the prompt's last token and every step: one row each
+    assert calls["relu2_mul"] == 0  # inside norm_linear
 
 
 def test_one_and_two_threads_generate_the_same_tokens() -> None:

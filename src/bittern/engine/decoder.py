@@ -390,42 +390,48 @@ class Decoder:
         self, input_ids: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor, cache: StaticKVCache
     ) -> torch.Tensor:
         """:meth:`forward` of one token per row on the native CPU kernels, without the dispatch of every call: per
-        block the fused norms, one grouped product for q/k/v and for gate/up, one call for rope + cache write +
-        attention (:func:`bittern.kernels.cpu.decode_attention`). The same numbers as :meth:`forward` on the native
-        kernels. ``[B, 1, V]`` logits."""
+        block each norm and the packed layers reading it in one call (:func:`bittern.kernels.cpu.norm_linear`; a
+        BitNet feed-forward's relu² and ``ffn_sub_norm`` in the ``down_proj`` call), rope + cache write + attention
+        in one (:func:`bittern.kernels.cpu.decode_attention`): four or five calls a block. The same numbers as
+        :meth:`forward` on the native kernels. ``[B, 1, V]`` logits."""
         plan = self._native
         assert isinstance(plan, list)
         batch = input_ids.shape[0]
         dtype = self.dtype
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         groups = heads // kv_heads
-        rms, products, attention = cpu.rms_norm, cpu.packed_linear_group, cpu.decode_attention
         x = self.embed(input_ids)
         pending: torch.Tensor | None = None
         for index, (layer, block) in enumerate(zip(self.layers, plan, strict=True)):
-            x, h = rms(x, *block.input_norm, pending)
             if any(b is not None for b in block.qkv_bias):
-                q, k, v = (
-                    cpu.packed_linear(h, w, n, s, b, dtype)
-                    for (w, n, s), b in zip(block.qkv, block.qkv_bias, strict=True)
-                )
+                x, h = cpu.rms_norm(x, *block.input_norm, pending)
+                q, k, v = (cpu.packed_linear(h, *w, b, dtype) for w, b in zip(block.qkv, block.qkv_bias, strict=True))
             else:
-                q, k, v = products(h, *zip(*block.qkv, strict=True), dtype)
-            out = attention(
+                x, (q, k, v) = cpu.norm_linear(x, *block.input_norm, *zip(*block.qkv, strict=True), residual=pending,
+                                               out_dtype=dtype)  # fmt: skip
+            out = cpu.decode_attention(
                 q.view(batch, kv_heads, groups, dim), k.view(batch, kv_heads, dim), v.view(batch, kv_heads, dim),
                 self.cos, self.sin, cache.keys[index], cache.values[index], slots, pad, layer.scaling,
                 layer.sliding_window,
             ).view(batch, 1, heads * dim)  # fmt: skip
             if block.attn_sub_norm is not None:
-                out = rms(out, *block.attn_sub_norm)[1]
-            attended = cpu.packed_linear(out, *block.o_proj, block.o_bias, dtype)
-            x, h = rms(x, *block.post_norm, attended)
-            gate, up = products(h, *zip(*block.gate_up, strict=True), dtype)
+                attended = cpu.norm_linear(out, *block.attn_sub_norm, *zip(block.o_proj), bias=block.o_bias,
+                                           out_dtype=dtype)[1][0]  # fmt: skip
+            else:
+                attended = cpu.packed_linear(out, *block.o_proj, block.o_bias, dtype)
+            x, (gate, up) = cpu.norm_linear(x, *block.post_norm, *zip(*block.gate_up, strict=True), residual=attended,
+                                            out_dtype=dtype)  # fmt: skip
+            if block.relu2 and block.ffn_sub_norm is not None:  # ffn_sub_norm(relu(gate)² * up) in the same call
+                pending = cpu.norm_linear(up, *block.ffn_sub_norm, *zip(block.down), gate=gate, bias=block.down_bias,
+                                          out_dtype=dtype)[1][0]  # fmt: skip
+                continue
             h = cpu.relu2_mul(gate, up) if block.relu2 else layer.act(gate) * up
             if block.ffn_sub_norm is not None:
-                h = rms(h, *block.ffn_sub_norm)[1]
-            pending = cpu.packed_linear(h, *block.down, block.down_bias, dtype)
-        h = rms(x, self.norm.weight, float(self.norm.variance_epsilon), pending)[1]
+                pending = cpu.norm_linear(h, *block.ffn_sub_norm, *zip(block.down), bias=block.down_bias,
+                                          out_dtype=dtype)[1][0]  # fmt: skip
+            else:
+                pending = cpu.packed_linear(h, *block.down, block.down_bias, dtype)
+        h = cpu.rms_norm(x, self.norm.weight, float(self.norm.variance_epsilon), pending)[1]
         return project(h, [self.head])[0]
 
     def _attention(

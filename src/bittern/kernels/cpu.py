@@ -322,6 +322,32 @@ def rms_norm(
     return torch.ops.bittern_cpu.rms_norm.default(x, residual, weight, eps)
 
 
+def norm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    packed_weights: Sequence[torch.Tensor],
+    out_features: Sequence[int],
+    scales: Sequence[torch.Tensor],
+    *,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`rms_norm` and the packed layers reading its output in one call: ``(s, [layer(y) for each layer])``,
+    ``y`` quantized straight from the norm (never stored). With ``gate`` (and no residual) the norm's input is
+    :func:`relu2_mul` ``(gate, x)`` — a BitNet feed-forward's ``ffn_sub_norm(act(gate) * up)`` before
+    ``down_proj``. Each output equals :func:`packed_linear` of :func:`rms_norm`'s ``y`` bit for bit; ``bias`` only
+    with one layer; outputs in ``out_dtype`` (default ``x.dtype``)."""
+    _require()
+    out = torch.ops.bittern_cpu.norm_linear.default(
+        x, residual, gate, weight, eps, list(packed_weights), list(out_features), list(scales), bias,
+        out_dtype or x.dtype,
+    )  # fmt: skip
+    return out[0], out[1:]
+
+
 def relu2_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``square(relu(gate)) * up`` (Hugging Face's ``ReLUSquaredActivation`` — BitNet's relu² — times the up
     projection), bit for bit as PyTorch computes it in the tensors' dtype (float32 / bfloat16 / float16, CPU, one

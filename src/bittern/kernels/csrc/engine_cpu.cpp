@@ -206,12 +206,16 @@ void dense_linear(const void* x, DType xdt, const void* w, DType wdt, const void
 
 namespace {
 
+// One row t of: h = x (+ residual, rounded to X; or relu(gate)^2 * x, each product rounded to X, BitNet's FFN),
+// stored in s_out when given; y = w * (h * rsqrt(mean(h^2) + eps)).to(X), rounded to Y, written to y (as Y) and/or
+// to yf (as the float32 value of that Y).
 template <class X, class W, class Y>
-void rms_norm_rows(const void* xv, const void* rv, void* sv, const void* wv, void* yv, int64_t m, int64_t d,
-                   float eps) {
+void rms_norm_rows(const void* xv, const void* rv, const void* gv, void* sv, const void* wv, void* yv, float* yf,
+                   int64_t m, int64_t d, float eps) {
   using XT = typename X::T;
   const XT* x = static_cast<const XT*>(xv);
   const XT* r = static_cast<const XT*>(rv);
+  const XT* gate = static_cast<const XT*>(gv);
   XT* s_out = static_cast<XT*>(sv);
   const typename W::T* w = static_cast<const typename W::T*>(wv);
   typename Y::T* y = static_cast<typename Y::T*>(yv);
@@ -222,14 +226,19 @@ void rms_norm_rows(const void* xv, const void* rv, void* sv, const void* wv, voi
       const XT* xt = x + t * d;
       if (r) {
         const XT* rt = r + t * d;
-        XT* st = s_out + t * d;
+        for (int64_t j = 0; j < d; ++j) s[j] = X::round(X::get(xt, j) + X::get(rt, j));  // x + residual in X
+      } else if (gate) {
+        const XT* gt = gate + t * d;
         for (int64_t j = 0; j < d; ++j) {
-          s[j] = X::round(X::get(xt, j) + X::get(rt, j));  // x + residual in the input dtype
-          X::put(st, j, s[j]);
+          const float g = X::get(gt, j);
+          const float relu = g > 0.0f || g != g ? g : 0.0f;  // relu keeps NaN
+          s[j] = X::round(X::round(relu * relu) * X::get(xt, j));
         }
       } else {
         for (int64_t j = 0; j < d; ++j) s[j] = X::get(xt, j);
       }
+      if (s_out)
+        for (int64_t j = 0; j < d; ++j) X::put(s_out + t * d, j, s[j]);
       float parts[16] = {};  // pow(2) in float32, summed in 16 interleaved parts (vectorized), then in double
       int64_t j = 0;
       for (; j + 16 <= d; j += 16)
@@ -239,8 +248,14 @@ void rms_norm_rows(const void* xv, const void* rv, void* sv, const void* wv, voi
       for (float part : parts) squares += static_cast<double>(part);
       const float variance = static_cast<float>(squares) / static_cast<float>(d);
       const float inv = 1.0f / std::sqrt(variance + eps);  // torch.rsqrt on the CPU: 1 / sqrt, two roundings
-      typename Y::T* yt = y + t * d;
-      for (int64_t i = 0; i < d; ++i) Y::put(yt, i, W::get(w, i) * X::round(s[i] * inv));  // .to(x dtype)
+      if (y) {
+        typename Y::T* yt = y + t * d;
+        for (int64_t i = 0; i < d; ++i) Y::put(yt, i, W::get(w, i) * X::round(s[i] * inv));  // .to(x dtype)
+      }
+      if (yf) {
+        float* ft = yf + t * d;
+        for (int64_t i = 0; i < d; ++i) ft[i] = Y::round(W::get(w, i) * X::round(s[i] * inv));
+      }
     }
   });
 }
@@ -267,10 +282,26 @@ void rms_norm(const void* x, const void* residual, void* s_out, DType xdt, const
   with_type(xdt, [&](auto xe) {
     with_type(wdt, [&](auto we) {
       with_type(ydt, [&](auto ye) {
-        rms_norm_rows<decltype(xe), decltype(we), decltype(ye)>(x, residual, s_out, weight, y, m, d, eps);
+        rms_norm_rows<decltype(xe), decltype(we), decltype(ye)>(x, residual, nullptr, s_out, weight, y, nullptr, m, d,
+                                                                eps);
       });
     });
   });
+}
+
+void rms_norm_quantize(const void* x, const void* residual, const void* gate, void* s_out, DType xdt,
+                       const void* weight, DType wdt, DType ydt, float eps, const Quantized& q) {
+  thread_local std::vector<float> normed;
+  if (static_cast<int64_t>(normed.size()) < q.m * q.k) normed.resize(static_cast<size_t>(q.m * q.k));
+  with_type(xdt, [&](auto xe) {
+    with_type(wdt, [&](auto we) {
+      with_type(ydt, [&](auto ye) {
+        rms_norm_rows<decltype(xe), decltype(we), decltype(ye)>(x, residual, gate, s_out, weight, nullptr,
+                                                                normed.data(), q.m, q.k, eps);
+      });
+    });
+  });
+  quantize(normed.data(), DType::kFloat32, q.k, q);  // the values y holds in its dtype, quantized as y would be
 }
 
 void relu2_mul(const void* gate, const void* up, void* out, DType dt, int64_t n) {

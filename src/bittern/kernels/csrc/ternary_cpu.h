@@ -87,6 +87,12 @@ void dense_linear(const void* x, DType xdt, const void* w, DType wdt, const void
 void rms_norm(const void* x, const void* residual, void* s_out, DType xdt, const void* weight, DType wdt, void* y,
               DType ydt, int64_t m, int64_t d, float eps);
 
+// rms_norm's y quantized into q (q.m rows of q.k values) without storing y, for the packed layers reading it; with
+// `gate` (and no residual), the norm's input is square(relu(gate)) * x (relu2_mul), BitNet's FFN. y's dtype `ydt`
+// only decides its rounding.
+void rms_norm_quantize(const void* x, const void* residual, const void* gate, void* s_out, DType xdt,
+                       const void* weight, DType wdt, DType ydt, float eps, const Quantized& q);
+
 // out = square(relu(gate)) * up, every step rounded to `dt` as PyTorch rounds it: Hugging Face's
 // ReLUSquaredActivation (BitNet's relu²) times the up projection. n elements.
 void relu2_mul(const void* gate, const void* up, void* out, DType dt, int64_t n);

@@ -213,6 +213,41 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const std::o
   return {s, y};
 }
 
+// [s, out_1, ...]: s = x + residual (x itself without one), then the packed layers of rms_norm(s) (or of
+// rms_norm(square(relu(gate)) * x)), quantized straight from the norm.
+std::vector<at::Tensor> norm_linear_op(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                       const std::optional<at::Tensor>& gate, const at::Tensor& weight, double eps,
+                                       at::TensorList packed, at::IntArrayRef out_features, at::TensorList scales,
+                                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  TORCH_CHECK(x.device().is_cpu() && kernel_float(x.scalar_type()) && x.dim() >= 1 && x.size(-1) > 0 &&
+                  x.size(-1) <= kMaxK,
+              "bittern_cpu.norm_linear: x must be a float32, bfloat16 or float16 CPU [..., D] tensor, got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.device().is_cpu() && kernel_float(weight.scalar_type()) && weight.numel() == d,
+              "bittern_cpu.norm_linear: weight must be a CPU [", d, "] tensor, got ", weight.sizes());
+  for (const auto* other : {&residual, &gate})
+    TORCH_CHECK(!other->has_value() || ((*other)->sizes() == x.sizes() &&
+                                        (*other)->scalar_type() == x.scalar_type() && (*other)->device().is_cpu()),
+                "bittern_cpu.norm_linear: residual and gate must match x");
+  TORCH_CHECK(!(residual.has_value() && gate.has_value()), "bittern_cpu.norm_linear: a residual or a gate, not both");
+  const at::Tensor rows = x.contiguous(), w = weight.contiguous();
+  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::Tensor g = gate.has_value() ? gate->contiguous() : at::Tensor();
+  at::Tensor s = r.defined() ? at::empty(x.sizes(), x.options()) : x;
+  const int64_t m = rows.numel() / d;
+  const Quantized q = workspace(m, d);
+  rms_norm_quantize(rows.data_ptr(), r.defined() ? r.data_ptr() : nullptr, g.defined() ? g.data_ptr() : nullptr,
+                    r.defined() ? s.data_ptr() : nullptr, kernel_dtype(x.scalar_type()), w.data_ptr(),
+                    kernel_dtype(w.scalar_type()), kernel_dtype(c10::promoteTypes(weight.scalar_type(), x.scalar_type())),
+                    static_cast<float>(eps), q);
+  const auto sizes = x.sizes();
+  std::vector<at::Tensor> outs =
+      run(q, sizes.slice(0, sizes.size() - 1), packed, out_features, scales, bias, out_dtype, "norm_linear");
+  outs.insert(outs.begin(), s);
+  return outs;
+}
+
 at::Tensor relu2_mul_op(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.device().is_cpu() && kernel_float(gate.scalar_type()) && gate.sizes() == up.sizes() &&
                   gate.scalar_type() == up.scalar_type() && up.device().is_cpu(),
@@ -287,6 +322,9 @@ TORCH_LIBRARY(bittern_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
         &bittern_cpu::rms_norm_op);
   m.def("relu2_mul(Tensor gate, Tensor up) -> Tensor", &bittern_cpu::relu2_mul_op);
+  m.def("norm_linear(Tensor x, Tensor? residual, Tensor? gate, Tensor weight, float eps, Tensor[] packed, "
+        "int[] out_features, Tensor[] scales, Tensor? bias, ScalarType out_dtype) -> Tensor[]",
+        &bittern_cpu::norm_linear_op);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, "
         "Tensor slot, Tensor pad, float scale, int? window) -> Tensor",
         &bittern_cpu::decode_attention_op);
