@@ -134,7 +134,7 @@ def _token_ids(value: Any) -> list[int]:
 def _collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for a block: its passes over every live object (a loaded model and the
     libraries hold hundreds of thousands) start every few hundred allocations, and an eager decode step allocates
-    dozens of tensors — on the CPU that was a tenth of a step. A step's garbage is freed by reference counting."""
+    dozens of tensors. A step's garbage is freed by reference counting."""
     enabled = gc.isenabled()
     gc.disable()
     try:
