@@ -374,3 +374,19 @@ def test_packed_layer_with_an_input_gradient_compiles_without_graph_breaks() -> 
     compiled.sum().backward()
     assert torch.equal(compiled, eager)
     torch.testing.assert_close(x.grad, torch.ones(3, 16) @ layer.dequantized_weight())
+
+
+def test_ternary_linear_from_packed_holds_the_bytes() -> None:
+    from bittern import packing
+
+    torch.manual_seed(3)
+    codes = torch.randint(-1, 2, (10, 12), dtype=torch.int8)
+    scale = torch.tensor([2.5])
+    packed = packing.pack_ternary_rows(codes)
+    layer = TernaryLinear.from_packed(packed, 10, scale)
+    assert layer.packed_weight is packed and not layer.per_channel
+    assert torch.equal(layer.codes(), codes)
+    x = torch.randn(3, 12)
+    assert torch.equal(layer(x), TernaryLinear.from_codes(codes, scale)(x))
+    with pytest.raises(ValueError, match=r"packed codes for 10 outputs must be uint8 \[3, K\]"):
+        TernaryLinear.from_packed(packed[:2], 10, scale)

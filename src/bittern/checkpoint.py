@@ -246,8 +246,10 @@ def _load_dense(model: nn.Module, checkpoint: Checkpoint) -> None:
     if missing:
         source = checkpoint.source / WEIGHTS_FILE if checkpoint.source else None
         raise CheckpointError(f"{len(missing)} tensors are missing, e.g. {missing[:3]}", source)
+    # assigned rather than copied (in the model's dtypes): the model holds the tensors read, one copy of each
+    state = {k: v.to(own[k].dtype) for k, v in checkpoint.tensors.items() if k in own}
     with torch.no_grad():
-        model.load_state_dict({k: v for k, v in checkpoint.tensors.items() if k in own}, strict=False)
+        model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
 

@@ -164,14 +164,17 @@ class TernaryLinear(nn.Module):
         bias: torch.Tensor | None = None,
         per_channel: bool | None = None,
     ) -> TernaryLinear:
-        """Build from packed bytes, uint8 ``[ceil(N/4), K]`` in the Hugging Face layout (used as they are, no
-        copy), ``N = out_features``, a float32 weight scale ``[1]`` or ``[N]`` and a bias."""
+        """Build from packed codes as stored (uint8 ``[ceil(N/4), K]``, :mod:`bittern.packing`; held, not copied),
+        ``N = out_features``, a float32 weight scale ``s_w`` ``[1]`` or ``[N]`` and a bias."""
+        if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[0] != packing.packed_rows(out_features):
+            raise ValueError(
+                f"packed codes for {out_features} outputs must be uint8 [{packing.packed_rows(out_features)}, K], "
+                f"got {packed.dtype} {tuple(packed.shape)}"
+            )
         if per_channel is None:
             per_channel = scale.numel() != 1
         layer = cls(packed.shape[1], out_features, bias=bias is not None, per_channel=per_channel, device="meta")
-        if packed.dtype != torch.uint8 or packed.shape[0] != packing.packed_rows(out_features):
-            raise ValueError(f"packed weight {tuple(packed.shape)} {packed.dtype} does not hold {out_features} rows")
-        layer.packed_weight = packed
+        layer.packed_weight = packed.contiguous()
         layer.weight_scale = scale.detach().to(torch.float32).reshape(-1).clone()
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -116,6 +116,25 @@ def test_packed_tensor_layout(tmp_path: Path) -> None:
             assert "lm_head.weight" in keys and "model.embed_tokens.weight" in keys
 
 
+def test_packed_layers_load_from_the_bytes_as_stored(tmp_path: Path) -> None:
+    """Reading a packed checkpoint keeps the 2-bit bytes (codes unpacked only on request) and the loaded layers hold
+    them as they are; dense tensors are assigned, not copied."""
+    model = ternary_model("llama")
+    save_model(model, tmp_path / "packed", variant="packed")
+    checkpoint = read_checkpoint(tmp_path / "packed")
+    weight = checkpoint.ternary["model.layers.0.self_attn.q_proj"]
+    assert weight.packed is weight.packed  # held as read, not packed again on each access
+    assert weight.shape == (64, weight.packed.shape[1])
+    original = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert torch.equal(weight.codes, original.codes())
+    loaded = load_model(tmp_path / "packed")
+    for name, module in model.named_modules():
+        if isinstance(module, TernaryLinear):
+            assert torch.equal(loaded.get_submodule(name).packed_weight, module.packed_weight)
+    embeddings = read_checkpoint(tmp_path / "packed").tensors["model.embed_tokens.weight"]
+    assert torch.equal(loaded.get_input_embeddings().weight, embeddings)
+
+
 @pytest.mark.parametrize(("convention", "linear_class"), [("divide", "bitlinear"), ("multiply", "autobitlinear")])
 def test_packed_config(tmp_path: Path, convention: str, linear_class: str) -> None:
     """config.json carries the quantization_config stock transformers reads."""

@@ -26,7 +26,13 @@ from torch import nn
 
 from bittern import kernels
 from bittern.errors import ConfigError
+from bittern.kernels import cpu
 from bittern.nn import TernaryLinear, project
+
+
+class _NotNativeError(Exception):
+    """A module the native CPU decode step does not run (raised and caught while planning it)."""
+
 
 SUPPORTED_MODEL_TYPES = ("llama", "bitnet", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose decoder layer :class:`Decoder` reproduces."""
@@ -52,6 +58,29 @@ class _Layer:
     ffn_sub_norm: nn.Module | None  # BitNet: RMSNorm(intermediate) before down_proj
     scaling: float
     sliding_window: int | None
+
+
+_Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight and epsilon
+_Packed = tuple[torch.Tensor, int, torch.Tensor]  # a TernaryLinear's packed weight, out_features, weight scale
+
+
+@dataclass(frozen=True)
+class _NativeLayer:
+    """One decoder block as the native CPU decode step runs it (:meth:`Decoder._native_step`): the tensors of its
+    norms and packed layers, read once."""
+
+    input_norm: _Norm
+    qkv: list[_Packed]
+    qkv_bias: list[torch.Tensor | None]
+    o_proj: _Packed
+    o_bias: torch.Tensor | None
+    attn_sub_norm: _Norm | None
+    post_norm: _Norm
+    gate_up: list[_Packed]
+    down: _Packed
+    down_bias: torch.Tensor | None
+    ffn_sub_norm: _Norm | None
+    relu2: bool  # the activation is transformers' ReLUSquaredActivation (computed natively, bit for bit)
 
 
 class StaticKVCache:
@@ -117,16 +146,18 @@ def _norm(
 
     On the Triton backend, outside torch.compile, a Hugging Face RMSNorm is one fused kernel
     (:func:`bittern.kernels.rms_norm`: the add, the norm and the quantization in one pass; the eager prompt forward
-    would otherwise launch seven or more kernels). Elsewhere the module itself runs: under torch.compile inductor
-    fuses the same work, and the traced graph stays the model's own."""
+    would otherwise launch seven or more kernels); on the native CPU kernels the add and the norm are one call (the
+    packed products that follow quantize their input themselves). Elsewhere the module itself runs: under
+    torch.compile inductor fuses the same work, and the traced graph stays the model's own."""
+    triton = kernels.uses_triton(x)
     fused = (
         type(norm).__name__ in _HF_RMS_NORMS
         and not torch.compiler.is_compiling()
-        and kernels.uses_triton(x)
+        and (triton or kernels.native_cpu(x))
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))  # kernels: no autograd
     )
     if fused:
-        quantize = all(isinstance(layer, TernaryLinear) for layer in consumers)
+        quantize = triton and all(isinstance(layer, TernaryLinear) for layer in consumers)
         return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, delta, quantize)
     summed = x if delta is None else x + delta
     return summed, norm(summed), None
@@ -180,6 +211,7 @@ class Decoder:
         cos, sin = _module(base, "rotary_emb", "the decoder")(probe, position_ids=positions)
         self.cos, self.sin = cos[0], sin[0]
         self.slots = torch.arange(max_seq_len, device=self.device)
+        self._native: list[_NativeLayer] | bool | None = None  # the native decode plan; False: not this model
 
     @staticmethod
     def _layer(block: nn.Module, index: int, sliding_window: int | None) -> _Layer:
@@ -246,6 +278,8 @@ class Decoder:
             logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only``) in the model's dtype.
         """
         batch, length = input_ids.shape
+        if length == 1 and self._native_step_applies():
+            return self._native_step(input_ids, slots, pad, cache)
         rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [B, 1, T, D] of the masked path, made once
         masks: dict[int | None, torch.Tensor] = {}
         groups = self.num_heads // self.num_kv_heads
@@ -292,6 +326,113 @@ class Decoder:
             x = x[:, -1:]
             pending = None if pending is None else pending[:, -1:]
         return project(_norm(self.norm, x, pending, [self.head])[1], [self.head])[0]
+
+    # --- the native CPU decode step -------------------------------------------------------------------------------
+
+    def _native_plan(self) -> list[_NativeLayer] | None:
+        """Every block's tensors for :meth:`_native_step`, or None when some module is not one it runs (a norm other
+        than a Hugging Face RMSNorm, a projection other than a packed :class:`~bittern.nn.TernaryLinear`, q/k norms).
+        Read once: like a captured CUDA graph, the step then holds these tensors (the engine never replaces them)."""
+
+        def norm(module: nn.Module | None) -> _Norm | None:
+            if module is None:
+                return None
+            if type(module).__name__ not in _HF_RMS_NORMS or module.weight.dtype not in kernels.CPU_FLOATS:
+                raise _NotNativeError
+            return module.weight, float(module.variance_epsilon)
+
+        def packed(module: nn.Module) -> _Packed:
+            if not isinstance(module, TernaryLinear):
+                raise _NotNativeError
+            return module.packed_weight, module.out_features, module.weight_scale
+
+        try:
+            plan = []
+            for layer in self.layers:
+                if layer.q_norm is not None or layer.k_norm is not None:
+                    raise _NotNativeError
+                qkv = [layer.q_proj, layer.k_proj, layer.v_proj]
+                plan.append(
+                    _NativeLayer(
+                        input_norm=norm(layer.input_norm),
+                        qkv=[packed(m) for m in qkv],
+                        qkv_bias=[m.bias for m in qkv],
+                        o_proj=packed(layer.o_proj),
+                        o_bias=layer.o_proj.bias,
+                        attn_sub_norm=norm(layer.attn_sub_norm),
+                        post_norm=norm(layer.post_norm),
+                        gate_up=[packed(layer.gate_proj), packed(layer.up_proj)],
+                        down=packed(layer.down_proj),
+                        down_bias=layer.down_proj.bias,
+                        ffn_sub_norm=norm(layer.ffn_sub_norm),
+                        relu2=type(layer.act).__name__ == "ReLUSquaredActivation",
+                    )
+                )
+            norm(self.norm)
+        except _NotNativeError:
+            return None
+        if self.embed.weight.dtype not in kernels.CPU_FLOATS or self.dtype not in kernels.CPU_FLOATS:
+            return None
+        return plan
+
+    def _native_step_applies(self) -> bool:
+        """Whether a one-token step runs on :meth:`_native_step`: a CPU model on the native kernels (the ``auto``
+        backend, outside torch.compile), no gradient, no autocast, and a model it runs (:meth:`_native_plan`)."""
+        if self._native is False or self.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not kernels.native_cpu(self.slots):
+            return False
+        if self._native is None:
+            self._native = self._native_plan() or False
+        return self._native is not False
+
+    def _native_step(
+        self, input_ids: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor, cache: StaticKVCache
+    ) -> torch.Tensor:
+        """:meth:`forward` of one token per row on the native CPU kernels, without the dispatch of every call: per
+        block each norm and the packed layers reading it in one call (:func:`bittern.kernels.cpu.norm_linear`; a
+        BitNet feed-forward's relu² and ``ffn_sub_norm`` in the ``down_proj`` call), rope + cache write + attention
+        in one (:func:`bittern.kernels.cpu.decode_attention`): four or five calls a block. The same numbers as
+        :meth:`forward` on the native kernels. ``[B, 1, V]`` logits."""
+        plan = self._native
+        assert isinstance(plan, list)
+        batch = input_ids.shape[0]
+        dtype = self.dtype
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = heads // kv_heads
+        x = self.embed(input_ids)
+        pending: torch.Tensor | None = None
+        for index, (layer, block) in enumerate(zip(self.layers, plan, strict=True)):
+            if any(b is not None for b in block.qkv_bias):
+                x, h = cpu.rms_norm(x, *block.input_norm, pending)
+                q, k, v = (cpu.packed_linear(h, *w, b, dtype) for w, b in zip(block.qkv, block.qkv_bias, strict=True))
+            else:
+                x, (q, k, v) = cpu.norm_linear(x, *block.input_norm, *zip(*block.qkv, strict=True), residual=pending,
+                                               out_dtype=dtype)  # fmt: skip
+            out = cpu.decode_attention(
+                q.view(batch, kv_heads, groups, dim), k.view(batch, kv_heads, dim), v.view(batch, kv_heads, dim),
+                self.cos, self.sin, cache.keys[index], cache.values[index], slots, pad, layer.scaling,
+                layer.sliding_window,
+            ).view(batch, 1, heads * dim)  # fmt: skip
+            if block.attn_sub_norm is not None:
+                attended = cpu.norm_linear(out, *block.attn_sub_norm, *zip(block.o_proj), bias=block.o_bias,
+                                           out_dtype=dtype)[1][0]  # fmt: skip
+            else:
+                attended = cpu.packed_linear(out, *block.o_proj, block.o_bias, dtype)
+            x, (gate, up) = cpu.norm_linear(x, *block.post_norm, *zip(*block.gate_up, strict=True), residual=attended,
+                                            out_dtype=dtype)  # fmt: skip
+            if block.relu2 and block.ffn_sub_norm is not None:  # ffn_sub_norm(relu(gate)² * up) in the same call
+                pending = cpu.norm_linear(up, *block.ffn_sub_norm, *zip(block.down), gate=gate, bias=block.down_bias,
+                                          out_dtype=dtype)[1][0]  # fmt: skip
+                continue
+            h = cpu.relu2_mul(gate, up) if block.relu2 else layer.act(gate) * up
+            if block.ffn_sub_norm is not None:
+                pending = cpu.norm_linear(h, *block.ffn_sub_norm, *zip(block.down), bias=block.down_bias,
+                                          out_dtype=dtype)[1][0]  # fmt: skip
+            else:
+                pending = cpu.packed_linear(h, *block.down, block.down_bias, dtype)
+        h = cpu.rms_norm(x, self.norm.weight, float(self.norm.variance_epsilon), pending)[1]
+        return project(h, [self.head])[0]
 
     def _attention(
         self,

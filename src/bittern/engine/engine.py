@@ -8,11 +8,13 @@ runs as its own module (:class:`~bittern.nn.TernaryLinear` by default: int8 acti
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -121,10 +123,24 @@ def _token_ids(value: Any) -> list[int]:
     return [int(v) for v in value] if value is not None else []
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a block: its passes over every live object (a loaded model and the
+    libraries hold hundreds of thousands) start every few hundred allocations, and an eager decode step allocates
+    dozens of tensors. A step's garbage is freed by reference counting."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _inference(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with torch.inference_mode():
+        with torch.inference_mode(), _collector_paused():
             return method(*args, **kwargs)
 
     return wrapper

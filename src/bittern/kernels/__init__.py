@@ -2,8 +2,9 @@
 
 Layers call the functions here, never a backend directly. Which backend runs:
 
-* ``auto`` (the default): the Triton kernels for CUDA tensors when Triton is installed, the reference
-  otherwise (CPU, or no Triton);
+* ``auto`` (the default): the Triton kernels for CUDA tensors when Triton is installed; for CPU tensors the native
+  CPU kernels of the packed products (:mod:`bittern.kernels.cpu`, compiled on first use; ``BITTERN_CPU_KERNELS=0``
+  turns them off); the reference otherwise;
 * ``reference``: always :mod:`bittern.quant` (the baseline every kernel is tested against);
 * ``triton``: always the kernels — an error if Triton is missing, or if a tensor is on the CPU without
   ``TRITON_INTERPRET=1`` (Triton's interpreter, slow: how CI tests the kernels on CPU).
@@ -23,7 +24,7 @@ from types import ModuleType
 import torch
 
 from bittern import packing, quant, reference
-from bittern.kernels import interpreter
+from bittern.kernels import cpu, interpreter
 
 BACKENDS = ("auto", "reference", "triton")
 _ENV = "BITTERN_KERNELS"
@@ -36,6 +37,12 @@ DECODE_MAX_TOKENS = 3
 decode kernel's cost grows with every token it serves, :mod:`bittern.kernels.packed_gemm`'s hardly over a few tokens: on
 Hopper, for a 2B4T block's launches on an int8 input under dependent launch, the decode kernel is the faster up to 3
 tokens and the tensor-core product from 4 (docs/notes/inference-tuning.md)."""
+
+
+CPU_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes the native CPU kernels read and write."""
+CPU_DENSE_MAX_ROWS = 8
+"""Token counts up to this run a 16-bit dense layer (an LM head) on the native CPU GEMV; more go to PyTorch."""
 
 
 def _check(name: str) -> str:
@@ -105,6 +112,12 @@ def uses_triton(t: torch.Tensor) -> bool:
         raise RuntimeError(f"kernel backend 'triton' got a tensor on {t.device}: the kernels need a CUDA GPU, or "
                            f"TRITON_INTERPRET=1 to run (slowly) in Triton's interpreter")  # fmt: skip
     return True
+
+
+def native_cpu(x: torch.Tensor) -> bool:
+    """Whether a packed product on ``x`` runs on the native CPU kernels (:mod:`bittern.kernels.cpu`): a CPU tensor
+    under the ``auto`` backend, outside torch.compile, the kernels enabled and built (on first use)."""
+    return x.device.type == "cpu" and backend() == "auto" and not torch.compiler.is_compiling() and cpu.available()
 
 
 def _ops() -> ModuleType:
@@ -177,10 +190,11 @@ def packed_linear(
     (:mod:`bittern.packing`), ``N = out_features``. ``[..., K]`` → ``[..., N]``, bit-identical on either backend.
 
     Without gradients, the Triton backend multiplies straight from the packed bytes (no unpacked copy of the
-    weight: :mod:`bittern.kernels.packed`). Under ``torch.compile`` the activations are quantized by traced PyTorch
-    (:func:`bittern.quant.quantize_activations`, which inductor fuses into the kernel that produces ``x``, the norm
-    before each projection) and the kernels take the int8 input; eagerly, the kernels' own quantization is cheaper
-    than PyTorch's several launches. When ``x`` or ``bias`` needs a gradient, the codes are unpacked and
+    weight: :mod:`bittern.kernels.packed`), and so do the native CPU kernels for CPU tensors
+    (:mod:`bittern.kernels.cpu`). Under ``torch.compile`` the Triton backend's activations are quantized by traced
+    PyTorch (:func:`bittern.quant.quantize_activations`, which inductor fuses into the kernel that produces ``x``, the
+    norm before each projection) and the kernels take the int8 input; eagerly, the kernels' own quantization is
+    cheaper than PyTorch's several launches. When ``x`` or ``bias`` needs a gradient, the codes are unpacked and
     :func:`integer_linear` gives the straight-through one.
     """
     out_dtype = out_dtype or output_dtype(x)
@@ -190,6 +204,8 @@ def packed_linear(
             xq, act_scale = quant.quantize_activations(x)
             return _ops().packed_quantized(xq, act_scale, [packed_weight], [out_features], [scale], bias, out_dtype)[0]
         return _ops().packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
+    if not needs_grad and native_cpu(x):
+        return cpu.packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
     return integer_linear(x, unpack_codes(packed_weight, out_features), scale, bias, out_dtype)
 
 
@@ -211,10 +227,13 @@ def packed_linear_group(
     """:func:`packed_linear` of two or three bias-free layers on the same input ``x`` ``[..., K]``, without
     gradients: on the Triton backend (the scales all per tensor or all per row) one launch for every layer — the
     decode kernel up to :data:`DECODE_MAX_TOKENS` tokens with ``K % 4 == 0``, else the activations quantized once
-    and one launch of the on-chip-unpacking tensor-core product; one :func:`packed_linear` per layer otherwise.
+    and one launch of the on-chip-unpacking tensor-core product; on the native CPU kernels one call (the activations
+    quantized once, every layer's rows in one parallel pass); one :func:`packed_linear` per layer otherwise.
     Each result equals that layer's :func:`packed_linear` exactly.
     """
     out_dtype = out_dtype or output_dtype(x)
+    if not (torch.is_grad_enabled() and x.requires_grad) and native_cpu(x):
+        return cpu.packed_linear_group(x, packed_weights, out_features, scales, out_dtype)
     grouped = (
         not (torch.is_grad_enabled() and x.requires_grad)
         and 2 <= len(packed_weights) <= 3
@@ -243,10 +262,12 @@ def packed_quantized(
     """The packed product of an input quantized beforehand: int8 ``xq`` ``[..., K]`` and its float32 scales
     ``[..., 1]`` (:func:`bittern.quant.quantize_activations`, or :func:`rms_norm` with ``quantize``); one layer
     (its bias allowed) or two or three bias-free layers. One ``[..., N_i]`` per layer in ``out_dtype``, equal to
-    :func:`packed_linear` of the unquantized input bit for bit. Triton backend: one launch for the group; reference:
-    each layer from its unpacked codes."""
+    :func:`packed_linear` of the unquantized input bit for bit. Triton backend: one launch for the group; native CPU
+    kernels: one call; reference: each layer from its unpacked codes."""
     if uses_triton(xq):
         return _ops().packed_quantized(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype)
+    if native_cpu(xq):
+        return cpu.packed_quantized(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype)
     return [
         quant.linear_from_integers(xq, act_scale, packing.unpack_ternary_rows(w, n), s, bias if i == 0 else None).to(
             out_dtype
@@ -266,12 +287,18 @@ def rms_norm(
     quantization of its output: ``(s, y, (yq, a) or None)`` with ``s = x + residual`` (``x`` if None),
     ``y = weight * (s_f32 * rsqrt(mean(s_f32²) + eps)).to(s.dtype)``, ``(yq, a) = quantize_activations(y)``.
     ``x`` ``[..., D]``; ``y`` in ``promote_types(weight.dtype, x.dtype)``. On the Triton backend (outside
-    torch.compile) one kernel (:mod:`bittern.kernels.norms`); else PyTorch, the module's own formula."""
+    torch.compile) one kernel (:mod:`bittern.kernels.norms`); on the native CPU kernels one call
+    (:func:`bittern.kernels.cpu.rms_norm`; the quantization, if asked for, another); else PyTorch, the module's own
+    formula."""
     if not torch.compiler.is_compiling() and uses_triton(x):
         from bittern.kernels import norms
 
         if norms.applies(x):
             return norms.rms_norm(x, weight, eps, residual, quantize)
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if not wants_grad and native_cpu(x) and x.dtype in CPU_FLOATS and weight.dtype in CPU_FLOATS:
+        summed, y = cpu.rms_norm(x, weight, eps, residual)
+        return summed, y, cpu.quantize_activations(y) if quantize else None
     return reference.rms_norm(x, weight, eps, residual, quantize)
 
 
@@ -281,7 +308,12 @@ def dense_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     (BENCHMARKS.md, ``benchmarks/lm_head.py``): one row (a decode step of one sequence), or up to 16 rows of a
     weight of at least :data:`bittern.kernels.dense.FEW_ROWS_MIN_FEATURES` outputs (an LM head)."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if wants_grad or output_dtype(x) != x.dtype or not uses_triton(x):
+    if wants_grad or output_dtype(x) != x.dtype:
+        return False
+    if native_cpu(x):
+        rows = x.numel() // max(x.shape[-1], 1)
+        return x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16) and rows <= CPU_DENSE_MAX_ROWS
+    if not uses_triton(x):
         return False
     from bittern.kernels import dense
 
@@ -292,16 +324,22 @@ def dense_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a few rows on the Triton backend (where :func:`dense_linear_applies`): a
     dense layer's decode step, streaming the weights faster than cuBLAS's kernels for those shapes
-    (:mod:`bittern.kernels.dense`). ``[..., N]`` in ``x``'s dtype."""
+    (:mod:`bittern.kernels.dense`); on the CPU, the native 16-bit GEMV (:func:`bittern.kernels.cpu.dense_linear`).
+    ``[..., N]`` in ``x``'s dtype."""
+    if x.device.type == "cpu":
+        return cpu.dense_linear(x, weight, bias)
     return _ops().dense_linear(x, weight, bias)
 
 
 def decode_attention_applies(q: torch.Tensor) -> bool:
-    """Whether :func:`decode_attention` runs on ``q`` ``[B, H_kv, G, D]``: the Triton backend, a head dimension that
-    is a power of two of at least 16, and no gradient wanted."""
+    """Whether :func:`decode_attention` runs on ``q`` ``[B, H_kv, G, D]``: no gradient wanted, and the Triton backend
+    with a head dimension that is a power of two of at least 16, or the native CPU kernels with an even one."""
     dim = q.shape[-1]
-    wants_grad = torch.is_grad_enabled() and q.requires_grad
-    return not wants_grad and dim >= 16 and dim & (dim - 1) == 0 and uses_triton(q)
+    if torch.is_grad_enabled() and q.requires_grad:
+        return False
+    if native_cpu(q):
+        return dim % 2 == 0 and q.dtype in CPU_FLOATS
+    return dim >= 16 and dim & (dim - 1) == 0 and uses_triton(q)
 
 
 def decode_attention(
@@ -323,7 +361,10 @@ def decode_attention(
     ``max(slot - pad[b], 0)``) and the cache slot ``slot`` (int64 ``[1]``). Writes the roped key and the value
     into the cache ``keys`` / ``values`` ``[B_max, H_kv, S, D]`` at that slot, then attends over the slots each
     row sees, from its padding ``pad`` (int64 ``[B]``) to the new one (within ``window``, if any), reading only
-    those (:mod:`bittern.kernels.attention`). ``[B, H_kv, G, D]``."""
+    those (:mod:`bittern.kernels.attention`; on the CPU :func:`bittern.kernels.cpu.decode_attention`).
+    ``[B, H_kv, G, D]``."""
+    if q.device.type == "cpu":
+        return cpu.decode_attention(q, k, v, cos, sin, keys, values, slot, pad, scale, window)
     return _ops().decode_attention(q, k, v, cos, sin, keys, values, slot, pad, scale, window)
 
 
