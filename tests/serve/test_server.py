@@ -227,6 +227,21 @@ def test_a_client_leaving_mid_stream_frees_its_row(server) -> None:
 def test_a_client_leaving_a_waiting_request_frees_its_row(server, monkeypatch: pytest.MonkeyPatch) -> None:
     url, scheduler, _ = server
     monkeypatch.setattr("bittern.serve.app.DISCONNECT_POLL_SECONDS", 0.05)
+    real_step = scheduler.engine._decode_step
+
+    class SlowStep:  # 20 ms a step: 250 tokens cannot finish before the client gives up, however fast the kernels
+        def __init__(self) -> None:
+            self.step = real_step()
+
+        def __call__(self, *args):  # type: ignore[no-untyped-def]
+            time.sleep(0.02)
+            return self.step(*args)
+
+        @property
+        def last_argmax(self):  # type: ignore[no-untyped-def]
+            return self.step.last_argmax
+
+    monkeypatch.setattr(scheduler.engine, "_decode_step", SlowStep)
     cancelled = scheduler.cancelled
     body = {"model": MODEL, "prompt": [5], "max_tokens": 250, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
