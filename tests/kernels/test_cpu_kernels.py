@@ -148,6 +148,8 @@ def test_leading_dimensions_and_non_contiguous_inputs() -> None:
         assert torch.equal(y, quant.integer_linear(x3, codes, scale, bias))
         strided = x3.transpose(0, 1)
         assert torch.equal(cpu.packed_linear(strided, packed, 20, scale), quant.integer_linear(strided, codes, scale))
+        for empty in (x[:0], x3[:, :0]):  # no tokens
+            assert torch.equal(cpu.packed_linear(empty, packed, 20, scale), quant.integer_linear(empty, codes, scale))
 
 
 def test_bad_operands_are_clear_errors() -> None:
