@@ -182,8 +182,9 @@ void dense_linear(const void* x, DType xdt, const void* w, DType wdt, const void
 #endif
   constexpr int64_t kRows = 64;
   const int64_t blocks = (n + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kRows * k * m, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t least = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kRows * k * m, 1));
+  parallel_chunks(blocks, std::max(least, blocks / (8 * std::max<int64_t>(at::get_num_threads(), 1))),
+                  [&](int64_t begin, int64_t end) {
     float acc[kRows];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * kRows, r1 = std::min(n, r0 + kRows);
