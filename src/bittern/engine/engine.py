@@ -144,16 +144,17 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-HUGE_PAGE_MIN_BYTES = 1 << 20
+HUGE_PAGE_MIN_BYTES = 1 << 16
 """CPU weights at least this large are moved onto huge pages by :func:`weights_on_huge_pages`."""
 
 
 def weights_on_huge_pages(model: nn.Module, least: int = HUGE_PAGE_MIN_BYTES) -> int:
     """Move a CPU model's large weights — packed ternary weights, embeddings, dense layers, each at least ``least``
-    bytes — into one block of transparent huge pages (:func:`bittern.kernels.cpu.huge_page_block`), in place: the
-    same modules, tensors of the same values (parameters keep their identity, so tied weights stay tied). One at a
-    time, each original freed as its copy takes its place, so memory holds about one copy. Returns the bytes moved
-    (0 where huge pages are not available or turned off with ``BITTERN_HUGE_PAGES=0``)."""
+    bytes, not on huge pages yet (a checkpoint read from disk is read onto them) — into one block of transparent
+    huge pages (:func:`bittern.kernels.cpu.huge_page_block`), in place: the same modules, tensors of the same values
+    (parameters keep their identity, so tied weights stay tied). One at a time, each original freed as its copy
+    takes its place. Returns the bytes moved (0 where huge pages are not available or turned off with
+    ``BITTERN_HUGE_PAGES=0``)."""
     from bittern.kernels import cpu
 
     if not cpu.huge_pages_available():
@@ -163,7 +164,8 @@ def weights_on_huge_pages(model: nn.Module, least: int = HUGE_PAGE_MIN_BYTES) ->
         for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
             for name, tensor in table.items():
                 big = tensor is not None and tensor.device.type == "cpu" and tensor.is_contiguous()
-                if big and tensor.numel() * tensor.element_size() >= least and id(tensor) not in slots:
+                big = big and tensor.numel() * tensor.element_size() >= least and not cpu.on_huge_pages(tensor)
+                if big and id(tensor) not in slots:
                     slots[id(tensor)] = (module, name, is_parameter)
     if not slots:
         return 0
@@ -217,6 +219,9 @@ class Engine:
         compile: with ``cuda_graph``, compile the decode step with ``torch.compile`` before capturing it (fuses
             the step's elementwise work; the first decode of a batch size then takes tens of seconds longer).
         source: the checkpoint directory the model came from (named in errors).
+
+    On the CPU the model's large weights are moved onto transparent huge pages first (:func:`weights_on_huge_pages`:
+    the same values and parameters; ``BITTERN_HUGE_PAGES=0`` leaves them).
     """
 
     def __init__(
