@@ -114,3 +114,24 @@ def test_the_reference_path_generates_the_same_tokens(monkeypatch: pytest.Monkey
     with one_thread():
         plain = Engine(copy.deepcopy(model), max_batch=1, max_seq_len=64).generate_ids([prompt], 16, ignore_eos=True)
     assert native.token_ids == plain.token_ids
+
+
+def test_weights_move_onto_huge_pages_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine moves a CPU model's large weights into one huge-page block: same values, tied weights still tied,
+    the same logits; BITTERN_HUGE_PAGES=0 leaves them."""
+    from bittern.engine.engine import weights_on_huge_pages
+
+    if not cpu.huge_pages_available():
+        pytest.skip("no transparent huge pages here")
+    model = trained_model("bitnet")
+    before = {name: t.clone() for name, t in (*model.named_parameters(), *model.named_buffers())}
+    ids = synthetic_tokens(2, 20, seed=6)
+    expected = Engine(copy.deepcopy(model), max_seq_len=64).logits(ids)
+    moved = weights_on_huge_pages(model, least=1024)
+    assert moved > 0
+    after = dict((*model.named_parameters(), *model.named_buffers()))
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert torch.equal(Engine(model, max_seq_len=64).logits(ids), expected)
+    monkeypatch.setenv(cpu.HUGE_PAGES_ENV, "0")
+    assert weights_on_huge_pages(trained_model("bitnet"), least=1024) == 0

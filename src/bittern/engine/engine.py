@@ -137,6 +137,56 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+HUGE_PAGE_MIN_BYTES = 1 << 16
+"""CPU weights at least this large are moved onto huge pages by :func:`weights_on_huge_pages`."""
+
+
+def weights_on_huge_pages(model: nn.Module, least: int = HUGE_PAGE_MIN_BYTES) -> int:
+    """Move a CPU model's large weights — packed ternary weights, embeddings, dense layers, each at least ``least``
+    bytes, not on huge pages yet (a checkpoint read from disk is read onto them) — into one block of transparent
+    huge pages (:func:`bittern.kernels.cpu.huge_page_block`), in place: the same modules, tensors of the same values
+    (parameters keep their identity, so tied weights stay tied). One at a time, each original freed as its copy
+    takes its place. Returns the bytes moved (0 where huge pages are not available or turned off with
+    ``BITTERN_HUGE_PAGES=0``)."""
+    from bittern.kernels import cpu
+
+    if not cpu.huge_pages_available():
+        return 0
+    slots: dict[int, tuple[nn.Module, str, bool]] = {}  # by tensor identity: where it lives, parameter or buffer
+    for module in model.modules():
+        for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+            for name, tensor in table.items():
+                big = tensor is not None and tensor.device.type == "cpu" and tensor.is_contiguous()
+                big = big and tensor.numel() * tensor.element_size() >= least and not cpu.on_huge_pages(tensor)
+                if big and id(tensor) not in slots:
+                    slots[id(tensor)] = (module, name, is_parameter)
+    if not slots:
+        return 0
+    sizes = []
+    for module, name, is_parameter in slots.values():
+        tensor = (module._parameters if is_parameter else module._buffers)[name]
+        sizes.append(-(-tensor.numel() * tensor.element_size() // 64) * 64)
+    block = cpu.huge_page_block(sum(sizes))
+    offset = 0
+    with torch.no_grad():
+        for (module, name, is_parameter), size in zip(slots.values(), sizes, strict=True):
+            table = module._parameters if is_parameter else module._buffers
+            tensor = table[name]
+            nbytes = tensor.numel() * tensor.element_size()
+            copy = block[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            copy.copy_(tensor)
+            if is_parameter:
+                tensor.data = copy  # the same Parameter object: modules sharing it stay tied
+            else:
+                for other in model.modules():  # a buffer registered under several modules moves in each
+                    for key, value in other._buffers.items():
+                        if value is tensor:
+                            other._buffers[key] = copy
+            del tensor, copy
+            offset += size
+    return offset
+
+
 def _inference(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
@@ -162,6 +212,9 @@ class Engine:
         compile: with ``cuda_graph``, compile the decode step with ``torch.compile`` before capturing it (fuses
             the step's elementwise work; the first decode of a batch size then takes tens of seconds longer).
         source: the checkpoint directory the model came from (named in errors).
+
+    On the CPU the model's large weights are moved onto transparent huge pages first (:func:`weights_on_huge_pages`:
+    the same values and parameters; ``BITTERN_HUGE_PAGES=0`` leaves them).
     """
 
     def __init__(
@@ -185,6 +238,8 @@ class Engine:
             raise ConfigError(f"max_seq_len must be an integer >= 2, not {max_seq_len!r}")
         # no conversion step: the inference kernels read TernaryLinear's packed Hugging Face layout in place
         self.model = model.eval()
+        if next(model.parameters()).device.type == "cpu":
+            weights_on_huge_pages(self.model)  # the weights are streamed from memory once per token
         self.tokenizer = tokenizer
         self.source = Path(source) if source is not None else None
         self.max_batch = max_batch

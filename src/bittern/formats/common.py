@@ -31,6 +31,7 @@ from bittern.errors import (
     OutputExistsError,
     UnknownFormatError,
 )
+from bittern.kernels import cpu
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -220,6 +221,9 @@ def weight_files(directory: str | Path) -> list[Path]:
     raise MissingFileError("no model.safetensors (or sharded *.safetensors) weights found", directory)
 
 
+HUGE_PAGE_MIN_BYTES = 2 << 20
+"""Tensors at least this large are read into memory advised for transparent huge pages."""
+
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -245,6 +249,8 @@ def _read_into_memory(path: Path, keys: list[str]) -> dict[str, torch.Tensor] | 
             tensor = torch.empty(entry["shape"], dtype=dtype)
             if tensor.numel() * tensor.element_size() != end - begin:
                 return None
+            if end - begin >= HUGE_PAGE_MIN_BYTES:  # large weights on 2 MiB pages (chosen when first written)
+                cpu.advise_huge_pages(tensor)
             if end > begin:
                 handle.seek(start + begin)
                 if handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:

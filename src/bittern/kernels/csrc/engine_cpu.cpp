@@ -182,8 +182,9 @@ void dense_linear(const void* x, DType xdt, const void* w, DType wdt, const void
 #endif
   constexpr int64_t kRows = 64;
   const int64_t blocks = (n + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kRows * k * m, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t least = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kRows * k * m, 1));
+  parallel_chunks(blocks, std::max(least, blocks / (8 * std::max<int64_t>(at::get_num_threads(), 1))),
+                  [&](int64_t begin, int64_t end) {
     float acc[kRows];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * kRows, r1 = std::min(n, r0 + kRows);
@@ -429,15 +430,26 @@ void attend_avx2(const float* qr, int64_t groups, int64_t d, const typename E::T
     }
     const float inv = 1.0f / total;
     for (j = first; j < span; ++j) sc[j] *= inv;
-    std::fill(out + g * d, out + (g + 1) * d, 0.0f);
   }
-  for (int64_t j = first; j <= last; ++j) {
-    const typename E::T* vr = values + j * d;
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m256 p = _mm256_set1_ps(scores[g * span + j]);
-      float* o = out + g * d;
-      for (int64_t i = 0; i < d; i += 8)
-        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, load8<E>(vr + i), _mm256_loadu_ps(o + i)));
+  // out[g] = sum_j p[g][j] value_j, 64 dimensions at a time in 8 registers
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* p = scores + g * span;
+    float* o = out + g * d;
+    int64_t i = 0;
+    for (; i + 64 <= d; i += 64) {
+      __m256 a[8];
+      for (auto& v : a) v = _mm256_setzero_ps();
+      for (int64_t j = first; j <= last; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const typename E::T* vr = values + j * d + i;
+        for (int l = 0; l < 8; ++l) a[l] = _mm256_fmadd_ps(pj, load8<E>(vr + 8 * l), a[l]);
+      }
+      for (int l = 0; l < 8; ++l) _mm256_storeu_ps(o + i + 8 * l, a[l]);
+    }
+    for (; i < d; i += 8) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t j = first; j <= last; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8<E>(values + j * d + i), a);
+      _mm256_storeu_ps(o + i, a);
     }
   }
 }

@@ -12,6 +12,10 @@
 // the token's activation sum once per output: sum_k (c + 1) x_k - sum_k x_k = sum_k c x_k.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace bittern_cpu {
@@ -57,6 +61,25 @@ struct Layer {
   void* out;              // [m, n] in the output dtype, rows of n elements
   int32_t* stage;         // [m, n] int32 scratch of the kernels (set by linear())
 };
+
+// f(begin, end) over [0, n) in chunks of `chunk` items that the threads of torch's intra-op pool (at::parallel_for,
+// so torch.set_num_threads applies) take as they free up: a thread slowed by another process takes fewer, where an
+// even split would wait for it. On the calling thread alone when there is one chunk or one thread.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(chunk, 1);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) f(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
 
 // Which instruction sets this CPU runs (bit i: Isa i); scalar is always there.
 int supported_isas();
