@@ -11,8 +11,9 @@ import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bittern.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -52,21 +53,4 @@ if TYPE_CHECKING:
     from bittern.nn import BitLinear, TernaryLinear
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module that defines ``name`` (or the submodule ``name``) on first access, and keep it."""
-    module = _EXPORTS.get(name)
-    if module is None:  # a submodule (``bittern.x`` after a bare import), as an eager __init__ would have loaded
-        try:
-            value = importlib.import_module(f"bittern.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"bittern.{name}":
-                raise
-            raise AttributeError(f"module 'bittern' has no attribute {name!r}") from None
-    else:
-        value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_attributes("bittern", _EXPORTS, globals())

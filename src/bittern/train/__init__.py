@@ -6,8 +6,9 @@ below are imported on first use, so the light modules (presets, schedules) load 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bittern.lazy import lazy_attributes
 
 _EXPORTS = {
     "PRESETS": "bittern.train.presets",
@@ -24,21 +25,4 @@ if TYPE_CHECKING:
     from bittern.train.run import TrainResult, train
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module that defines ``name`` (or the submodule ``name``) on first access, and keep it."""
-    module = _EXPORTS.get(name)
-    if module is None:  # a submodule (``bittern.train.x`` after a bare import), as an eager __init__ would have loaded
-        try:
-            value = importlib.import_module(f"bittern.train.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"bittern.train.{name}":
-                raise
-            raise AttributeError(f"module 'bittern.train' has no attribute {name!r}") from None
-    else:
-        value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_attributes("bittern.train", _EXPORTS, globals())
