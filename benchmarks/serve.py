@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -332,7 +333,10 @@ def child_transformers(args: argparse.Namespace, workloads: dict[int, list]) -> 
     model.set_attn_implementation(args.hf_attn)
     generation = GenerationConfig(do_sample=False, max_new_tokens=args.output_lens[1], eos_token_id=-1,
                                   pad_token_id=0)  # fmt: skip
-    cb = ContinuousBatchingConfig(max_requests_per_batch=args.max_batch, auto_switch_to_flash=False)
+    options = {"max_requests_per_batch": args.max_batch}
+    if "auto_switch_to_flash" in inspect.signature(ContinuousBatchingConfig).parameters:
+        options["auto_switch_to_flash"] = False  # keep the attention named by --hf-attn (newer releases)
+    cb = ContinuousBatchingConfig(**options)
     results = []
     with model.continuous_batching_context_manager(generation_config=generation, continuous_batching_config=cb,
                                                    block=True, timeout=30) as manager:  # fmt: skip

@@ -65,9 +65,13 @@ def rescale(acc, weight_scale, act_scale):
 
 @triton.jit
 def _act_codes(x, act_scale):
-    """float32 ``x`` → its int8 codes as float32, ``clamp(round_half_even(x * s_x), -128, 127)``."""
-    q = _round_half_even(x * act_scale)
-    return tl.minimum(tl.maximum(q, -128.0), 127.0)
+    """float32 ``x`` → its int8 codes as float32, ``clamp(round_half_even(x * s_x), -128, 127)``.
+
+    The clamp comes before the rounding (the same codes) so that the product is rounded to float32 on its own: fed
+    straight into the rounding trick's addition, the GPU compiler contracts the two into one fused multiply-add,
+    which rounds the exact product and splits the ties that bfloat16 inputs make common differently."""
+    q = tl.minimum(tl.maximum(x * act_scale, -128.0), 127.0)
+    return _round_half_even(q)
 
 
 @triton.jit
