@@ -21,12 +21,9 @@ from collections.abc import Sequence
 
 from bittern import __version__
 from bittern.errors import BitternError
+from bittern.train.config import CHAT_TEMPLATE_HELP, add_train_options
 
 _DTYPES = ("bfloat16", "float16", "float32")
-_CHAT_TEMPLATE_HELP = (
-    "a chat template: 'plain' (User:/Assistant: turns, each ended by the EOS token; bittern's default for chat "
-    "data), 'chatml' (for tokenizers with <|im_start|>/<|im_end|>), or a Jinja file"
-)
 EXIT_INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 
@@ -83,7 +80,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "packed default: as stored in SRC",
     )
     parser.add_argument(
-        "--chat-template", metavar="NAME|FILE", help=_CHAT_TEMPLATE_HELP + " to store with DST's tokenizer"
+        "--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP + " to store with DST's tokenizer"
     )
     parser.add_argument(
         "--allow-padded-rows",
@@ -238,7 +235,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from bittern.train.presets import PRESETS
-    from bittern.train.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
 
     presets = "\n".join(f"  {name:<12} {preset.description}" for name, preset in PRESETS.items())
     parser = sub.add_parser(
@@ -275,103 +271,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_argument_group("what to train")
-    source.add_argument("--out", required=True, help="run directory (created, or resumed if it holds this run)")
-    source.add_argument("--preset", choices=tuple(PRESETS), help="model shape to train from scratch")
-    source.add_argument("--model", help="checkpoint directory to convert (full precision) or continue (ternary)")
-    source.add_argument("--gguf-file", help="with --model DIR: load DIR/GGUF_FILE through transformers' GGUF reader")
-    source.add_argument("--num-layers", type=int, help="override the preset's number of layers")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", action="append", default=[], metavar="PATH", help="training text (repeatable)")
-    data.add_argument("--tokenizer", help="tokenizer directory (default: the model's, or trained locally)")
-    data.add_argument(
-        "--chat-template",
-        metavar="NAME|FILE",
-        help=_CHAT_TEMPLATE_HELP + " stored with the run's tokenizer (default: the tokenizer's own; 'plain' for chat "
-        "data when it has none)",
-    )
-    data.add_argument("--vocab-size", type=int, default=4096, help="size of a locally trained BPE tokenizer")
-    data.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default 256)")
-    data.add_argument("--eval-fraction", type=float, default=0.05, help="share of the data held out (default 0.05)")
-    data.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens evaluated (default 65536)")
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    opt.add_argument("--batch-size", type=int, default=8, help="sequences per device per micro-batch")
-    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    opt.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default 1.5e-3)")
-    opt.add_argument(
-        "--schedule",
-        choices=LR_SCHEDULES,
-        default="wsd",
-        help="wsd = warmup-stable-decay (default); cosine; two-stage = BitNet 2B4T (lr drop + no weight "
-        "decay in the second half); constant",
-    )
-    opt.add_argument("--warmup-steps", type=int, help="learning-rate warmup (default 5%% of --steps)")
-    opt.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of steps in the final decay")
-    opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
-    opt.add_argument("--seed", type=int, default=0, help="seed of the model, data order and tokenizer")
-    opt.add_argument(
-        "--loss-chunk",
-        type=int,
-        default=0,
-        metavar="N",
-        help="compute the loss N tokens at a time, recomputing each chunk's LM-head logits in the backward instead "
-        "of keeping them: the loss then holds O(N x vocab) floats instead of O(batch x seq-len x vocab) (float32 "
-        "logits and their gradients: GiBs at a 128k vocabulary, most of a LoRA run's peak), for one extra LM-head "
-        "product per step; the same loss and gradients up to rounding. Text data only; not with --distill-weight "
-        "(it needs the full logits) or --fsdp (default 0: transformers' loss over the full logits)",
-    )
-    conv = parser.add_argument_group("conversion of a full-precision model")
-    conv.add_argument(
-        "--lambda-schedule",
-        choices=LAMBDA_SCHEDULES,
-        help="quantization warmup λ 0→1 (default: linear when converting, none otherwise)",
-    )
-    conv.add_argument("--lambda-warmup-steps", type=int, help="steps of the λ warmup (default: half of --steps)")
-    conv.add_argument("--distill-weight", type=float, default=0.0, help="weight of the KL distillation term")
-    conv.add_argument("--distill-temperature", type=float, default=1.0, help="distillation softmax temperature")
-    lora = parser.add_argument_group(
-        "LoRA (adapters on a frozen packed base; needs --model pointing at a ternary checkpoint)"
-    )
-    lora.add_argument(
-        "--lora-rank",
-        type=int,
-        help="train LoRA adapters of this rank instead of the whole model; the base is loaded packed (2 bits per "
-        "weight) and stays bit-identical. Writes OUT/adapter (PEFT format) and OUT/variants/merged",
-    )
-    lora.add_argument(
-        "--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank (default 2*rank)"
-    )
-    lora.add_argument(
-        "--lora-targets",
-        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
-        default=[],
-        metavar="NAMES",
-        help="comma-separated module names to adapt, e.g. q_proj,v_proj (default: every ternary layer)",
-    )
-    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
-    lora.add_argument(
-        "--lora-heal-steps",
-        type=int,
-        default=0,
-        help="after merging, train the merged latent weights this many steps (quantization-aware) and write "
-        "OUT/variants/merged-healed (default 0: no heal)",
-    )
-    lora.add_argument(
-        "--lora-merge-rounding",
-        choices=("nearest", "stochastic"),
-        default="nearest",
-        help="how variants/merged rounds base + update to ternary codes: nearest (the weight rule on the latent) "
-        "or stochastic (at the base's scale: keeps small updates in expectation)",
-    )
-    lora.add_argument("--lora-heal-lr", type=float, default=1e-3, help="peak learning rate of the heal (default 1e-3)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--log-every", type=int, default=10, help="steps between logs (default 10)")
-    run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: --steps / 5)")
-    run.add_argument("--save-every", type=int, help="steps between checkpoints (default: --steps / 10)")
-    run.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (default: DDP)")
-    run.add_argument("--no-export", action="store_true", help="skip exporting and evaluating the variants")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_train_options(parser)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -401,7 +301,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--adapter", metavar="DIR", help="a LoRA adapter directory (bittern train --lora-rank's adapter/) run on MODEL"
     )
     parser.add_argument(
-        "--chat-template", metavar="NAME|FILE", help=_CHAT_TEMPLATE_HELP + "; replaces the tokenizer's for this run"
+        "--chat-template", metavar="NAME|FILE", help=CHAT_TEMPLATE_HELP + "; replaces the tokenizer's for this run"
     )
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument(
@@ -711,47 +611,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from bittern.train import TrainConfig, train
 
-        config = TrainConfig(
-            out=args.out,
-            preset=args.preset,
-            model=args.model,
-            gguf_file=args.gguf_file,
-            data=list(args.data),
-            tokenizer=args.tokenizer,
-            chat_template=args.chat_template,
-            vocab_size=args.vocab_size,
-            num_layers=args.num_layers,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            steps=args.steps,
-            lr=args.lr,
-            schedule=args.schedule,
-            warmup_steps=args.warmup_steps,
-            decay_fraction=args.decay_fraction,
-            weight_decay=args.weight_decay,
-            lambda_schedule=args.lambda_schedule,
-            lambda_warmup_steps=args.lambda_warmup_steps,
-            distill_weight=args.distill_weight,
-            distill_temperature=args.distill_temperature,
-            eval_fraction=args.eval_fraction,
-            eval_every=args.eval_every,
-            eval_tokens=args.eval_tokens,
-            save_every=args.save_every,
-            log_every=args.log_every,
-            seed=args.seed,
-            fsdp=args.fsdp,
-            loss_chunk=args.loss_chunk,
-            lora_rank=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            lora_targets=list(args.lora_targets),
-            lora_dropout=args.lora_dropout,
-            lora_heal_steps=args.lora_heal_steps,
-            lora_heal_lr=args.lora_heal_lr,
-            lora_merge_rounding=args.lora_merge_rounding,
-            export=not args.no_export,
-            progress=not args.quiet,
-        )
+        config = TrainConfig.from_options(args)
         result = train(config)
         if os.environ.get("RANK", "0") == "0":
             print(f"run finished: {result.run_dir / 'report.md'}")

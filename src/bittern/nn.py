@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bittern import kernels, packing, quant
+from bittern.kernels import shapes
 
 
 class BitLinear(nn.Linear):
@@ -316,10 +317,8 @@ def project(
     if (
         quantized is not None
         and not needs_grad
-        and 1 <= len(layers) <= 3
         and all(isinstance(la, TernaryLinear) for la in layers)
-        and (len(layers) == 1 or all(la.bias is None for la in layers))
-        and len({la.weight_scale.numel() != 1 for la in layers}) == 1
+        and shapes.groupable([la.weight_scale for la in layers], [la.bias for la in layers])
     ):
         return kernels.packed_quantized(
             *quantized,

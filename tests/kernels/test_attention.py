@@ -1,5 +1,5 @@
-"""The decode step's attention kernel (rope, cache write, attention) against the same steps written out in float64
-from the visibility rule (interpreter on CPU)."""
+"""The decode step's attention kernel (rope, cache write, attention) against the reference
+(:func:`bittern.reference.decode_attention`) in float64 (interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -7,35 +7,18 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from bittern import reference
 from bittern.kernels import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` over the last dimension (float64)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
 def _reference(step: dict, slot: int, pad: list[int], scale: float, window: int | None):
-    """float64: the cache after the write, and the softmax attention of slot ``slot`` over the slots it sees:
-    ``pad[b] … slot`` (only its own slot when ``pad[b] > slot``), within ``window``."""
-    q, k, v = (step[name].double() for name in ("q", "k", "v"))
-    keys, values = step["keys"].double().clone(), step["values"].double().clone()
-    batch = q.shape[0]
-    positions = [max(slot - p, 0) for p in pad]  # each row's rope position: its row of the tables
-    cos, sin = step["cos"].double()[positions], step["sin"].double()[positions]
-    q = _rope(q, cos[:, None, None, :], sin[:, None, None, :])
-    keys[:batch, :, slot] = _rope(k, cos[:, None, :], sin[:, None, :])
-    values[:batch, :, slot] = v
-    out = torch.empty(q.shape, dtype=torch.float64)
-    for b in range(batch):
-        first = min(pad[b], slot)
-        if window is not None:
-            first = max(first, slot - window + 1)
-        seen_k, seen_v = keys[b, :, first : slot + 1], values[b, :, first : slot + 1]  # [H, n, D]
-        out[b] = (q[b] @ seen_k.transpose(-1, -2) * scale).softmax(-1) @ seen_v
+    """:func:`bittern.reference.decode_attention` in float64: the output, and the cache after the write."""
+    tensors = {name: t.double() for name, t in step.items()}
+    keys, values = tensors["keys"].clone(), tensors["values"].clone()
+    out = reference.decode_attention(tensors["q"], tensors["k"], tensors["v"], tensors["cos"], tensors["sin"], keys,
+                                     values, torch.tensor([slot]), torch.tensor(pad), scale, window)  # fmt: skip
     return out, keys, values
 
 

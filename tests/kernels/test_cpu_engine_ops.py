@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import one_thread
 
-from bittern import packing, quant
+from bittern import packing, quant, reference
 from bittern.kernels import cpu
 
 pytestmark = [
@@ -105,30 +105,6 @@ def test_dense_linear_is_f_linear(dtype: torch.dtype) -> None:
             assert _relative_error(y, ref) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
-def _attention_reference(q, k, v, cos, sin, keys, values, slot, pad, scale, window):
-    """The decode attention step by step in PyTorch (rope in the dtype, SDPA over the row's slots)."""
-    batch, dim = q.shape[0], q.shape[-1]
-    half = dim // 2
-    out = torch.empty_like(q)
-
-    def rope(t, c, s):
-        rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
-        return t * c + rotated * s
-
-    for b in range(batch):
-        pos = max(slot - int(pad[b]), 0)
-        keys[b, :, slot] = rope(k[b], cos[pos], sin[pos])
-        values[b, :, slot] = v[b]
-        first = min(int(pad[b]), slot)
-        if window:
-            first = max(first, slot - window + 1)
-        kk, vv = keys[b, :, first : slot + 1].float(), values[b, :, first : slot + 1].float()
-        qq = rope(q[b], cos[pos], sin[pos]).float()  # [H, G, D]
-        weights = torch.softmax(qq @ kk.transpose(-1, -2) * scale, dim=-1)
-        out[b] = (weights @ vv).to(q.dtype)
-    return out
-
-
 @pytest.mark.parametrize("isa", cpu.supported_isas()[:1] + cpu.supported_isas()[-1:] if cpu.available() else [])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 4])
@@ -142,7 +118,7 @@ def test_decode_attention_against_step_by_step_pytorch(isa: str, dtype: torch.dt
     values = torch.randn(batch + 1, heads, length, dim, generator=generator).to(dtype)
     pad = torch.tensor([0, 3, 9])
     want_keys, want_values = keys.clone(), values.clone()
-    want = _attention_reference(q, k, v, cos, sin, want_keys, want_values, slot, pad, 0.3, window)
+    want = reference.decode_attention(q, k, v, cos, sin, want_keys, want_values, torch.tensor([slot]), pad, 0.3, window)
     with cpu.use_isa(isa), one_thread():
         got = cpu.decode_attention(q, k, v, cos, sin, keys, values, torch.tensor([slot]), pad, 0.3, window)
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)  # rope rounded as the model rounds it

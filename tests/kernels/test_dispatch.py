@@ -91,3 +91,49 @@ def test_public_quantizers_route_to_the_kernels_bit_identically() -> None:
     assert torch.equal(xq, ref_xq) and torch.equal(scale, ref_scale)
     assert torch.equal(codes, ref_codes) and torch.equal(s, ref_s)
     assert torch.equal(y, quant.integer_linear(x, ref_codes, ref_s))
+
+
+def test_every_op_has_a_reference_and_an_entry_point() -> None:
+    for name, op in kernels.OPS.items():
+        assert op.name == name and callable(op.reference)
+        assert callable(getattr(kernels, name)), name  # the typed function layers call
+        assert op.triton is not None or op.cpu is not None, f"{name}: a table entry with no backend"
+
+
+def test_the_reference_backend_chooses_no_implementation() -> None:
+    x = torch.randn(3, 16)
+    with kernels.use_backend("reference"):
+        assert all(op.implementation(x) is None for op in kernels.OPS.values())
+        assert not kernels.dense_linear_applies(x.bfloat16(), torch.randn(8, 16).bfloat16())
+
+
+def test_an_implementation_that_declines_leaves_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    op = kernels.Op(
+        "double",
+        lambda x: ran.append("reference") or x * 2,
+        cpu=kernels.Implementation(lambda x: ran.append("cpu") or x + x, lambda x: x.numel() < 4),
+    )
+    monkeypatch.setattr(kernels, "native_cpu", lambda t: True)
+    assert op(torch.ones(2)).tolist() == [2.0, 2.0] and op.takes(torch.ones(2))
+    assert op(torch.ones(5)).tolist() == [2.0] * 5 and not op.takes(torch.ones(5))
+    assert ran == ["cpu", "reference"]
+    monkeypatch.setattr(kernels, "native_cpu", lambda t: False)
+    op(torch.ones(2))
+    assert ran[-1] == "reference"
+
+
+def test_decode_attention_falls_back_to_the_reference_for_an_odd_head_dimension() -> None:
+    from bittern import reference
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 2, 5, generator=generator)
+    k, v = torch.randn(2, 1, 5, generator=generator), torch.randn(2, 1, 5, generator=generator)
+    cos, sin = torch.randn(8, 5, generator=generator), torch.randn(8, 5, generator=generator)
+    cache = [torch.randn(2, 1, 8, 5, generator=generator) for _ in range(2)]
+    want_cache = [c.clone() for c in cache]
+    slot, pad = torch.tensor([4]), torch.tensor([0, 2])
+    assert not kernels.decode_attention_applies(q)
+    got = kernels.decode_attention(q, k, v, cos, sin, *cache, slot, pad, 0.5)
+    want = reference.decode_attention(q, k, v, cos, sin, *want_cache, slot, pad, 0.5)
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(cache, want_cache, strict=True))

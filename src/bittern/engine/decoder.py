@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bittern import kernels
+from bittern import kernels, reference
 from bittern.errors import ConfigError
 from bittern.kernels import cpu
 from bittern.nn import TernaryLinear, project
@@ -161,11 +161,6 @@ def _norm(
         return kernels.rms_norm(x, norm.weight, norm.variance_epsilon, delta, quantize)
     summed = x if delta is None else x + delta
     return summed, norm(summed), None
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class Decoder:
@@ -455,8 +450,8 @@ class Decoder:
         batch, length = q.shape[:2]
         groups = self.num_heads // self.num_kv_heads
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = reference.rotate_half_rope(q, cos, sin)
+        k = reference.rotate_half_rope(k, cos, sin)
         rows = torch.arange(batch, device=q.device)[:, None, None]
         heads = torch.arange(self.num_kv_heads, device=q.device)[None, :, None]
         where = (rows, heads, slots[None, None, :])  # [B, 1, 1], [1, H_kv, 1], [1, 1, T]: each slot written

@@ -4,7 +4,7 @@
 ``[R, K]`` with ``R = ceil(N / 4)``, byte row ``r`` holding output rows ``r, r+R, r+2R, r+3R`` in its four
 2-bit fields (``code + 1``). No second copy in another layout is kept, and nothing is converted at load time.
 
-* :func:`decode_linear` (``M <= DECODE_MAX_M`` tokens, ``K % 4 == 0``): the packed bytes are read as int32
+* :func:`decode_linear` (``M <= DECODE_MAX_TOKENS`` tokens, ``K % 4 == 0``): the packed bytes are read as int32
   words, four consecutive ``k`` of one byte row each. Masking field ``q`` of every byte where it lies
   (``w & (0x03030303 << 2q)``) gives four unsigned bytes ``4^q c`` (``c = code + 1`` of output row ``r + qR``, at
   most 128): the operand of the ``dp4a`` instruction (a 4-way int8 dot product with int32 accumulation), whose
@@ -45,14 +45,11 @@ import triton
 import triton.language as tl
 
 from bittern import packing, quant
-from bittern.kernels import DECODE_MAX_TOKENS, interpreter, matmul, packed_gemm, quantizers, tuning
+from bittern.kernels import interpreter, matmul, packed_gemm, quantizers, shapes, tuning
 from bittern.kernels.matmul import _rows
 from bittern.kernels.packed_gemm import _epilogue
 from bittern.kernels.quantizers import _act_codes, activation_scale
-
-DECODE_MAX_M = DECODE_MAX_TOKENS
-"""Token counts up to this use the decode kernel. It handles one token after another (the weights come from L1/L2
-after the first), so its cost grows with M: on Hopper the tensor-core product is faster from 4 tokens."""
+from bittern.kernels.shapes import DECODE_MAX_TOKENS
 
 DECODE_MAX_K = 16384
 """Longest input row of the decode kernel (a program holds its block of weight words and a token's row at once)."""
@@ -205,11 +202,12 @@ def _check(x: torch.Tensor, packed: torch.Tensor, out_features: int, scale: torc
 def _check_group(
     x: torch.Tensor, packed: list[torch.Tensor], out_features: list[int], scales: list[torch.Tensor], caller: str
 ) -> None:
-    if not 2 <= len(packed) <= 3 or not len(packed) == len(out_features) == len(scales):
+    if len(packed) < 2 or not len(packed) == len(out_features) == len(scales):
         raise ValueError(f"{caller} takes 2 or 3 layers with one packed weight, width and scale each; got "
                          f"{len(packed)}, {len(out_features)} and {len(scales)}")  # fmt: skip
-    if len({s.numel() != 1 for s in scales}) != 1:
-        raise ValueError(f"{caller} needs every layer's scale per tensor, or every layer's per row")
+    if not shapes.groupable(scales, [None] * len(scales)):
+        raise ValueError(f"{caller} takes at most {shapes.MAX_GROUP} layers and needs every layer's scale per "
+                         f"tensor, or every layer's per row")  # fmt: skip
     for weight, n, scale in zip(packed, out_features, scales, strict=True):
         _check(x, weight, n, scale)
 
@@ -361,8 +359,8 @@ def _decode_rows_of(x: torch.Tensor, act_scale: torch.Tensor | None, caller: str
     depend on it."""
     x2 = _rows(x)
     m, k = x2.shape
-    if m > DECODE_MAX_M or k % 4 or not 0 < k <= DECODE_MAX_K:
-        raise ValueError(f"{caller} takes at most {DECODE_MAX_M} tokens and K % 4 == 0, 0 < K <= {DECODE_MAX_K}; "
+    if m > DECODE_MAX_TOKENS or k % 4 or not 0 < k <= DECODE_MAX_K:
+        raise ValueError(f"{caller} takes at most {DECODE_MAX_TOKENS} tokens and K % 4 == 0, 0 < K <= {DECODE_MAX_K}; "
                          f"got {m} tokens of {k}")  # fmt: skip
     if act_scale is None:
         return x2, {"PREQUANTIZED": False}
@@ -445,10 +443,10 @@ def decode_linear(
     config: dict[str, int] | None = None,
     act_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode product for at most :data:`DECODE_MAX_M` tokens, activation quantization fused in.
+    """Decode product for at most :data:`DECODE_MAX_TOKENS` tokens, activation quantization fused in.
 
     Args:
-        x: ``[..., K]`` float32 / bfloat16 / float16; at most ``DECODE_MAX_M`` tokens, ``K % 4 == 0``,
+        x: ``[..., K]`` float32 / bfloat16 / float16; at most ``DECODE_MAX_TOKENS`` tokens, ``K % 4 == 0``,
             ``K <= DECODE_MAX_K``. With ``act_scale``: the input already quantized, int8 ``[..., K]``.
         packed: uint8 ``[ceil(N/4), K]`` in the Hugging Face layout; ``out_features``: ``N``.
         scale: float32 ``[1]`` or ``[N]``, the weight scale ``s_w`` (a code is worth ``1 / s_w``).
@@ -489,7 +487,7 @@ def decode_group(
     """:func:`decode_linear` of two or three bias-free layers on the same input, in one launch.
 
     Args:
-        x: ``[..., K]``, at most ``DECODE_MAX_M`` tokens, ``K % 4 == 0``.
+        x: ``[..., K]``, at most ``DECODE_MAX_TOKENS`` tokens, ``K % 4 == 0``.
         packed, out_features, scales: per layer, as in :func:`decode_linear`; every scale per tensor, or every
             scale per row.
         out_dtype: dtype of the results. config: a fixed tile choice; for tests.
@@ -616,7 +614,7 @@ def packed_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The inference linear over packed weights: :func:`decode_linear` where it applies (up to DECODE_MAX_M tokens,
+    """The inference linear over packed weights: :func:`decode_linear` where it applies (up to DECODE_MAX_TOKENS tokens,
     ``K % 4 == 0``), else :func:`prefill_linear`. ``[..., K]`` → ``[..., N]`` in ``out_dtype``, bit-identical to
     the reference."""
     if decode_applies(x):
@@ -625,7 +623,7 @@ def packed_linear(
 
 
 def decode_applies(x: torch.Tensor) -> bool:
-    """Whether the decode kernel takes ``x [..., K]``: at most :data:`DECODE_MAX_M` tokens, ``K % 4 == 0`` and
+    """Whether the decode kernel takes ``x [..., K]``: at most :data:`DECODE_MAX_TOKENS` tokens, ``K % 4 == 0`` and
     ``K <= DECODE_MAX_K``."""
     k = x.shape[-1]
-    return x.numel() // max(k, 1) <= DECODE_MAX_M and k % 4 == 0 and 0 < k <= DECODE_MAX_K
+    return x.numel() // max(k, 1) <= DECODE_MAX_TOKENS and k % 4 == 0 and 0 < k <= DECODE_MAX_K
