@@ -13,7 +13,7 @@ from bittern.lazy import lazy_attributes
 _EXPORTS = {
     "PRESETS": "bittern.train.presets",
     "TrainConfig": "bittern.train.config",
-    "TrainResult": "bittern.train.run",
+    "TrainResult": "bittern.train.results",
     "train": "bittern.train.run",
 }
 
@@ -22,7 +22,8 @@ __all__ = ["PRESETS", "TrainConfig", "TrainResult", "train"]
 if TYPE_CHECKING:
     from bittern.train.config import TrainConfig
     from bittern.train.presets import PRESETS
-    from bittern.train.run import TrainResult, train
+    from bittern.train.results import TrainResult
+    from bittern.train.run import train
 
 
 __getattr__, __dir__ = lazy_attributes("bittern.train", _EXPORTS, globals())

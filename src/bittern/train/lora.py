@@ -63,13 +63,13 @@ def export_lora(
 ) -> list:
     """Write the adapter, the merged and (with heal steps) the healed model; evaluate each as reloaded from disk.
 
-    Returns :class:`bittern.train.run.VariantResult` rows: ``base``, ``adapter`` (base + adapter), ``merged`` and
+    Returns :class:`bittern.train.results.VariantResult` rows: ``base``, ``adapter`` (base + adapter), ``merged`` and
     ``merged-healed``.
     """
     from bittern.eval.perplexity import sliding_window_nll
     from bittern.inspection import inspect_checkpoint
     from bittern.peft import heal, load_adapter, merge_lora
-    from bittern.train.run import VariantResult
+    from bittern.train.results import VariantResult
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer_dir = run_dir / "tokenizer"

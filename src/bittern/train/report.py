@@ -15,7 +15,7 @@ from bittern.train.callbacks import read_metrics
 
 if TYPE_CHECKING:
     from bittern.train.config import TrainConfig
-    from bittern.train.run import TrainResult
+    from bittern.train.results import TrainResult
 
 
 def plot_curves(metrics_path: Path, destination: Path) -> bool:
