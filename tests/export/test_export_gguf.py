@@ -266,6 +266,19 @@ def test_convert_a_gguf_file_writes_its_tokenizer(llama_dir, tmp_path, capsys) -
     assert converted.chat_template == reference.chat_template
 
 
+def test_convert_a_gguf_file_keeps_its_16_bit_tensors_16_bit(llama_dir, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    path = export_gguf(llama_dir, tmp_path / "m.gguf", embeddings="f16").path
+    assert read_gguf(path).tensors["model.embed_tokens.weight"].dtype == torch.float16
+    out = tmp_path / "packed"
+    assert main(["convert", str(path), str(out), "--to", "packed"]) == 0
+    written = load_file(out / "model.safetensors")
+    assert written["model.embed_tokens.weight"].dtype == torch.float16
+    want = bittern.load_model(llama_dir).model.embed_tokens.weight.half().float()
+    assert torch.equal(bittern.load_model(out).model.embed_tokens.weight, want)
+
+
 def test_eval_reads_a_gguf_file_with_its_tokenizer(llama_dir, tmp_path, capsys) -> None:
     from bittern.train.corpus import pydoc_topics
 

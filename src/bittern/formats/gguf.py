@@ -378,9 +378,9 @@ def read_gguf(path: str | Path, progress: bool | None = None) -> Checkpoint:
 
     TQ2_0 / TQ1_0 tensors become :class:`TernaryWeight` (exact codes, the fp16 scale, see
     :func:`ternary_from_blocks`); linear weights that bittern's exporter stored as Q8_0 / F16 (rows not a
-    multiple of 256; listed in ``bittern.ternary_tensors``) are recovered as ternary too; every other tensor is
-    dequantized to a float32 dense tensor. q/k rows of the ``llama`` architecture are put back into Hugging
-    Face's order. The tokenizer is not converted (``Checkpoint.source`` is None).
+    multiple of 256; listed in ``bittern.ternary_tensors``) are recovered as ternary too; F16 / BF16 tensors stay
+    in their dtype and every other tensor is dequantized to a float32 dense tensor. q/k rows of the ``llama``
+    architecture are put back into Hugging Face's order. The tokenizer is not converted (``Checkpoint.source`` is None).
 
     Raises:
         MissingFileError: no such file.
@@ -475,12 +475,17 @@ def _unreadable(path: Path) -> str:
     )
 
 
+_EXACT_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+"""GGUF tensor types kept in their own dtype when read (every other type is dequantized to float32)."""
+
+
 def _dense_values(gguf: Any, tensor: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    """A non-ternary tensor's values as float32 ``shape``."""
+    """A non-ternary tensor's values, ``shape``: F16 and BF16 tensors in their own dtype (exact), every other type
+    dequantized to float32, so that a conversion keeps the file's 16-bit tensors 16-bit."""
     qtype = tensor.tensor_type
     data = np.ascontiguousarray(tensor.data)
-    values = gguf.quants.dequantize(data, qtype)
-    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+    values = torch.from_numpy(np.array(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(shape))
+    return values.to(_EXACT_DTYPES.get(qtype.name.lower(), torch.float32))
 
 
 def _progress(items: list, show: bool | None) -> Any:
