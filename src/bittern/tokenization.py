@@ -44,13 +44,11 @@ DEFAULT_CHAT_TEMPLATE = "plain"
 _REQUIRED_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>")}
 
 
-def is_gguf(path: str | Path) -> bool:
-    """Whether ``path`` is a GGUF file (by its magic bytes)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with path.open("rb") as handle:
-        return handle.read(4) == b"GGUF"
+def _is_gguf(path: str | Path) -> bool:
+    """:func:`bittern.formats.gguf.is_gguf_file`, imported on use (it brings torch and numpy)."""
+    from bittern.formats.gguf import is_gguf_file
+
+    return is_gguf_file(path)
 
 
 def _tokenizer_file_names() -> tuple[str, ...]:
@@ -70,7 +68,7 @@ def tokenizer_files(directory: str | Path) -> list[str]:
 
 def has_tokenizer(path: str | Path) -> bool:
     """Whether a checkpoint directory has tokenizer files, or ``path`` is a GGUF file (which carries one)."""
-    return is_gguf(path) or bool(tokenizer_files(path))
+    return _is_gguf(path) or bool(tokenizer_files(path))
 
 
 def load_tokenizer(path: str | Path, purpose: str = "bittern") -> Any:
@@ -86,7 +84,7 @@ def load_tokenizer(path: str | Path, purpose: str = "bittern") -> Any:
     from transformers import AutoTokenizer
 
     path = Path(path)
-    gguf = is_gguf(path)
+    gguf = _is_gguf(path)
     if not gguf:
         if not path.exists():
             raise MissingFileError(f"{purpose} needs a tokenizer, and the checkpoint does not exist", path)
@@ -185,7 +183,7 @@ def tokenizer_source(path: str | Path, chat_template: str | None = None) -> Iter
             raise ConfigError(f"--chat-template: '{path}' has no tokenizer to give a chat template to")
         yield None
         return
-    if chat_template is None and not is_gguf(path):
+    if chat_template is None and not _is_gguf(path):
         yield path
         return
     tokenizer = load_tokenizer(path, "a converted checkpoint")

@@ -74,13 +74,18 @@ def test_chat_reset_and_end_of_input(
     assert capsys.readouterr().out == f"> Hello\n{first}\n(history cleared)\n\n> Hello\n{first}\n"
 
 
-def test_chat_without_a_template_fails_with_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _without_chat_template(tmp_path: Path) -> Path:
+    """A packed model whose tokenizer has no chat template."""
     plain = tokenizer()
     plain.chat_template = None
     plain.save_pretrained(tmp_path / "tokenizer")
-    path = bittern.save_model(trained_model("llama"), tmp_path / "m", "packed", tokenizer_source=tmp_path / "tokenizer")
+    return bittern.save_model(trained_model("llama"), tmp_path / "m", "packed", tokenizer_source=tmp_path / "tokenizer")
+
+
+def test_chat_without_a_template_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _without_chat_template(tmp_path)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
     assert main(["chat", str(path)]) == 2
     err = capsys.readouterr().err
@@ -93,10 +98,7 @@ def test_chat_template_option_on_a_model_without_one(
 ) -> None:
     from bittern.tokenization import set_chat_template
 
-    plain = tokenizer()
-    plain.chat_template = None
-    plain.save_pretrained(tmp_path / "tokenizer")
-    path = bittern.save_model(trained_model("llama"), tmp_path / "m", "packed", tokenizer_source=tmp_path / "tokenizer")
+    path = _without_chat_template(tmp_path)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
     assert main(["chat", str(path), "--chat-template", "plain", "--max-new-tokens", "6"]) == 0
     engine = bittern.load(path)
