@@ -83,6 +83,15 @@ def test_a_gradient_goes_through_the_reference(calls: list[str]) -> None:
     assert x.grad is not None
 
 
+def test_a_trainable_bias_goes_through_the_reference(calls: list[str]) -> None:
+    layer = _layer()
+    bias = layer.bias.detach().clone().requires_grad_()
+    y = kernels.packed_linear(torch.randn(3, 40), layer.packed_weight, layer.out_features, layer.weight_scale, bias)
+    y.sum().backward()
+    assert calls == []
+    assert torch.equal(bias.grad, torch.full_like(bias, 3.0))  # d(sum)/d(bias): one per row of x
+
+
 def test_autocast_output_dtype(calls: list[str]) -> None:
     layer = _layer()
     x = torch.randn(3, 40)

@@ -294,6 +294,10 @@ def _no_grad(x, *rest: Any) -> bool:  # type: ignore[no-untyped-def]
     return not _wants_grad(x)
 
 
+def _linear_no_grad(x, packed_weight, out_features, scale, bias, out_dtype) -> bool:  # type: ignore[no-untyped-def]
+    return not _wants_grad(x, bias)  # a trainable bias needs the reference's autograd too
+
+
 def _eager(*_: Any) -> bool:
     return not _traced()
 
@@ -312,8 +316,8 @@ OPS: dict[str, Op] = {
         Op("unpack_codes", packing.unpack_ternary_rows,
            triton=Implementation(lambda w, n: _ops().unpack_codes(w, n), _eager)),
         Op("packed_linear", _unpacked_integer_linear,
-           triton=Implementation(_triton_packed_linear, _no_grad),
-           cpu=Implementation(lambda *args: cpu.packed_linear(*args), _no_grad)),
+           triton=Implementation(_triton_packed_linear, _linear_no_grad),
+           cpu=Implementation(lambda *args: cpu.packed_linear(*args), _linear_no_grad)),
         Op("packed_linear_group", _layer_by_layer,
            triton=Implementation(_triton_packed_group, _triton_groups),
            cpu=Implementation(lambda *args: cpu.packed_linear_group(*args), _no_grad)),
