@@ -211,61 +211,109 @@ def _traced() -> bool:
 # references that compose other ops (the packed products from unpacked codes)
 
 
-def _unpacked_integer_linear(x, packed_weight, out_features, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
+def _unpacked_integer_linear(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    out_features: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     return integer_linear(x, unpack_codes(packed_weight, out_features), scale, bias, out_dtype)
 
 
-def _layer_by_layer(x, packed_weights, out_features, scales, out_dtype):  # type: ignore[no-untyped-def]
+def _layer_by_layer(
+    x: torch.Tensor,
+    packed_weights: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
     return [packed_linear(x, w, n, s, None, out_dtype) for w, n, s in zip(packed_weights, out_features, scales,
                                                                              strict=True)]  # fmt: skip
 
 
-def _quantized_layer_by_layer(xq, act_scale, packed_weights, out_features, scales, bias, out_dtype):  # type: ignore[no-untyped-def]
+def _quantized_layer_by_layer(
+    xq: torch.Tensor,
+    act_scale: torch.Tensor,
+    packed_weights: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
     layers = zip(packed_weights, out_features, scales, strict=True)
     return [quant.linear_from_integers(xq, act_scale, packing.unpack_ternary_rows(w, n), s,
                                        bias if i == 0 else None).to(out_dtype)
             for i, (w, n, s) in enumerate(layers)]  # fmt: skip
 
 
-def _reference_integer_linear(x, codes, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
+def _reference_integer_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
     frozen = _wants_grad(x, bias)  # the straight-through gradient to x and the bias; the codes never get one
     return (quant.frozen_ternary_linear if frozen else quant.integer_linear)(x, codes, scale, bias, out_dtype)
 
 
-def _triton_integer_linear(x, codes, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
+def _triton_integer_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
     ops = _ops()
     return (ops.frozen_ternary_linear if _wants_grad(x, bias) else ops.integer_linear)(x, codes, scale, bias,
                                                                                        out_dtype)  # fmt: skip
 
 
-def _triton_packed_linear(x, packed_weight, out_features, scale, bias, out_dtype):  # type: ignore[no-untyped-def]
+def _triton_packed_linear(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    out_features: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     if _traced():  # quantized by traced code: inductor fuses it into the producer of x (the norm before)
         xq, act_scale = quant.quantize_activations(x)
         return _ops().packed_quantized(xq, act_scale, [packed_weight], [out_features], [scale], bias, out_dtype)[0]
     return _ops().packed_linear(x, packed_weight, out_features, scale, bias, out_dtype)
 
 
-def _triton_packed_group(x, packed_weights, out_features, scales, out_dtype):  # type: ignore[no-untyped-def]
+def _triton_packed_group(
+    x: torch.Tensor,
+    packed_weights: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
     if _traced():
         xq, act_scale = quant.quantize_activations(x)
         return _ops().packed_quantized(xq, act_scale, packed_weights, out_features, scales, None, out_dtype)
     return _ops().packed_linear_group(x, packed_weights, out_features, scales, out_dtype)
 
 
-def _triton_groups(x, packed_weights, out_features, scales, out_dtype) -> bool:  # type: ignore[no-untyped-def]
+def _triton_groups(
+    x: torch.Tensor,
+    packed_weights: list[torch.Tensor],
+    out_features: list[int],
+    scales: list[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> bool:
     return not _wants_grad(x) and len(scales) > 1 and shapes.groupable(scales, [None] * len(scales))
 
 
-def _cpu_rms_norm(x, weight, eps, residual, quantize):  # type: ignore[no-untyped-def]
+def _cpu_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, quantize: bool
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     summed, y = cpu.rms_norm(x, weight, eps, residual)
     return summed, y, cpu.quantize_activations(y) if quantize else None
 
 
-def _cpu_norm_applies(x, weight, eps, residual, quantize) -> bool:  # type: ignore[no-untyped-def]
+def _cpu_norm_applies(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, quantize: bool
+) -> bool:
     return not _wants_grad(x, weight) and x.dtype in CPU_FLOATS and weight.dtype in CPU_FLOATS
 
 
-def _triton_dense_applies(x, weight, bias) -> bool:  # type: ignore[no-untyped-def]
+def _triton_dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if _wants_grad(x, weight) or output_dtype(x) != x.dtype:
         return False
     from bittern.kernels import dense
@@ -274,27 +322,34 @@ def _triton_dense_applies(x, weight, bias) -> bool:  # type: ignore[no-untyped-d
     return dense.applies(x, weight) and (one_row or weight.shape[0] >= dense.FEW_ROWS_MIN_FEATURES)
 
 
-def _cpu_dense_applies(x, weight, bias) -> bool:  # type: ignore[no-untyped-def]
+def _cpu_dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if _wants_grad(x, weight) or output_dtype(x) != x.dtype:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     return x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16) and rows <= CPU_DENSE_MAX_ROWS
 
 
-def _triton_attention_applies(q, *_: Any) -> bool:  # type: ignore[no-untyped-def]
+def _triton_attention_applies(q: torch.Tensor, *_: Any) -> bool:
     dim = q.shape[-1]
     return not _wants_grad(q) and dim >= 16 and dim & (dim - 1) == 0
 
 
-def _cpu_attention_applies(q, *_: Any) -> bool:  # type: ignore[no-untyped-def]
+def _cpu_attention_applies(q: torch.Tensor, *_: Any) -> bool:
     return not _wants_grad(q) and q.shape[-1] % 2 == 0 and q.dtype in CPU_FLOATS
 
 
-def _no_grad(x, *rest: Any) -> bool:  # type: ignore[no-untyped-def]
+def _no_grad(x: torch.Tensor, *_: Any) -> bool:
     return not _wants_grad(x)
 
 
-def _linear_no_grad(x, packed_weight, out_features, scale, bias, out_dtype) -> bool:  # type: ignore[no-untyped-def]
+def _linear_no_grad(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    out_features: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> bool:
     return not _wants_grad(x, bias)  # a trainable bias needs the reference's autograd too
 
 
