@@ -36,8 +36,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import add_timing_options, print_and_save, time_call, versions  # noqa: E402
 
-from bittern.engine.decoder import _rotate_half  # noqa: E402  (the decoder's own rope, as the engine ran it)
 from bittern.kernels import attention  # noqa: E402
+from bittern.reference import rotate_half_rope  # noqa: E402  (the decoder's rope, as the engine runs it)
 
 
 def make_step(batch: int, kv_heads: int, groups: int, slots: int, dim: int, dtype: torch.dtype,
@@ -72,8 +72,8 @@ def torch_call(step: dict[str, torch.Tensor], slot: torch.Tensor, mask: torch.Te
     cos, sin = step["cos"][slot][:, None, None, :], step["sin"][slot][:, None, None, :]  # [1, 1, 1, D]
 
     def call() -> torch.Tensor:
-        q = step["q"] * cos + _rotate_half(step["q"]) * sin
-        k = step["k"] * cos[:, 0] + _rotate_half(step["k"]) * sin[:, 0]
+        q = rotate_half_rope(step["q"], cos, sin)
+        k = rotate_half_rope(step["k"], cos[:, 0], sin[:, 0])
         step["keys"].index_put_((rows, heads, slot), k)
         step["values"].index_put_((rows, heads, slot), step["v"])
         return F.scaled_dot_product_attention(q, step["keys"], step["values"], attn_mask=mask, scale=scale)

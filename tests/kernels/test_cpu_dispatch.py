@@ -100,3 +100,15 @@ def test_autocast_output_dtype(calls: list[str]) -> None:
     assert calls == ["packed_linear"]
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, _reference(layer, x, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_table_quantizes_activations_on_the_native_kernels_bit_for_bit(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 5, 70, generator=generator) * 4).to(dtype)
+    x = x.transpose(0, 1)  # not contiguous
+    assert kernels.OPS["quantize_activations"].takes(x)
+    with one_thread():
+        xq, scale = kernels.quantize_activations(x)
+    want_xq, want_scale = quant.quantize_activations(x)
+    assert torch.equal(xq, want_xq) and torch.equal(scale, want_scale)
