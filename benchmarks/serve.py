@@ -9,10 +9,12 @@ projections, built from ``--seed`` in every process, so every row runs the same 
    TernaryLinear model, in a process of its own, driven over HTTP on 127.0.0.1 by streaming clients;
 2. ``bittern-dense``: the same server with the projections as ``nn.Linear`` holding ``Wt * s`` (bf16 on a GPU):
    what it does with a bf16 checkpoint;
-3. ``bittern-static``: static batching, the engine before the scheduler (``Engine.generate_ids``): waiting
+3. ``bittern-scheduler``: the server's scheduler driven in process (``Scheduler.submit``), no HTTP: what the
+   engine's continuous batching gives without the HTTP layer sharing its process (and the GIL);
+4. ``bittern-static``: static batching, the engine before the scheduler (``Engine.generate_ids``): waiting
    requests are taken as one batch (up to ``--max-batch``) that runs until its longest request ends; no HTTP
    (which favours it);
-4. ``transformers-cb``: transformers' continuous batching (``model.continuous_batching_context_manager`` and
+5. ``transformers-cb``: transformers' continuous batching (``model.continuous_batching_context_manager`` and
    ``add_request``, its serving path, with per-token timestamps) on the dense model (bf16 on a GPU); no HTTP.
 
 The workload: for each concurrency ``C`` of ``--concurrency``, ``C`` closed-loop clients send ``--requests``
@@ -22,7 +24,7 @@ ignored). Before each timed run the same concurrency runs ``C`` requests untimed
 Figures: output tokens/s (all requests' output tokens over the run's wall time), time to first token (send to
 first token) and inter-token latency (between consecutive tokens of a request), p50 and p99. The servers run
 without a tokenizer (token-id prompts), so no detokenization is measured; each streamed chunk is one token. Ratios
-are throughput against rows 2, 3 and 4 at the same concurrency, and p99 inter-token latency against the ternary
+are throughput against rows 2, 4 and 5 at the same concurrency, and p99 inter-token latency against the ternary
 server's median inter-token latency at concurrency 1 (its batch-1 step, plus HTTP).
 
     python benchmarks/serve.py [--layers 30] [--concurrency 1,8,32,64] [--json serve.json]
@@ -54,7 +56,7 @@ from typing import Any
 
 import torch
 
-ROWS = ("bittern-ternary", "bittern-dense", "bittern-static", "transformers-cb")
+ROWS = ("bittern-ternary", "bittern-dense", "bittern-scheduler", "bittern-static", "transformers-cb")
 SERVER_ROWS = ("bittern-ternary", "bittern-dense")
 MODEL_NAME = "bench"
 START_SECONDS = 900.0
@@ -195,8 +197,10 @@ def run_server_row(args: argparse.Namespace, row: str, workloads: dict[int, list
         _wait_for_health(url, process)
         for concurrency, requests in workloads.items():
             asyncio.run(_client_run(url, requests[:concurrency], concurrency))  # warm-up
+            before = _scheduler_counters(url)
             outcomes, seconds = asyncio.run(_client_run(url, requests, concurrency))
-            results.append(_record(row, concurrency, summarize(outcomes, seconds)))
+            work = {k: v - before.get(k, 0) for k, v in _scheduler_counters(url).items()}
+            results.append(_record(row, concurrency, summarize(outcomes, seconds), work))
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -205,6 +209,19 @@ def run_server_row(args: argparse.Namespace, row: str, workloads: dict[int, list
             process.kill()
             process.wait()
     return results
+
+
+def _scheduler_counters(url: str) -> dict[str, float]:
+    """The server's ``bittern_scheduler_*_total`` counters (:class:`bittern.engine.scheduler.SchedulerStats`)."""
+    import httpx
+
+    prefix, suffix = "bittern_scheduler_", "_total"
+    counters = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith(prefix) and name.endswith(suffix):
+            counters[name[len(prefix) : -len(suffix)]] = float(value)
+    return counters
 
 
 def _wait_for_health(url: str, process: subprocess.Popen) -> None:
@@ -326,6 +343,35 @@ def child_static(args: argparse.Namespace, workloads: dict[int, list]) -> list[d
     return results
 
 
+def child_scheduler(args: argparse.Namespace, workloads: dict[int, list]) -> list[dict[str, Any]]:
+    """The scheduler in process: each client thread submits a request and waits for its last event; token times
+    are the events' (taken on the engine thread as each token reaches the host)."""
+    from dataclasses import asdict
+
+    from bittern.engine.scheduler import Request, Scheduler
+
+    scheduler = Scheduler(_engine(args, build_model(args, dense=False)), max_queue=4096)
+    scheduler.warm_up(args.prompt_lens[1])
+    scheduler.start()
+
+    def submit(prompt: list[int], budget: int, outcome: Outcome) -> None:
+        for event in scheduler.submit(Request(prompt, budget, ignore_eos=True)).events():
+            if event.finish_reason == "error":
+                raise RuntimeError(f"the scheduler failed a request: {event.error}")
+            outcome.tokens += [event.time] * len(event.token_ids)
+            outcome.output_tokens = event.completion_tokens
+
+    results = []
+    for concurrency, requests in workloads.items():
+        _closed_loop(requests[:concurrency], concurrency, submit)
+        before = asdict(scheduler.stats)
+        outcomes, seconds = _closed_loop(requests, concurrency, submit)
+        work = {k: v - before[k] for k, v in asdict(scheduler.stats).items()}
+        results.append(_record("bittern-scheduler", concurrency, summarize(outcomes, seconds), work))
+    scheduler.shutdown()
+    return results
+
+
 def child_transformers(args: argparse.Namespace, workloads: dict[int, list]) -> list[dict[str, Any]]:
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
@@ -386,11 +432,21 @@ def run_child_row(args: argparse.Namespace, row: str) -> list[dict[str, Any]]:
         return json.loads(path.read_text())
 
 
-def _record(row: str, concurrency: int, figures: dict[str, Any]) -> dict[str, Any]:
+def _record(
+    row: str, concurrency: int, figures: dict[str, Any], work: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """One table entry; ``work``: the scheduler's counters over the timed run (bittern's continuous rows)."""
     entry = {"row": row, "concurrency": concurrency, **figures}
-    print(f"  {row:<16} C={concurrency:<3} {_fmt(entry['output_tokens_per_s'], '.1f')} tok/s, TTFT p50 "
+    print(f"  {row:<17} C={concurrency:<3} {_fmt(entry['output_tokens_per_s'], '.1f')} tok/s, TTFT p50 "
           f"{_fmt(entry['ttft_p50_ms'], '.1f')} ms, ITL p50 {_fmt(entry['itl_p50_ms'], '.2f')} / p99 "
           f"{_fmt(entry['itl_p99_ms'], '.2f')} ms", flush=True)  # fmt: skip
+    if work:
+        entry["scheduler"] = work
+        seconds = figures["seconds"]
+        print(f"    engine thread: prefill {work['prefill_seconds'] / seconds:.0%} of the run ({work['prefills']:.0f} "
+              f"forwards, {work['prefill_tokens']:.0f} tokens in {work['prefill_slots']:.0f} slots), waiting for "
+              f"decode steps {work['wait_seconds'] / seconds:.0%}; {work['decode_steps']:.0f} steps, "
+              f"{work['decode_tokens'] / max(work['decode_rows'], 1):.0%} of their rows busy", flush=True)  # fmt: skip
     return entry
 
 
@@ -501,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         child_server(args)
         return
     if args.child is not None:
-        run = child_static if args.child == "bittern-static" else child_transformers
+        run = {"bittern-scheduler": child_scheduler, "bittern-static": child_static}.get(args.child, child_transformers)
         Path(args.result).write_text(json.dumps(run(args, workloads)))
         os._exit(0)  # transformers' manager may leave threads behind
     started = time.perf_counter()

@@ -61,7 +61,12 @@ def test_greedy_requests_joining_a_running_batch_equal_alone(engine: Engine) -> 
     assert [r.finish_reason for r in results] == ["length"] * len(prompts)
     assert [r.completion_tokens for r in results] == budgets
     assert [r.prompt_tokens for r in results] == lengths
-    assert scheduler.steps < sum(budgets)  # rows decoded together
+    stats = scheduler.stats
+    assert stats.decode_steps < sum(budgets)  # rows decoded together
+    assert stats.decode_tokens == sum(budgets) - len(prompts)  # each request's first token comes from its prefill
+    assert stats.decode_rows >= stats.decode_tokens
+    assert 1 <= stats.prefills <= len(prompts) and stats.prefill_tokens == sum(lengths)
+    assert stats.prefill_slots >= stats.prefill_tokens and stats.prefill_seconds > 0
 
 
 def test_rows_shift_when_spans_pass_the_cache_end() -> None:
@@ -80,7 +85,7 @@ def test_rows_shift_when_spans_pass_the_cache_end() -> None:
     finally:
         scheduler.shutdown()
     assert results == expected
-    assert scheduler.shifts > 0
+    assert scheduler.stats.shifts > 0
 
 
 def test_stop_strings_and_eos_end_a_request_as_alone(engine: Engine, scheduler: Scheduler) -> None:
@@ -172,7 +177,7 @@ def test_cancel_frees_the_row_and_the_others_go_on(engine: Engine, scheduler: Sc
     while events[-1].finish_reason is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens < 100
-    assert scheduler.running == 0 and scheduler.cancelled >= 1
+    assert scheduler.running == 0 and scheduler.stats.cancelled >= 1
 
 
 def test_bad_requests_are_refused_before_they_queue(scheduler: Scheduler) -> None:

@@ -149,6 +149,11 @@ def test_models_health_and_metrics(server, client: openai.OpenAI) -> None:
                  "bittern_inter_token_latency_seconds_bucket"):  # fmt: skip
         assert f"\n{name}" in text
     assert 'bittern_requests_total{endpoint="/v1/completions",status="200"}' in text
+    counters = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("bittern_scheduler_")}  # fmt: skip
+    for name in ("prefills", "prefill_tokens", "decode_steps", "decode_tokens"):
+        assert counters[f"bittern_scheduler_{name}_total"] >= 1
+    assert "bittern_scheduler_wait_seconds_total" in counters
 
 
 def _error(call) -> openai.APIStatusError:
@@ -213,7 +218,7 @@ def test_a_full_queue_answers_429(server, client: openai.OpenAI) -> None:
 
 def test_a_client_leaving_mid_stream_frees_its_row(server) -> None:
     url, scheduler, _ = server
-    cancelled = scheduler.cancelled
+    cancelled = scheduler.stats.cancelled
     body = {"model": MODEL, "prompt": "Leave early", "max_tokens": 200, "temperature": 0, "stream": True,
             "ignore_eos": True}  # fmt: skip
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
@@ -221,7 +226,7 @@ def test_a_client_leaving_mid_stream_frees_its_row(server) -> None:
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
-    assert _wait_until(lambda: scheduler.cancelled > cancelled and scheduler.running == 0)
+    assert _wait_until(lambda: scheduler.stats.cancelled > cancelled and scheduler.running == 0)
 
 
 def test_a_client_leaving_a_waiting_request_frees_its_row(server, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,11 +247,11 @@ def test_a_client_leaving_a_waiting_request_frees_its_row(server, monkeypatch: p
             return self.step.last_argmax
 
     monkeypatch.setattr(scheduler.engine, "_decode_step", SlowStep)
-    cancelled = scheduler.cancelled
+    cancelled = scheduler.stats.cancelled
     body = {"model": MODEL, "prompt": [5], "max_tokens": 250, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
         httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.2)
-    assert _wait_until(lambda: scheduler.cancelled > cancelled and scheduler.running == 0)
+    assert _wait_until(lambda: scheduler.stats.cancelled > cancelled and scheduler.running == 0)
     metrics = httpx.get(f"{url}/metrics").text
     assert 'bittern_requests_total{endpoint="/v1/completions",status="499"} 1.0' in metrics
 

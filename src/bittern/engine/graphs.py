@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -42,6 +43,39 @@ def dependent_launches(device: torch.device) -> Iterator[None]:
         if hasattr(inductor_config.triton, "enable_pdl"):
             stack.enter_context(inductor_config.patch({"triton.enable_pdl": True}))
         yield
+
+
+_Output = TypeVar("_Output")
+
+
+def capture_graph(
+    run: Callable[[], _Output],
+    *,
+    warm_up: Callable[[], object] | None = None,
+    warm_up_runs: int = 1,
+    pool: tuple[int, int] | None = None,
+) -> tuple[torch.cuda.CUDAGraph, _Output]:
+    """Capture one call of ``run`` in a ``torch.cuda.CUDAGraph`` and return the graph and the call's output (the
+    graph's output tensors, rewritten by every replay).
+
+    Before the capture, on a side stream (so that lazy initialisation, compilation, autotuning and the allocator's
+    first requests happen outside it), ``warm_up`` runs once if given, then ``run`` ``warm_up_runs`` times. ``run``
+    must read its inputs from buffers the caller fills before each replay, and must be harmless to run again (the
+    engine's steps rewrite the cache slots the replay writes, with the same values). ``pool``: a memory pool shared
+    with other graphs that never run at the same time (``torch.cuda.graph_pool_handle()``); None gives the graph a
+    pool of its own."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        if warm_up is not None:
+            warm_up()
+        for _ in range(warm_up_runs):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = run()
+    return graph, output
 
 
 PERSISTENT_ROW_LIMIT = 8192
@@ -139,44 +173,30 @@ class CudaGraphDecodeStep:
         logits = self.decoder.forward(tokens, slot, pad, cache, cache.max_seq_len)[:, 0]
         return logits, greedy_tokens(logits)
 
-    def _run(self, g: _Graph) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._forward(g.tokens, g.slot, g.pad, self.cache)
+    def _run(self, tokens: torch.Tensor, slot: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._forward(tokens, slot, pad, self.cache)
 
-    def _warm_up(self, g: _Graph) -> None:
-        """Run the step on a side stream (lazy initialisation, compilation, autotuning, allocator) with the step's
-        real inputs: it writes the same keys and values the replay writes, so running it is harmless. If
-        compilation fails, warn and go on with the uncompiled step."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            try:
-                self._run(g)
-            except Exception as error:  # a model torch.compile cannot handle still decodes, eagerly-fused or not
-                if not self.compiled:
-                    raise
-                warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: {error}); "
-                              "capturing the uncompiled step", stacklevel=3)  # fmt: skip
-                self.compiled = False
-                self._forward = self._step
-            for _ in range(self.WARMUP_RUNS):
-                self._run(g)
-        torch.cuda.current_stream().wait_stream(stream)
+    def _first_run(self, tokens: torch.Tensor, slot: torch.Tensor, pad: torch.Tensor) -> None:
+        """The step's first run (it compiles): if compilation fails, warn and go on with the uncompiled step."""
+        try:
+            self._run(tokens, slot, pad)
+        except Exception as error:  # a model torch.compile cannot handle still decodes, eagerly-fused or not
+            if not self.compiled:
+                raise
+            warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: {error}); "
+                          "capturing the uncompiled step", stacklevel=5)  # fmt: skip
+            self.compiled = False
+            self._forward = self._step
 
     def _capture(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor) -> _Graph:
-        batch = tokens.shape[0]
-        g = _Graph(
-            graph=torch.cuda.CUDAGraph(),
-            tokens=tokens[:, None].clone(),
-            slot=torch.full((1,), slot, dtype=torch.long, device=tokens.device),
-            pad=pad.clone(),
-            logits=torch.empty(0),
-            argmax=torch.empty(0),
-        )
+        """Capture the step over new input buffers holding these inputs (its warm-up runs write the cache slots the
+        replay writes, with the same values); a private memory pool per graph: they replay in any order."""
+        buffers = (tokens[:, None].clone(), torch.full((1,), slot, dtype=torch.long, device=tokens.device), pad.clone())
         with dependent_launches(tokens.device), rows_in_one_pass():
-            self._warm_up(g)
-            with torch.cuda.graph(g.graph):  # a private memory pool per graph: they replay in any order
-                g.logits, g.argmax = self._run(g)
-        self.graphs[batch] = g
+            graph, (logits, argmax) = capture_graph(
+                lambda: self._run(*buffers), warm_up=lambda: self._first_run(*buffers), warm_up_runs=self.WARMUP_RUNS
+            )
+        g = self.graphs[tokens.shape[0]] = _Graph(graph, *buffers, logits, argmax)
         return g
 
     def __call__(self, tokens: torch.Tensor, slot: int, pad: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from bittern.engine.decoder import Decoder, StaticKVCache
+from bittern.engine.graphs import capture_graph
 
 MIN_BUCKET = 16
 
@@ -93,17 +94,11 @@ class CudaGraphPrefill(EagerPrefill):
         return prompt_len if bucket is None else bucket
 
     def _capture(self, input_ids: torch.Tensor, pad: torch.Tensor) -> _Graph:
-        """Warm up on a side stream (lazy initialisation, kernel autotuning; it writes the cache slots the replay
-        writes, with the same values), then capture into the shared pool."""
-        g = _Graph(torch.cuda.CUDAGraph(), input_ids.clone(), pad.clone(), torch.empty(0))
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            super().__call__(g.input_ids, g.pad)
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(g.graph, pool=self.pool):
-            g.logits = super().__call__(g.input_ids, g.pad)
-        return g
+        """Warm up once (lazy initialisation, kernel autotuning; it writes the cache slots the replay writes, with
+        the same values), then capture into the shared pool."""
+        input_ids, pad = input_ids.clone(), pad.clone()  # the graph's input buffers
+        graph, logits = capture_graph(lambda: EagerPrefill.__call__(self, input_ids, pad), pool=self.pool)
+        return _Graph(graph, input_ids, pad, logits)
 
     def __call__(self, input_ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """As :meth:`EagerPrefill.__call__`, replayed from the graph of this (batch, length) when the length is a

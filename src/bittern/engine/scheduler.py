@@ -150,6 +150,33 @@ class Completion:
     error: str | None = None
 
 
+def _counter(help: str, zero: float = 0) -> Any:
+    """A :class:`SchedulerStats` field starting at ``zero``, described by ``help`` (also the metric's help line)."""
+    return field(default=zero, metadata={"help": help})
+
+
+@dataclass
+class SchedulerStats:
+    """Cumulative counters of a scheduler's engine thread (each field's ``metadata["help"]`` says what it counts).
+    Read from any thread: each value is current, the set may be one step apart. Seconds are host wall time
+    (``time.perf_counter``)."""
+
+    decode_steps: int = _counter("Decode steps launched.")
+    decode_rows: int = _counter("Rows decode steps computed (batch buckets, rows without a request included).")
+    decode_tokens: int = _counter("Tokens decode steps computed for running requests.")
+    prefills: int = _counter("Prefill forwards run (each admits a group of waiting requests).")
+    prefill_tokens: int = _counter("Prompt tokens prefilled.")
+    prefill_slots: int = _counter("Slots prefill forwards computed (rows x padded length, padding included).")
+    prefill_seconds: float = _counter(
+        "Host seconds admitting requests: the prefill forward (waiting for the GPU to finish it and the step queued "
+        "before it), choosing first tokens, copying keys and values into the rows.",
+        0.0,
+    )
+    wait_seconds: float = _counter("Host seconds waiting for decode steps' tokens (the GPU working ahead).", 0.0)
+    shifts: int = _counter("Times the rows' slots were shifted to make room.")
+    cancelled: int = _counter("Requests cancelled (waiting or running).")
+
+
 EventCallback = Callable[[Event], None]
 """Receives every :class:`Event` of a request, on the scheduler's thread: it must return quickly and not raise."""
 
@@ -287,12 +314,8 @@ class Scheduler:
         self._prefill: EagerPrefill | CudaGraphPrefill | None = None
         self._next = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)  # each row's next input
         self._pending: _Pending | None = None  # the last decode step, launched and not yet taken by the host
-        self.steps = 0
-        """Decode steps run so far."""
-        self.shifts = 0
-        """Times the rows' slots were shifted to make room (see the module docstring)."""
-        self.cancelled = 0
-        """Requests ended by :meth:`cancel` (waiting or running)."""
+        self.stats = SchedulerStats()
+        """What the engine thread has done so far."""
 
     # --- callers' side -----------------------------------------------------------------------------------------
 
@@ -478,12 +501,12 @@ class Scheduler:
     def _cancel(self, ids: set[int]) -> None:
         for entry in [r for r in self._waiting if r.id in ids]:
             self._waiting.remove(entry)
-            self.cancelled += 1
+            self.stats.cancelled += 1
             self._emit(entry, Event(entry.id, finish_reason="cancelled"))
         for index, entry in enumerate(self._rows):
             if entry is not None and entry.id in ids:
                 self._rows[index] = None
-                self.cancelled += 1
+                self.stats.cancelled += 1
                 self._emit(entry, Event(entry.id, finish_reason="cancelled"))
 
     def _fail_running(self, error: Exception) -> None:
@@ -548,6 +571,7 @@ class Scheduler:
             shift = fits
         if not group:
             return
+        started = time.perf_counter()
         try:
             self._prefill_group(group, runner, shift)
         except Exception as error:  # only this group's requests fail; the running rows go on
@@ -555,6 +579,8 @@ class Scheduler:
             for entry in group:
                 if not entry.done:
                     self._emit(entry, Event(entry.id, finish_reason="error", error=f"{type(error).__name__}: {error}"))
+        finally:
+            self.stats.prefill_seconds += time.perf_counter() - started
 
     def _prefill_group(self, group: list[_Running], runner: EagerPrefill | CudaGraphPrefill, shift: int) -> None:
         pad_id = self.engine.pad_token_id
@@ -564,6 +590,9 @@ class Scheduler:
         pads = [length - len(p) for p in prompts] + [length - 1] * (rows - len(group))
         padded = [[pad_id] * (length - len(p)) + p for p in prompts] + [[pad_id] * length] * (rows - len(group))
         logits = runner(self._tensor(padded), self._tensor(pads))[: len(group)]
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += sum(len(p) for p in prompts)
+        self.stats.prefill_slots += rows * length
         chosen, logprobs = self._choose(logits, group)
         tokens = chosen.tolist()
         if self.running:
@@ -609,7 +638,7 @@ class Scheduler:
                 entry.start += shift
                 entry.end += shift
         self._clock += shift
-        self.shifts += 1
+        self.stats.shifts += 1
 
     # --- decoding ------------------------------------------------------------------------------------------------
 
@@ -660,7 +689,9 @@ class Scheduler:
         step = self.engine._decode_step()
         logits = step(self._next[:batch], self._clock, self._tensor(pads))
         self._clock += 1
-        self.steps += 1
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += batch
+        self.stats.decode_tokens += len(live)
         argmax = step.last_argmax
         index = None
         if len(live) < batch:
@@ -686,7 +717,9 @@ class Scheduler:
     def _process(self, pending: _Pending) -> None:
         """Give a launched step's tokens to their requests (those that have not ended since)."""
         if pending.ready is not None:
+            started = time.perf_counter()
             pending.ready.synchronize()
+            self.stats.wait_seconds += time.perf_counter() - started
         tokens = pending.tokens.tolist()
         logprobs = self._logprob_lists(pending.logprobs, tokens, len(tokens))
         keep = [i for i, entry in enumerate(pending.entries) if not entry.done]

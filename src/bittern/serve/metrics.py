@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+from dataclasses import fields
 
-from bittern.engine.scheduler import Scheduler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from bittern.engine.scheduler import Scheduler, SchedulerStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0, 10.0, 30.0)
 
@@ -19,6 +24,9 @@ class Metrics:
     * ``bittern_time_to_first_token_seconds``: from a request's arrival to its first token.
     * ``bittern_inter_token_latency_seconds``: between consecutive tokens of a request.
     * ``bittern_request_duration_seconds``: from arrival to the last token.
+    * ``bittern_scheduler_<counter>_total``: the engine thread's work, one counter per field of
+      :class:`~bittern.engine.scheduler.SchedulerStats` (decode steps, rows and tokens; prefills, their tokens,
+      slots and seconds; the host's wait for the GPU; shifts; cancellations).
     """
 
     def __init__(self, scheduler: Scheduler) -> None:
@@ -37,7 +45,21 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.duration = Histogram("bittern_request_duration_seconds", "Arrival to last token.",
                                   buckets=_LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
+        self.registry.register(_SchedulerCollector(scheduler))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _SchedulerCollector(Collector):
+    """The scheduler's :class:`~bittern.engine.scheduler.SchedulerStats` as counters, read at scrape time."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.scheduler.stats
+        for item in fields(SchedulerStats):
+            yield CounterMetricFamily(f"bittern_scheduler_{item.name}", item.metadata["help"],
+                                      value=getattr(stats, item.name))  # fmt: skip
