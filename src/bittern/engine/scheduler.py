@@ -7,12 +7,13 @@ static KV cache holds ``max_batch`` *rows*; each running request owns one row. E
 2. **admits** waiting requests (first come, first served) into free rows: their prompts are prefilled together,
    left-padded, into a separate prefill cache (:class:`~bittern.engine.prefill.EagerPrefill`, or the CUDA-graphed
    :class:`~bittern.engine.prefill.CudaGraphPrefill` per batch and length bucket on a GPU), their first tokens are
-   sampled, and their keys and values are copied into the rows they take;
+   chosen on the device (the host takes them in the next iteration, as it takes a decode step's: admission never
+   waits for the GPU), and their keys and values are copied into the rows they take;
 3. launches **one decode step** over the running rows with the engine's own decode step
    (:class:`~bittern.engine.graphs.EagerDecodeStep` on the CPU, :class:`~bittern.engine.graphs.CudaGraphDecodeStep`
    on a GPU: one graph per batch bucket 1, 2, 4, 8, …, ``max_batch``) and samples every row with its own
    parameters and generator, on the device: each row's token becomes its next input without visiting the host;
-4. while the GPU runs that step, takes the *previous* step's tokens on the host (text, stop strings, events) and
+4. while the GPU runs that step, takes the *previous* iteration's tokens on the host (text, stop strings, events) and
    frees a row the moment its request ends (end of sequence, stop string, ``max_tokens``, or cancelled — a client
    gone). A request that ended at EOS or a stop string is computed in one more step, whose token is dropped.
 
@@ -251,8 +252,8 @@ float32 ``[m]`` the chosen tokens', ``[m, w]`` the top values and int64 ``[m, w]
 
 @dataclass
 class _Pending:
-    """A decode step launched on the GPU: its entries, their tokens (and log-probabilities) on their way to the
-    host, and the event that marks their arrival."""
+    """Tokens chosen on the device (by a decode step, or by a prefill: the first tokens): their entries, the tokens
+    (and log-probabilities) on their way to the host, and the event that marks their arrival."""
 
     entries: list[_Running]
     tokens: torch.Tensor
@@ -313,7 +314,7 @@ class Scheduler:
         self._prefill_cache: StaticKVCache | None = None
         self._prefill: EagerPrefill | CudaGraphPrefill | None = None
         self._next = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)  # each row's next input
-        self._pending: _Pending | None = None  # the last decode step, launched and not yet taken by the host
+        self._pending: deque[_Pending] = deque()  # tokens launched and not yet taken by the host, oldest first
         self.stats = SchedulerStats()
         """What the engine thread has done so far."""
 
@@ -479,11 +480,12 @@ class Scheduler:
                 if closing and not self._waiting and not self.running:
                     return
                 try:
+                    earlier = len(self._pending)
                     self._admit()
-                    launched = self._launch() if self.running else None
-                    pending, self._pending = self._pending, launched
-                    if pending is not None:  # the host's share of the last step, while the GPU runs this one
-                        self._process(pending)
+                    if self.running:
+                        self._launch()
+                    for _ in range(earlier):  # the host's share of the last iteration, while the GPU runs this one
+                        self._process(self._pending.popleft())
                 except Exception as error:  # a failed step ends the requests it touched; the thread goes on
                     self._fail_running(error)
 
@@ -510,7 +512,7 @@ class Scheduler:
                 self._emit(entry, Event(entry.id, finish_reason="cancelled"))
 
     def _fail_running(self, error: Exception) -> None:
-        self._pending = None
+        self._pending.clear()
         message = f"{type(error).__name__}: {error}"
         for index, entry in enumerate(self._rows):
             if entry is not None:
@@ -594,7 +596,7 @@ class Scheduler:
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
         self.stats.prefill_slots += rows * length
         chosen, logprobs = self._choose(logits, group)
-        tokens = chosen.tolist()
+        self._pending.append(self._to_host(group, chosen, logprobs))  # the first tokens, taken next iteration
         if self.running:
             self._shift(shift)
         else:
@@ -621,7 +623,6 @@ class Scheduler:
         self._next[self._tensor(free[: len(group)])] = chosen
         for entry in group:
             entry.launched = 1
-        self._advance(group, tokens, self._logprob_lists(logprobs, tokens, len(group)))
 
     def _shift(self, shift: int) -> None:
         """Move every running row's slots (and the clock) by ``shift`` slots; positions do not change."""
@@ -669,12 +670,12 @@ class Scheduler:
             self._next[hole] = self._next[source]
             self._rows[hole], self._rows[source] = entry, None
 
-    def _launch(self) -> _Pending | None:
-        """Launch one decode step over the rows that still decode (None when none does): their next tokens are
-        chosen on the device, written to the rows' next inputs, and start their copy to the host. Rows whose
-        request has ended (or whose tokens are all asked for) ride along as padding."""
+    def _launch(self) -> None:
+        """Launch one decode step over the rows that still decode (none: nothing): their next tokens are chosen on
+        the device, written to the rows' next inputs, and start their copy to the host (:attr:`_pending`). Rows
+        whose request has ended (or whose tokens are all asked for) ride along as padding."""
         if not any(r is not None and r.decoding for r in self._rows):
-            return None
+            return
         if self._clock >= self.max_seq_len:  # unreachable: admission keeps every row's span inside the cache
             raise RuntimeError(f"the decode clock reached the cache's end ({self.max_seq_len} slots)")
         self._compact()
@@ -705,17 +706,22 @@ class Scheduler:
             self._next[index] = chosen
         for entry in entries:
             entry.launched += 1
+        self._pending.append(self._to_host(entries, chosen, logprobs))
+
+    def _to_host(self, entries: list[_Running], chosen: torch.Tensor, logprobs: _Logprobs | None) -> _Pending:
+        """Start the copy of ``entries``' chosen tokens (and log-probabilities) to the host, behind the work that
+        computes them: on CUDA into pinned memory, with an event the host waits on only when it reads them."""
         ready = None
-        if self.device.type == "cuda":  # copy to pinned host memory behind the step; the host waits only when it reads
+        if self.device.type == "cuda":
             chosen = chosen.to("cpu", non_blocking=True)
             if logprobs is not None:
                 logprobs = (logprobs[0], *(t.to("cpu", non_blocking=True) for t in logprobs[1:]))
             ready = torch.cuda.Event()
             ready.record()
-        return _Pending(entries, chosen, logprobs, ready)  # type: ignore[arg-type]
+        return _Pending(entries, chosen, logprobs, ready)
 
     def _process(self, pending: _Pending) -> None:
-        """Give a launched step's tokens to their requests (those that have not ended since)."""
+        """Give launched tokens to their requests (those that have not ended since)."""
         if pending.ready is not None:
             started = time.perf_counter()
             pending.ready.synchronize()
