@@ -350,7 +350,8 @@ def child_scheduler(args: argparse.Namespace, workloads: dict[int, list]) -> lis
 
     from bittern.engine.scheduler import Request, Scheduler
 
-    scheduler = Scheduler(_engine(args, build_model(args, dense=False)), max_queue=4096)
+    options = {} if args.prefill_tokens is None else {"prefill_tokens": args.prefill_tokens}
+    scheduler = Scheduler(_engine(args, build_model(args, dense=False)), max_queue=4096, **options)
     scheduler.warm_up(args.prompt_lens[1])
     scheduler.start()
 
@@ -524,6 +525,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=64, help="rows of the engines and of transformers' batches")
     parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots per row (default: longest "
                         "prompt + output, x2 for the scheduler's room to shift)")  # fmt: skip
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="bittern-scheduler: the most slots one "
+                        "prefill forward computes (default: the scheduler's)")  # fmt: skip
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--hf-attn", default="sdpa", help="transformers-cb attention (default sdpa; "
