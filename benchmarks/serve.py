@@ -444,10 +444,14 @@ def _record(
     if work:
         entry["scheduler"] = work
         seconds = figures["seconds"]
-        print(f"    engine thread: prefill {work['prefill_seconds'] / seconds:.0%} of the run ({work['prefills']:.0f} "
-              f"forwards, {work['prefill_tokens']:.0f} tokens in {work['prefill_slots']:.0f} slots), waiting for "
-              f"decode steps {work['wait_seconds'] / seconds:.0%}; {work['decode_steps']:.0f} steps, "
+        print(f"    engine thread: admitting {work['prefill_seconds'] / seconds:.0%} of the run "
+              f"({work['prefills']:.0f} prefills, {work['prefill_tokens']:.0f} tokens in "
+              f"{work['prefill_slots']:.0f} slots), waiting for tokens {work['wait_seconds'] / seconds:.0%}; "
+              f"{work['decode_steps']:.0f} decode steps, "
               f"{work['decode_tokens'] / max(work['decode_rows'], 1):.0%} of their rows busy", flush=True)  # fmt: skip
+        if work.get("decode_gpu_seconds"):
+            print(f"    GPU: prefill {work['prefill_gpu_seconds'] / seconds:.0%}, decode "
+                  f"{work['decode_gpu_seconds'] / seconds:.0%} of the run", flush=True)  # fmt: skip
     return entry
 
 

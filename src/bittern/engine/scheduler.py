@@ -169,11 +169,13 @@ class SchedulerStats:
     prefill_tokens: int = _counter("Prompt tokens prefilled.")
     prefill_slots: int = _counter("Slots prefill forwards computed (rows x padded length, padding included).")
     prefill_seconds: float = _counter(
-        "Host seconds admitting requests: the prefill forward (waiting for the GPU to finish it and the step queued "
-        "before it), choosing first tokens, copying keys and values into the rows.",
+        "Host seconds admitting requests: the prefill forward, choosing first tokens, copying keys and values into "
+        "the rows (on a GPU: launching them).",
         0.0,
     )
-    wait_seconds: float = _counter("Host seconds waiting for decode steps' tokens (the GPU working ahead).", 0.0)
+    prefill_gpu_seconds: float = _counter("GPU seconds of admissions, prefill to keys and values in place (CUDA).", 0.0)
+    decode_gpu_seconds: float = _counter("GPU seconds of decode steps, sampling included (CUDA).", 0.0)
+    wait_seconds: float = _counter("Host seconds waiting for launched tokens to reach it (the GPU working ahead).", 0.0)
     shifts: int = _counter("Times the rows' slots were shifted to make room.")
     cancelled: int = _counter("Requests cancelled (waiting or running).")
 
@@ -259,6 +261,8 @@ class _Pending:
     tokens: torch.Tensor
     logprobs: _Logprobs | None
     ready: torch.cuda.Event | None
+    started: torch.cuda.Event | None  # recorded before the work that chose the tokens (CUDA)
+    prefill: bool  # a prefill's first tokens (else a decode step's)
 
 
 class Scheduler:
@@ -591,12 +595,12 @@ class Scheduler:
         rows = self._group_rows(len(group))
         pads = [length - len(p) for p in prompts] + [length - 1] * (rows - len(group))
         padded = [[pad_id] * (length - len(p)) + p for p in prompts] + [[pad_id] * length] * (rows - len(group))
+        started = self._gpu_event()
         logits = runner(self._tensor(padded), self._tensor(pads))[: len(group)]
         self.stats.prefills += 1
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
         self.stats.prefill_slots += rows * length
         chosen, logprobs = self._choose(logits, group)
-        self._pending.append(self._to_host(group, chosen, logprobs))  # the first tokens, taken next iteration
         if self.running:
             self._shift(shift)
         else:
@@ -623,6 +627,7 @@ class Scheduler:
         self._next[self._tensor(free[: len(group)])] = chosen
         for entry in group:
             entry.launched = 1
+        self._pending.append(self._to_host(group, chosen, logprobs, started, prefill=True))  # taken next iteration
 
     def _shift(self, shift: int) -> None:
         """Move every running row's slots (and the clock) by ``shift`` slots; positions do not change."""
@@ -688,6 +693,7 @@ class Scheduler:
         for i, entry in zip(live, entries, strict=True):
             pads[i] = entry.start
         step = self.engine._decode_step()
+        started = self._gpu_event()
         logits = step(self._next[:batch], self._clock, self._tensor(pads))
         self._clock += 1
         self.stats.decode_steps += 1
@@ -706,19 +712,32 @@ class Scheduler:
             self._next[index] = chosen
         for entry in entries:
             entry.launched += 1
-        self._pending.append(self._to_host(entries, chosen, logprobs))
+        self._pending.append(self._to_host(entries, chosen, logprobs, started, prefill=False))
 
-    def _to_host(self, entries: list[_Running], chosen: torch.Tensor, logprobs: _Logprobs | None) -> _Pending:
+    def _gpu_event(self) -> torch.cuda.Event | None:
+        """A timing event recorded on the current CUDA stream now (None off CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _to_host(
+        self,
+        entries: list[_Running],
+        chosen: torch.Tensor,
+        logprobs: _Logprobs | None,
+        started: torch.cuda.Event | None,
+        prefill: bool,
+    ) -> _Pending:
         """Start the copy of ``entries``' chosen tokens (and log-probabilities) to the host, behind the work that
-        computes them: on CUDA into pinned memory, with an event the host waits on only when it reads them."""
-        ready = None
+        computes them (begun at ``started``): on CUDA into pinned memory, with an event the host waits on only when
+        it reads them."""
         if self.device.type == "cuda":
             chosen = chosen.to("cpu", non_blocking=True)
             if logprobs is not None:
                 logprobs = (logprobs[0], *(t.to("cpu", non_blocking=True) for t in logprobs[1:]))
-            ready = torch.cuda.Event()
-            ready.record()
-        return _Pending(entries, chosen, logprobs, ready)
+        return _Pending(entries, chosen, logprobs, self._gpu_event(), started, prefill)
 
     def _process(self, pending: _Pending) -> None:
         """Give launched tokens to their requests (those that have not ended since)."""
@@ -726,6 +745,12 @@ class Scheduler:
             started = time.perf_counter()
             pending.ready.synchronize()
             self.stats.wait_seconds += time.perf_counter() - started
+            if pending.started is not None:
+                seconds = pending.started.elapsed_time(pending.ready) / 1e3
+                if pending.prefill:
+                    self.stats.prefill_gpu_seconds += seconds
+                else:
+                    self.stats.decode_gpu_seconds += seconds
         tokens = pending.tokens.tolist()
         logprobs = self._logprob_lists(pending.logprobs, tokens, len(tokens))
         keep = [i for i, entry in enumerate(pending.entries) if not entry.done]
