@@ -186,6 +186,23 @@ def test_convert_refuses_existing_destination_without_overwrite(
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
 
 
+def test_convert_overwrite_never_replaces_the_source_or_a_directory_holding_it(
+    full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    variants = tmp_path / "run" / "variants"
+    packed = variants / "packed"
+    assert main(["convert", str(full_precision_dir), str(packed), "--to", "packed"]) == 0
+    (variants / "beside.txt").write_text("another variant")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    for destination in (variants, tmp_path / "run", packed):
+        assert main(["convert", str(packed), str(destination), "--to", "packed", "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "source" in err[0], err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert load_model(packed) is not None
+
+
 def test_inspect_reports_packed_checkpoint(full_precision_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "packed"
     assert main(["convert", str(full_precision_dir), str(out), "--to", "packed"]) == 0

@@ -353,6 +353,9 @@ def convert_checkpoint(
         raise OutputExistsError(f"output '{destination}' already exists; pass --overwrite to replace it")
     if destination.resolve() == source.resolve():
         raise ConfigError("the destination must differ from the source")
+    if destination.resolve() in source.resolve().parents:
+        raise ConfigError(f"the destination '{destination}' holds the source '{source}': writing it would replace the "
+                          "source (and all beside it); choose a destination outside it")  # fmt: skip
     check_chat_template_spec(chat_template)
     layers: Layers = "bitlinear" if variant == "prequantized" else "ternary"
     checkpoint = formats.read_checkpoint(source)
