@@ -184,6 +184,31 @@ def test_generate_and_chat_read_a_gguf_file_with_its_tokenizer(
     assert capsys.readouterr().out == f"> Hello\n{reply}\n"
 
 
+@pytest.mark.parametrize("verb", ["generate", "chat", "eval", "serve"])
+def test_a_truncated_gguf_file_is_named_before_its_tokenizer_is_read(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, verb: str
+) -> None:
+    pytest.importorskip("gguf")
+    from bittern.export import export_gguf
+
+    with pytest.warns(UserWarning):  # hidden 64: the rows fall back to Q8_0
+        data = export_gguf(checkpoint, tmp_path / "m.gguf").path.read_bytes()
+    text = tmp_path / "eval.txt"
+    text.write_text("The import statement\n", encoding="utf-8")
+    options = {"generate": ["--prompt", "Hi"], "chat": [], "eval": ["--data", str(text)], "serve": []}[verb]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    # cut inside the metadata (transformers' reader raised struct.error) and inside the tensor data (numpy's
+    # "cannot reshape array" came back as the tokenizer's error)
+    for size in (100, len(data) // 2):
+        truncated = tmp_path / f"cut{size}.gguf"
+        truncated.write_bytes(data[:size])
+        assert main([verb, str(truncated), *options]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
+        assert f"file '{truncated}': not a readable GGUF file: truncated or corrupt ({size:,} bytes" in captured.err
+        assert "tokenizer" not in captured.err and "reshape" not in captured.err
+
+
 @pytest.fixture(scope="module")
 def adapter(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter on the packed checkpoint, with non-zero B so that it changes the output."""
