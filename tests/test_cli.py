@@ -235,3 +235,27 @@ def test_demo_trains_exports_and_beats_the_unigram_baseline(tmp_path: Path, caps
     run = tmp_path / "demo" / "run"
     assert (run / "report.md").exists() and (run / "curves.png").stat().st_size > 10_000
     assert sorted(p.name for p in (run / "variants").iterdir()) == ["bf16", "packed", "prequantized"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--port", "-1"], "--port must lie in 0..65535 (0: any free port), got -1"),
+        (["--port", "70000"], "--port must lie in 0..65535 (0: any free port), got 70000"),
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--max-seq-len", "1"], "--max-seq-len must be at least 2, got 1"),
+        (["--max-queue", "-3"], "--max-queue must be at least 1, got -3"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a finite number of seconds >= 0, got -1.0"),
+        (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds >= 0, got nan"),
+    ],
+)
+def test_serve_options_are_checked_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, options, message
+) -> None:
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("bittern.serve.server.load_engine", must_not_load)
+    assert main(["serve", str(tmp_path / "model"), *options]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"bittern: error: {message}\n"

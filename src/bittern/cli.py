@@ -519,6 +519,25 @@ def validate(args: argparse.Namespace) -> None:
             )
     elif args.command == "eval" and args.window is not None and args.window < 2:
         raise ConfigError(f"--window must be at least 2, got {args.window}")
+    elif args.command == "serve":
+        _check_serve_options(args)
+
+
+def _check_serve_options(args: argparse.Namespace) -> None:
+    """Raise :class:`~bittern.errors.ConfigError` naming the first out-of-range numeric ``bittern serve`` option,
+    before the model loads (the socket's bind would otherwise fail only after it)."""
+    import math
+
+    from bittern.errors import ConfigError
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must lie in 0..65535 (0: any free port), got {args.port}")
+    for option, value, least in (("--max-batch", args.max_batch, 1), ("--max-seq-len", args.max_seq_len, 2),
+                                 ("--max-queue", args.max_queue, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise ConfigError(f"{option} must be at least {least}, got {value}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise ConfigError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
 
 
 def _run(args: argparse.Namespace) -> int:
