@@ -74,6 +74,31 @@ def test_chat_reset_and_end_of_input(
     assert capsys.readouterr().out == f"> Hello\n{first}\n(history cleared)\n\n> Hello\n{first}\n"
 
 
+def test_chat_refuses_a_turn_that_does_not_fit_and_goes_on(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_turn = "The import statement " * 200
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"Hello\n{long_turn}\nWhat next?\n"))
+    assert main(["chat", str(checkpoint), "--max-new-tokens", "6", "--max-seq-len", "96"]) == 0
+    captured = capsys.readouterr()
+    engine = bittern.load(checkpoint, max_seq_len=96)
+    history = [{"role": "user", "content": "Hello"}]
+    first = engine.chat(history, 6).text
+    turn_tokens = len(engine.tokenizer(long_turn.strip(), add_special_tokens=False)["input_ids"])
+    prompt_tokens = len(engine.chat_prompt([*history, {"role": "assistant", "content": first},
+                                            {"role": "user", "content": long_turn.strip()}]))  # fmt: skip
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "What next?"}]
+    second = engine.chat(history, 6).text  # the refused turn is not in the history
+    refusal = (
+        f"(turn not sent: it is {turn_tokens:,} tokens and with the conversation so far, the prompt would be "
+        f"{prompt_tokens:,}; at most 90 fit (max_seq_len 96 minus 6 new tokens): shorten the turn, or /reset the "
+        "history)"
+    )
+    preview = f"{long_turn[:200]}… ({len(long_turn.strip()):,} characters)"
+    assert captured.out == f"> Hello\n{first}\n\n> {preview}\n{refusal}\n\n> What next?\n{second}\n"
+    assert captured.err == "" and "prompt 0" not in captured.out
+
+
 def _without_chat_template(tmp_path: Path) -> Path:
     """A packed model whose tokenizer has no chat template."""
     plain = tokenizer()
