@@ -172,6 +172,17 @@ def test_convert_include_exclude_patterns(full_precision_dir: Path, tmp_path: Pa
     assert "model.layers.0.mlp.down_proj" in config["quantization_config"]["modules_to_not_convert"]
 
 
+@pytest.mark.parametrize("option", ["--include", "--exclude"])
+def test_convert_names_the_option_of_a_bad_pattern(
+    full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    out = tmp_path / "out"
+    assert main(["convert", str(full_precision_dir), str(out), "--to", "packed", option, "["]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bittern: error: {option} '[' is not a valid regular expression (") and err.count("\n") == 1
+    assert "ConversionPolicy" not in err and not out.exists()
+
+
 def test_convert_refuses_existing_destination_without_overwrite(
     full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -488,6 +488,21 @@ def _check_adapter(adapter: str | None) -> None:
         raise MissingFileError("--adapter: not a LoRA adapter directory (no adapter_config.json)", adapter)
 
 
+def _check_patterns(args: argparse.Namespace) -> None:
+    """Raise :class:`~bittern.errors.ConfigError` naming the option of the first ``--include`` / ``--exclude``
+    pattern that is not a regular expression."""
+    import re
+
+    from bittern.errors import ConfigError
+
+    for option, patterns in (("--include", args.include), ("--exclude", args.exclude)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from exc
+
+
 def validate(args: argparse.Namespace) -> None:
     """Check the options that need no model, before anything is loaded or printed.
 
@@ -502,6 +517,7 @@ def validate(args: argparse.Namespace) -> None:
     _check_adapter(getattr(args, "adapter", None))
     if args.command == "convert":
         _refuse_existing_output(args.dst, args.overwrite)
+        _check_patterns(args)
     elif args.command == "export":
         _refuse_existing_output(args.out, args.overwrite)
     elif args.command in ("generate", "chat"):
