@@ -183,6 +183,21 @@ def test_convert_names_the_option_of_a_bad_pattern(
     assert "ConversionPolicy" not in err and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("to", "option"),
+    [("bf16", ["--scale-convention", "multiply"]), ("prequantized", ["--scale-convention", "divide"]),
+     ("bf16", ["--allow-padded-rows"])],
+)  # fmt: skip
+def test_convert_refuses_packed_only_options_for_other_variants(
+    full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], to: str, option: list[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["convert", str(full_precision_dir), str(out), "--to", to, *option]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bittern: error: {option[0]} applies to --to packed only, not --to {to}\n"
+    assert not out.exists()
+
+
 def test_convert_refuses_existing_destination_without_overwrite(
     full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

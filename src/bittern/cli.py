@@ -68,7 +68,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--scale-convention",
         choices=("divide", "multiply"),
-        default="divide",
+        default=None,
         help="packed only: 'divide' stores 1/s (linear_class bitlinear; Falcon-E, the default), "
         "'multiply' stores s (linear_class autobitlinear; microsoft 2B4T)",
     )
@@ -518,6 +518,10 @@ def validate(args: argparse.Namespace) -> None:
     if args.command == "convert":
         _refuse_existing_output(args.dst, args.overwrite)
         _check_patterns(args)
+        for option, given in (("--scale-convention", args.scale_convention is not None),
+                              ("--allow-padded-rows", args.allow_padded_rows)):  # fmt: skip
+            if given and args.to != "packed":
+                raise ConfigError(f"{option} applies to --to packed only, not --to {args.to}")
     elif args.command == "export":
         _refuse_existing_output(args.out, args.overwrite)
     elif args.command in ("generate", "chat"):
@@ -568,7 +572,7 @@ def _run(args: argparse.Namespace) -> int:
             args.src,
             args.dst,
             args.to,
-            scale_convention=args.scale_convention,
+            scale_convention=args.scale_convention or "divide",
             dtype=getattr(torch, args.dtype) if args.dtype else None,
             allow_padded_rows=args.allow_padded_rows,
             policy=ConversionPolicy(include=tuple(args.include), exclude=tuple(args.exclude)),
