@@ -484,7 +484,13 @@ def _check_adapter(adapter: str | None) -> None:
 
     from bittern.errors import MissingFileError
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+    if adapter is None:
+        return
+    if not Path(adapter).exists():
+        raise MissingFileError("--adapter: the directory does not exist", adapter)
+    if not Path(adapter).is_dir():
+        raise MissingFileError("--adapter: is a file, not a LoRA adapter directory", adapter)
+    if not (Path(adapter) / "adapter_config.json").is_file():
         raise MissingFileError("--adapter: not a LoRA adapter directory (no adapter_config.json)", adapter)
 
 

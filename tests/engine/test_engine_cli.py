@@ -156,13 +156,23 @@ def _must_not_load(*args, **kwargs):
         (["--top-k", "-2"], "top_k must be a non-negative integer"),
         (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
         (["--chat-template", "plain"], "--chat-template applies to chat prompts"),
-        (["--adapter", "no-such-adapter"], "not a LoRA adapter directory"),
+        (["--adapter", "no-such-adapter"], "file 'no-such-adapter': --adapter: the directory does not exist"),
+        (["--adapter", "a_dir"], "file 'a_dir': --adapter: not a LoRA adapter directory (no adapter_config.json)"),
+        (["--adapter", "a_file"], "file 'a_file': --adapter: is a file, not a LoRA adapter directory"),
     ],
 )
 def test_options_are_checked_before_the_model_loads_or_the_prompt_is_echoed(
-    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, options, message
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options,
+    message,
 ) -> None:
     monkeypatch.setattr("bittern.engine.load", _must_not_load)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("not an adapter\n", encoding="utf-8")
     assert main(["generate", str(checkpoint), "--prompt", "The import statement", *options]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
