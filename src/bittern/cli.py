@@ -324,7 +324,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="> 1 discourages tokens already in the text (prompt included; transformers' definition)",
     )
     decoding.add_argument(
-        "--stop", action="append", default=[], metavar="TEXT", help="stop when the text contains TEXT (repeatable)"
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the text contains TEXT (repeatable); TEXT is taken literally, so give a newline as a real "
+        "one: --stop $'\\n' in bash or zsh",
     )
     decoding.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     runtime = parser.add_argument_group("runtime")
@@ -368,7 +373,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  bittern generate ./model-packed --prompt 'The import statement'\n"
             "  bittern generate ./model-packed --prompt 'Once' --prompt 'A list' --temperature 0.8 --top-p 0.9\n"
-            "  bittern generate ./chat-model --chat --prompt 'What is a ternary weight?' --stop '\\n\\n'\n"
+            "  bittern generate ./chat-model --chat --prompt 'What is a ternary weight?' --stop $'\\n\\n'\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

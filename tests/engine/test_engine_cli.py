@@ -286,3 +286,19 @@ def test_help_explains_the_verbs(capsys: pytest.CaptureFixture[str]) -> None:
             main([verb, "--help"])
         out = capsys.readouterr().out
         assert needle in out and "--temperature" in out and "--weights" in out
+
+
+def test_the_stop_example_in_the_help_gives_real_newlines(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "taken literally" in out
+    quoted = re.search(r"--stop (\S+)\n", out).group(1)  # the example's argument, as a shell reads it
+    assert quoted == "$'\\n\\n'"
+    if shutil.which("bash"):
+        argument = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, text=True).stdout
+        assert argument == "\n\n"
