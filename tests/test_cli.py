@@ -234,6 +234,22 @@ def test_inspect_reports_packed_checkpoint(full_precision_dir: Path, tmp_path: P
     assert "bits per linear weight" in text and "validation:" in text
 
 
+def test_inspect_of_a_lora_adapter_says_to_inspect_the_base_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "runs/base/variants/packed"}))
+    assert main(["inspect", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"bittern: error: file '{adapter}': is a LoRA adapter (adapter_config.json), not a model: inspect its base "
+        f"model instead (its base: runs/base/variants/packed); the adapter's settings are in "
+        f"{adapter / 'adapter_config.json'}\n"
+    )
+    assert "--adapter" not in err  # inspect has no such option
+
+
 def test_inspect_corrupt_checkpoint_gives_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
