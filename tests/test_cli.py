@@ -172,6 +172,32 @@ def test_convert_include_exclude_patterns(full_precision_dir: Path, tmp_path: Pa
     assert "model.layers.0.mlp.down_proj" in config["quantization_config"]["modules_to_not_convert"]
 
 
+@pytest.mark.parametrize("option", ["--include", "--exclude"])
+def test_convert_names_the_option_of_a_bad_pattern(
+    full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    out = tmp_path / "out"
+    assert main(["convert", str(full_precision_dir), str(out), "--to", "packed", option, "["]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bittern: error: {option} '[' is not a valid regular expression (") and err.count("\n") == 1
+    assert "ConversionPolicy" not in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("to", "option"),
+    [("bf16", ["--scale-convention", "multiply"]), ("prequantized", ["--scale-convention", "divide"]),
+     ("bf16", ["--allow-padded-rows"])],
+)  # fmt: skip
+def test_convert_refuses_packed_only_options_for_other_variants(
+    full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], to: str, option: list[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["convert", str(full_precision_dir), str(out), "--to", to, *option]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bittern: error: {option[0]} applies to --to packed only, not --to {to}\n"
+    assert not out.exists()
+
+
 def test_convert_refuses_existing_destination_without_overwrite(
     full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -225,6 +251,22 @@ def test_inspect_reports_packed_checkpoint(full_precision_dir: Path, tmp_path: P
     assert "bits per linear weight" in text and "validation:" in text
 
 
+def test_inspect_of_a_lora_adapter_says_to_inspect_the_base_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "runs/base/variants/packed"}))
+    assert main(["inspect", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"bittern: error: file '{adapter}': is a LoRA adapter (adapter_config.json), not a model: inspect its base "
+        f"model instead (its base: runs/base/variants/packed); the adapter's settings are in "
+        f"{adapter / 'adapter_config.json'}\n"
+    )
+    assert "--adapter" not in err  # inspect has no such option
+
+
 def test_inspect_corrupt_checkpoint_gives_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -252,3 +294,27 @@ def test_demo_trains_exports_and_beats_the_unigram_baseline(tmp_path: Path, caps
     run = tmp_path / "demo" / "run"
     assert (run / "report.md").exists() and (run / "curves.png").stat().st_size > 10_000
     assert sorted(p.name for p in (run / "variants").iterdir()) == ["bf16", "packed", "prequantized"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--port", "-1"], "--port must lie in 0..65535 (0: any free port), got -1"),
+        (["--port", "70000"], "--port must lie in 0..65535 (0: any free port), got 70000"),
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--max-seq-len", "1"], "--max-seq-len must be at least 2, got 1"),
+        (["--max-queue", "-3"], "--max-queue must be at least 1, got -3"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a finite number of seconds >= 0, got -1.0"),
+        (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds >= 0, got nan"),
+    ],
+)
+def test_serve_options_are_checked_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, options, message
+) -> None:
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("bittern.serve.server.load_engine", must_not_load)
+    assert main(["serve", str(tmp_path / "model"), *options]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"bittern: error: {message}\n"

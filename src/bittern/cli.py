@@ -68,7 +68,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--scale-convention",
         choices=("divide", "multiply"),
-        default="divide",
+        default=None,
         help="packed only: 'divide' stores 1/s (linear_class bitlinear; Falcon-E, the default), "
         "'multiply' stores s (linear_class autobitlinear; microsoft 2B4T)",
     )
@@ -324,7 +324,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="> 1 discourages tokens already in the text (prompt included; transformers' definition)",
     )
     decoding.add_argument(
-        "--stop", action="append", default=[], metavar="TEXT", help="stop when the text contains TEXT (repeatable)"
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the text contains TEXT (repeatable); TEXT is taken literally, so give a newline as a real "
+        "one: --stop $'\\n' in bash or zsh",
     )
     decoding.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     runtime = parser.add_argument_group("runtime")
@@ -368,7 +373,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  bittern generate ./model-packed --prompt 'The import statement'\n"
             "  bittern generate ./model-packed --prompt 'Once' --prompt 'A list' --temperature 0.8 --top-p 0.9\n"
-            "  bittern generate ./chat-model --chat --prompt 'What is a ternary weight?' --stop '\\n\\n'\n"
+            "  bittern generate ./chat-model --chat --prompt 'What is a ternary weight?' --stop $'\\n\\n'\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -484,8 +489,29 @@ def _check_adapter(adapter: str | None) -> None:
 
     from bittern.errors import MissingFileError
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+    if adapter is None:
+        return
+    if not Path(adapter).exists():
+        raise MissingFileError("--adapter: the directory does not exist", adapter)
+    if not Path(adapter).is_dir():
+        raise MissingFileError("--adapter: is a file, not a LoRA adapter directory", adapter)
+    if not (Path(adapter) / "adapter_config.json").is_file():
         raise MissingFileError("--adapter: not a LoRA adapter directory (no adapter_config.json)", adapter)
+
+
+def _check_patterns(args: argparse.Namespace) -> None:
+    """Raise :class:`~bittern.errors.ConfigError` naming the option of the first ``--include`` / ``--exclude``
+    pattern that is not a regular expression."""
+    import re
+
+    from bittern.errors import ConfigError
+
+    for option, patterns in (("--include", args.include), ("--exclude", args.exclude)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from exc
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -502,6 +528,11 @@ def validate(args: argparse.Namespace) -> None:
     _check_adapter(getattr(args, "adapter", None))
     if args.command == "convert":
         _refuse_existing_output(args.dst, args.overwrite)
+        _check_patterns(args)
+        for option, given in (("--scale-convention", args.scale_convention is not None),
+                              ("--allow-padded-rows", args.allow_padded_rows)):  # fmt: skip
+            if given and args.to != "packed":
+                raise ConfigError(f"{option} applies to --to packed only, not --to {args.to}")
     elif args.command == "export":
         _refuse_existing_output(args.out, args.overwrite)
     elif args.command in ("generate", "chat"):
@@ -519,6 +550,25 @@ def validate(args: argparse.Namespace) -> None:
             )
     elif args.command == "eval" and args.window is not None and args.window < 2:
         raise ConfigError(f"--window must be at least 2, got {args.window}")
+    elif args.command == "serve":
+        _check_serve_options(args)
+
+
+def _check_serve_options(args: argparse.Namespace) -> None:
+    """Raise :class:`~bittern.errors.ConfigError` naming the first out-of-range numeric ``bittern serve`` option,
+    before the model loads (the socket's bind would otherwise fail only after it)."""
+    import math
+
+    from bittern.errors import ConfigError
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must lie in 0..65535 (0: any free port), got {args.port}")
+    for option, value, least in (("--max-batch", args.max_batch, 1), ("--max-seq-len", args.max_seq_len, 2),
+                                 ("--max-queue", args.max_queue, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise ConfigError(f"{option} must be at least {least}, got {value}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise ConfigError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -533,7 +583,7 @@ def _run(args: argparse.Namespace) -> int:
             args.src,
             args.dst,
             args.to,
-            scale_convention=args.scale_convention,
+            scale_convention=args.scale_convention or "divide",
             dtype=getattr(torch, args.dtype) if args.dtype else None,
             allow_padded_rows=args.allow_padded_rows,
             policy=ConversionPolicy(include=tuple(args.include), exclude=tuple(args.exclude)),

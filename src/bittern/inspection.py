@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from bittern import formats
+from bittern.errors import MissingFileError
 from bittern.formats.common import weight_files
 
 _DTYPE_BITS = {
@@ -98,11 +99,27 @@ def _stored_sizes(directory: Path) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+def _refuse_adapter(directory: Path) -> None:
+    """Raise :class:`MissingFileError` for a LoRA adapter directory (no config.json, an adapter_config.json), saying
+    what inspect can read instead (:func:`bittern.formats.common.read_config`'s message suggests ``--adapter``,
+    which the verbs that run a model have and inspect has not)."""
+    common = formats.common
+    if (directory / common.CONFIG_FILE).is_file() or not (directory / common.ADAPTER_CONFIG_FILE).is_file():
+        return
+    raise MissingFileError(
+        f"is a LoRA adapter ({common.ADAPTER_CONFIG_FILE}), not a model: inspect its base model instead"
+        f"{common._adapter_base_hint(directory)}; the adapter's settings are in "
+        f"{directory / common.ADAPTER_CONFIG_FILE}",
+        directory,
+    )
+
+
 def inspect_checkpoint(path: str | Path) -> Report:
     """Validate and describe a checkpoint directory (any layout :func:`read_checkpoint` accepts) or GGUF file."""
     directory = Path(path)
     if formats.gguf.is_gguf_file(directory):
         return _inspect_gguf(directory)
+    _refuse_adapter(directory)
     from bittern.checkpoint import latent_layer_names
 
     checkpoint = formats.read_checkpoint(directory)  # raises on invalid codes, scales, NaN/Inf, ...

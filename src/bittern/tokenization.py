@@ -80,12 +80,18 @@ def load_tokenizer(path: str | Path, purpose: str = "bittern") -> Any:
 
     Raises:
         MissingFileError: no tokenizer there, or it cannot be loaded (the message names ``path`` and ``purpose``).
+        CorruptCheckpointError: a GGUF file that is truncated or corrupt (checked by bittern's GGUF reader before
+            transformers reads the tokenizer from it).
     """
     from transformers import AutoTokenizer
 
     path = Path(path)
     gguf = _is_gguf(path)
-    if not gguf:
+    if gguf:
+        from bittern.formats.gguf import check_gguf_file
+
+        check_gguf_file(path)
+    else:
         if not path.exists():
             raise MissingFileError(f"{purpose} needs a tokenizer, and the checkpoint does not exist", path)
         if not tokenizer_files(path):

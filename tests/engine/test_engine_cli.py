@@ -74,6 +74,31 @@ def test_chat_reset_and_end_of_input(
     assert capsys.readouterr().out == f"> Hello\n{first}\n(history cleared)\n\n> Hello\n{first}\n"
 
 
+def test_chat_refuses_a_turn_that_does_not_fit_and_goes_on(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_turn = "The import statement " * 200
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"Hello\n{long_turn}\nWhat next?\n"))
+    assert main(["chat", str(checkpoint), "--max-new-tokens", "6", "--max-seq-len", "96"]) == 0
+    captured = capsys.readouterr()
+    engine = bittern.load(checkpoint, max_seq_len=96)
+    history = [{"role": "user", "content": "Hello"}]
+    first = engine.chat(history, 6).text
+    turn_tokens = len(engine.tokenizer(long_turn.strip(), add_special_tokens=False)["input_ids"])
+    prompt_tokens = len(engine.chat_prompt([*history, {"role": "assistant", "content": first},
+                                            {"role": "user", "content": long_turn.strip()}]))  # fmt: skip
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "What next?"}]
+    second = engine.chat(history, 6).text  # the refused turn is not in the history
+    refusal = (
+        f"(turn not sent: it is {turn_tokens:,} tokens and with the conversation so far, the prompt would be "
+        f"{prompt_tokens:,}; at most 90 fit (max_seq_len 96 minus 6 new tokens): shorten the turn, or /reset the "
+        "history)"
+    )
+    preview = f"{long_turn[:200]}… ({len(long_turn.strip()):,} characters)"
+    assert captured.out == f"> Hello\n{first}\n\n> {preview}\n{refusal}\n\n> What next?\n{second}\n"
+    assert captured.err == "" and "prompt 0" not in captured.out
+
+
 def _without_chat_template(tmp_path: Path) -> Path:
     """A packed model whose tokenizer has no chat template."""
     plain = tokenizer()
@@ -131,13 +156,23 @@ def _must_not_load(*args, **kwargs):
         (["--top-k", "-2"], "top_k must be a non-negative integer"),
         (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
         (["--chat-template", "plain"], "--chat-template applies to chat prompts"),
-        (["--adapter", "no-such-adapter"], "not a LoRA adapter directory"),
+        (["--adapter", "no-such-adapter"], "file 'no-such-adapter': --adapter: the directory does not exist"),
+        (["--adapter", "a_dir"], "file 'a_dir': --adapter: not a LoRA adapter directory (no adapter_config.json)"),
+        (["--adapter", "a_file"], "file 'a_file': --adapter: is a file, not a LoRA adapter directory"),
     ],
 )
 def test_options_are_checked_before_the_model_loads_or_the_prompt_is_echoed(
-    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, options, message
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options,
+    message,
 ) -> None:
     monkeypatch.setattr("bittern.engine.load", _must_not_load)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("not an adapter\n", encoding="utf-8")
     assert main(["generate", str(checkpoint), "--prompt", "The import statement", *options]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -184,6 +219,31 @@ def test_generate_and_chat_read_a_gguf_file_with_its_tokenizer(
     assert capsys.readouterr().out == f"> Hello\n{reply}\n"
 
 
+@pytest.mark.parametrize("verb", ["generate", "chat", "eval", "serve"])
+def test_a_truncated_gguf_file_is_named_before_its_tokenizer_is_read(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, verb: str
+) -> None:
+    pytest.importorskip("gguf")
+    from bittern.export import export_gguf
+
+    with pytest.warns(UserWarning):  # hidden 64: the rows fall back to Q8_0
+        data = export_gguf(checkpoint, tmp_path / "m.gguf").path.read_bytes()
+    text = tmp_path / "eval.txt"
+    text.write_text("The import statement\n", encoding="utf-8")
+    options = {"generate": ["--prompt", "Hi"], "chat": [], "eval": ["--data", str(text)], "serve": []}[verb]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    # cut inside the metadata (transformers' reader raised struct.error) and inside the tensor data (numpy's
+    # "cannot reshape array" came back as the tokenizer's error)
+    for size in (100, len(data) // 2):
+        truncated = tmp_path / f"cut{size}.gguf"
+        truncated.write_bytes(data[:size])
+        assert main([verb, str(truncated), *options]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
+        assert f"file '{truncated}': not a readable GGUF file: truncated or corrupt ({size:,} bytes" in captured.err
+        assert "tokenizer" not in captured.err and "reshape" not in captured.err
+
+
 @pytest.fixture(scope="module")
 def adapter(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter on the packed checkpoint, with non-zero B so that it changes the output."""
@@ -226,3 +286,19 @@ def test_help_explains_the_verbs(capsys: pytest.CaptureFixture[str]) -> None:
             main([verb, "--help"])
         out = capsys.readouterr().out
         assert needle in out and "--temperature" in out and "--weights" in out
+
+
+def test_the_stop_example_in_the_help_gives_real_newlines(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "taken literally" in out
+    quoted = re.search(r"--stop (\S+)\n", out).group(1)  # the example's argument, as a shell reads it
+    assert quoted == "$'\\n\\n'"
+    if shutil.which("bash"):
+        argument = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, text=True).stdout
+        assert argument == "\n\n"

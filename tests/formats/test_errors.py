@@ -444,3 +444,22 @@ def test_writer_validation_happens_before_any_output(tmp_path: Path, small_terna
     with pytest.raises(ConfigError):
         save_model(small_ternary, destination, variant="packed", scale_convention="sideways")
     assert list(destination.parent.iterdir()) == []
+
+
+def test_a_gguf_named_file_without_the_magic_bytes_is_named_as_not_gguf(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bittern.cli import main
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("hello, this is text\n", encoding="utf-8")
+    message = f"file '{fake}': not a GGUF file: it does not start with the magic bytes 'GGUF' (20 bytes)"
+    with pytest.raises(CorruptCheckpointError) as excinfo:
+        read_checkpoint(fake)
+    assert str(excinfo.value) == message
+    assert main(["inspect", str(fake)]) == 2
+    assert capsys.readouterr().err == f"bittern: error: {message}\n"
+    other = tmp_path / "notes.txt"  # any other file is still no checkpoint directory
+    other.write_text("hello\n", encoding="utf-8")
+    with pytest.raises(MissingFileError, match="is a file, not a checkpoint directory"):
+        read_checkpoint(other)

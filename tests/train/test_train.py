@@ -491,3 +491,45 @@ def test_a_seq_len_beyond_the_model_is_refused_and_the_corrected_command_then_ru
     fixed = TrainConfig(out=str(out), data=[str(text_dir)], steps=2, log_every=1, export=False, **TINY)
     train(fixed)
     assert sorted(_losses(out)) == [1, 2]
+
+
+def test_a_missing_or_empty_model_directory_is_named_as_model(text_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    options = dict(data=[str(text_dir)], steps=2, seq_len=32, progress=False)
+    with pytest.raises(ConfigError, match=r"^--model .*no_such_model: not a directory \(it does not exist\)$"):
+        train(TrainConfig(out=str(tmp_path / "run"), model=str(tmp_path / "no_such_model"), **options))
+    with pytest.raises(ConfigError) as error:
+        train(TrainConfig(out=str(tmp_path / "run"), model=str(empty), **options))
+    assert str(error.value) == (
+        f"--model {empty}: not a checkpoint directory (it holds no config.json and no tokenizer files)"
+    )
+    (empty / "config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^--model .*empty_model: no usable tokenizer files .*--tokenizer DIR$"):
+        train(TrainConfig(out=str(tmp_path / "run"), model=str(empty), **options))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"model": "no_such_model"}, "--model no_such_model: not a directory"),
+        ({"model": "empty_model"}, "not a checkpoint directory"),
+        ({"data": ["no_such_file.txt"]}, "no_such_file.txt"),
+        ({"vocab_size": 10}, "--vocab-size must be at least 300"),
+    ],
+)
+def test_a_run_refused_before_training_leaves_no_new_output_directory(
+    text_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: dict, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("empty_model").mkdir()
+    values = {**TINY, "data": [str(text_dir)], **settings}
+    if "model" in settings:
+        values["preset"] = None
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(TrainConfig(out="new/run", **values))
+    assert not Path("new").exists(), "the --out directory (and the parent made with it) is removed"
+    Path("kept").mkdir()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(TrainConfig(out="kept", **values))
+    assert Path("kept").is_dir(), "a directory that existed before stays"

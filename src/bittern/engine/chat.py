@@ -8,6 +8,8 @@ from bittern.engine.engine import Engine
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
+ECHO_PREVIEW_CHARS = 200
+"""The most characters of a refused (too long) turn echoed in a transcript."""
 
 
 def chat_loop(
@@ -24,7 +26,9 @@ def chat_loop(
     """Read user turns from ``stdin`` (one per line) and stream the assistant's replies to ``stdout``.
 
     Each reply is generated from the whole conversation so far through the tokenizer's chat template. An empty
-    line is skipped; ``/reset`` forgets the history; ``/exit``, ``/quit`` or the end of ``stdin`` ends.
+    line is skipped; ``/reset`` forgets the history; ``/exit``, ``/quit`` or the end of ``stdin`` ends. A turn
+    whose prompt (the conversation with it) leaves no room for ``max_new_tokens`` in the engine's ``max_seq_len``
+    is refused with one line, is not added to the history, and the conversation goes on with the next turn.
 
     Args:
         system: an optional system message that opens the conversation.
@@ -63,11 +67,40 @@ def chat_loop(
             messages = list(opening)
             write("(history cleared)\n")
             continue
-        messages.append({"role": "user", "content": user})
+        turn = {"role": "user", "content": user}
+        ids = engine.chat_prompt([*messages, turn])
+        refusal = _refusal(engine, user, len(ids), max_new_tokens, history=len(messages) > len(opening))
         if transcript:
-            write(("\n" if exchanges else "") + f"> {user}\n")
+            shown = user if refusal is None else _preview(user)
+            write(("\n" if exchanges else "") + f"> {shown}\n")
         exchanges += 1
-        result = engine.chat(messages, max_new_tokens, stream=lambda _row, text: write(text), **options)
+        if refusal is not None:
+            write(refusal + "\n")
+            continue
+        messages.append(turn)
+        result = engine.generate_ids([ids], max_new_tokens, stream=lambda _row, text: write(text), **options)
         write("\n")
         messages.append({"role": "assistant", "content": result.text})
     return messages
+
+
+def _refusal(engine: Engine, user: str, prompt_tokens: int, max_new_tokens: int, history: bool) -> str | None:
+    """The line that refuses a turn whose prompt of ``prompt_tokens`` leaves no room for ``max_new_tokens`` in the
+    engine's ``max_seq_len``, or None when it fits."""
+    if prompt_tokens + max_new_tokens <= engine.max_seq_len:
+        return None
+    turn_tokens = len(engine.tokenizer(user, add_special_tokens=False)["input_ids"])
+    room = max(engine.max_seq_len - max_new_tokens, 0)
+    what = "with the conversation so far, the prompt" if history else "the prompt"
+    hint = "shorten the turn, or /reset the history" if history else "shorten the turn"
+    return (
+        f"(turn not sent: it is {turn_tokens:,} tokens and {what} would be {prompt_tokens:,}; at most {room:,} "
+        f"fit (max_seq_len {engine.max_seq_len:,} minus {max_new_tokens:,} new tokens): {hint})"
+    )
+
+
+def _preview(text: str) -> str:
+    """``text``, or its first :data:`ECHO_PREVIEW_CHARS` characters and its length when it is longer."""
+    if len(text) <= ECHO_PREVIEW_CHARS:
+        return text
+    return f"{text[:ECHO_PREVIEW_CHARS]}… ({len(text):,} characters)"

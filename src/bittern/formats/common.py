@@ -153,9 +153,15 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
     Raises:
         MissingFileError: the directory or its config.json does not exist.
-        CorruptCheckpointError: config.json is not a JSON object.
+        CorruptCheckpointError: config.json is not a JSON object, or ``directory`` is a ``.gguf`` file that is not a
+            GGUF file (GGUF files themselves are read by :func:`bittern.formats.gguf.read_gguf`).
     """
     directory = Path(directory)
+    if directory.is_file() and directory.suffix.lower() == ".gguf":
+        size = directory.stat().st_size
+        raise CorruptCheckpointError(
+            f"not a GGUF file: it does not start with the magic bytes 'GGUF' ({size:,} bytes)", directory
+        )
     if not directory.is_dir():
         what = "is a file, not a checkpoint directory" if directory.is_file() else "checkpoint directory does not exist"
         raise MissingFileError(what, directory)

@@ -26,6 +26,7 @@ Every ternary number comes from :mod:`bittern.quant`; nothing here knows about m
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -389,14 +390,7 @@ def read_gguf(path: str | Path, progress: bool | None = None) -> Checkpoint:
     """
     gguf = gguf_module()
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError("GGUF file does not exist", path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-        fields = {name: _field_value(field) for name, field in reader.fields.items()}
-        tensors = list(reader.tensors)
-    except (ValueError, IndexError, KeyError, OSError, TypeError) as exc:
-        raise CorruptCheckpointError(_unreadable(path), path) from exc
+    fields, tensors = _open_gguf(path)
     names = {t.name for t in tensors}
     config = config_from_metadata(fields, names, path)
     architecture = ARCHITECTURES[config["model_type"]]
@@ -462,6 +456,37 @@ def read_gguf(path: str | Path, progress: bool | None = None) -> Checkpoint:
         source=None,
         files=dict.fromkeys([*dense, *(f"{m}.weight" for m in ternary)], path),
     )
+
+
+def _open_gguf(path: Path) -> tuple[dict[str, Any], list[Any]]:
+    """The metadata (key → value) and tensor list of the GGUF file ``path``, read with ``gguf.GGUFReader``.
+
+    Raises:
+        MissingFileError: no such file.
+        CorruptCheckpointError: not a GGUF file, or truncated or corrupt (in words, see :func:`_unreadable`).
+    """
+    gguf = gguf_module()
+    if not path.is_file():
+        raise MissingFileError("GGUF file does not exist", path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {name: _field_value(field) for name, field in reader.fields.items()}
+        tensors = list(reader.tensors)
+    except (ValueError, IndexError, KeyError, OSError, TypeError, struct.error) as exc:
+        raise CorruptCheckpointError(_unreadable(path), path) from exc
+    return fields, tensors
+
+
+def check_gguf_file(path: str | Path) -> None:
+    """Check that ``path`` is a whole, readable GGUF file (its metadata and every tensor's extent) without decoding
+    any tensor: the check :func:`read_gguf` starts with, for callers that read the file by other means first (the
+    tokenizer stored in it, which transformers reads and whose errors are raw ``struct`` / numpy messages).
+
+    Raises:
+        MissingFileError: no such file.
+        CorruptCheckpointError: not a GGUF file, or truncated or corrupt.
+    """
+    _open_gguf(Path(path))
 
 
 def _unreadable(path: Path) -> str:

@@ -37,7 +37,7 @@ def prepare_tokenizer(config: TrainConfig, corpus: Corpus, run_dir: Path):
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     elif config.model is not None:
-        tokenizer = load_tokenizer(config.model, config.gguf_file)
+        tokenizer = load_tokenizer(config.model, config.gguf_file, option="--model")
     else:
         documents = corpus.documents or [json.dumps(c) for c in corpus.conversations]
         split = split_documents(len(documents), config.eval_fraction)

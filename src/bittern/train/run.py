@@ -57,6 +57,16 @@ def _check_run_directory(config: TrainConfig, run_dir: Path) -> bool:
     return False
 
 
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (innermost first: a new ``--out`` and the parents made with it) while they are empty;
+    a directory something else put a file into meanwhile stays, and so do its parents."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def _checkpoint_step(checkpoint: str | Path) -> int:
     """The optimizer step a Trainer checkpoint directory was saved at (``trainer_state.json``'s global step)."""
     state = Path(checkpoint) / "trainer_state.json"
@@ -146,6 +156,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     config.validate()
     run_dir = Path(config.out)
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # the directories this call makes
     resuming = _check_run_directory(config, run_dir)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -167,6 +178,7 @@ def train(config: TrainConfig) -> TrainResult:
             # refused before training: leave no run behind that would refuse the corrected command
             (run_dir / RUN_CONFIG).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
+            _remove_empty(created)
         raise
 
     args = _training_arguments(config, run_dir, data.eval_set is not None, chat=corpus.is_chat)

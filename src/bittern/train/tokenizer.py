@@ -41,19 +41,38 @@ def train_bpe_tokenizer(documents: Sequence[str], vocab_size: int):
     )
 
 
-def load_tokenizer(path: str | Path, gguf_file: str | None = None):
-    """Load a Hugging Face tokenizer from a directory (or from a GGUF file in it), with a clear error if absent."""
+def load_tokenizer(path: str | Path, gguf_file: str | None = None, option: str = "--tokenizer"):
+    """Load a Hugging Face tokenizer from a directory (or from a GGUF file in it), with a clear error if absent.
+
+    Args:
+        option: the command-line option that gave ``path`` (``--tokenizer`` or ``--model``), named in errors.
+
+    Raises:
+        ConfigError: ``path`` is not a directory, holds no tokenizer files (for ``--model``: or is no checkpoint
+            directory at all), or its files cannot be loaded; the message names ``option`` and ``path``.
+    """
     from transformers import AutoTokenizer
+
+    from bittern.tokenization import tokenizer_files
 
     directory = Path(path)
     if not directory.is_dir():
-        raise ConfigError(f"--tokenizer {directory}: not a directory")
+        why = "it is a file" if directory.exists() else "it does not exist"
+        raise ConfigError(f"{option} {directory}: not a directory ({why})")
+    if gguf_file is None and not tokenizer_files(directory):
+        files = "tokenizer.json, tokenizer_config.json, ..."
+        if option == "--model" and not (directory / "config.json").is_file():
+            raise ConfigError(
+                f"--model {directory}: not a checkpoint directory (it holds no config.json and no tokenizer files)"
+            )
+        hint = "; give the tokenizer with --tokenizer DIR" if option == "--model" else ""
+        raise ConfigError(f"{option} {directory}: no usable tokenizer files ({files}) in the directory{hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
     except (OSError, ValueError, TypeError) as error:
-        raise ConfigError(f"{directory}: no usable tokenizer files ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{option} {directory}: no usable tokenizer files ({str(error).splitlines()[0]})") from None
     if tokenizer.eos_token is None:
-        raise ConfigError(f"{directory}: the tokenizer has no eos_token; documents need a separator token")
+        raise ConfigError(f"{option} {directory}: the tokenizer has no eos_token; documents need a separator token")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
