@@ -274,10 +274,18 @@ def test_generate_runs_base_plus_adapter(checkpoint: Path, adapter: Path, capsys
     assert capsys.readouterr().out == f"The import{expected}\n"
 
 
-def test_an_adapter_given_as_the_model_is_named_as_one(adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_adapter_given_as_the_model_is_named_as_one(
+    adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["generate", str(adapter), "--prompt", "Hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a LoRA adapter" in err and f"--adapter {adapter}" in err
+    for command in (["convert", str(adapter), str(tmp_path / "out"), "--to", "bf16"],
+                    ["export", "gguf", str(adapter), str(tmp_path / "out.gguf")]):  # fmt: skip
+        assert main(command) == 2  # verbs without --adapter point at the merged model
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "variants/merged" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
 
 
 def test_help_explains_the_verbs(capsys: pytest.CaptureFixture[str]) -> None:

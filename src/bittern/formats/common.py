@@ -169,8 +169,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         if (directory / ADAPTER_CONFIG_FILE).is_file():
             raise MissingFileError(
-                "is a LoRA adapter (adapter_config.json), not a model: give its base model and the adapter with "
-                f"--adapter {directory}{_adapter_base_hint(directory)}",
+                "is a LoRA adapter (adapter_config.json), not a model: generate, chat and eval run it on its base "
+                f"model with --adapter {directory}{_adapter_base_hint(directory)}; to convert, export or serve it, "
+                "use the LoRA run's variants/merged model (the adapter folded into the base)",
                 directory,
             )
         raise MissingFileError("config.json is missing; a checkpoint directory needs one", path)
