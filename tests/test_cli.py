@@ -304,6 +304,7 @@ def test_demo_trains_exports_and_beats_the_unigram_baseline(tmp_path: Path, caps
         (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
         (["--max-seq-len", "1"], "--max-seq-len must be at least 2, got 1"),
         (["--max-queue", "-3"], "--max-queue must be at least 1, got -3"),
+        (["--prefill-tokens", "0"], "--prefill-tokens must be at least 1, got 0"),
         (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a finite number of seconds >= 0, got -1.0"),
         (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds >= 0, got nan"),
     ],
@@ -318,3 +319,24 @@ def test_serve_options_are_checked_before_the_model_loads(
     assert main(["serve", str(tmp_path / "model"), *options]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == f"bittern: error: {message}\n"
+
+
+def test_serve_passes_its_scheduler_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    class StopError(Exception):
+        pass
+
+    def scheduler(engine, **limits):
+        seen.update(limits)
+        raise StopError
+
+    monkeypatch.setattr("bittern.serve.server.load_engine", lambda model, **options: object())
+    monkeypatch.setattr("bittern.serve.server.Scheduler", scheduler)
+    with pytest.raises(StopError):
+        main(["serve", str(tmp_path), "--max-queue", "7", "--prefill-tokens", "512"])
+    assert seen == {"max_queue": 7, "prefill_tokens": 512}
+    seen.clear()
+    with pytest.raises(StopError):
+        main(["serve", str(tmp_path)])
+    assert seen == {}  # the scheduler's defaults

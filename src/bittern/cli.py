@@ -437,6 +437,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + reply (default: 2048)")
     parser.add_argument("--max-queue", type=int, default=None, help="requests waiting for a row before new ones "
                         "are answered 429 (default 256)")  # fmt: skip
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="the most prompt slots (prompts x padded "
+                        "length) prefilled between two decode steps (default 2048): lower bounds the pause running "
+                        "requests see when prompts arrive; a longer prompt is prefilled alone")  # fmt: skip
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype", choices=_DTYPES, default=None, help="activations and dense weights (default: bfloat16 on GPU, "
@@ -564,7 +567,8 @@ def _check_serve_options(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must lie in 0..65535 (0: any free port), got {args.port}")
     for option, value, least in (("--max-batch", args.max_batch, 1), ("--max-seq-len", args.max_seq_len, 2),
-                                 ("--max-queue", args.max_queue, 1)):  # fmt: skip
+                                 ("--max-queue", args.max_queue, 1),
+                                 ("--prefill-tokens", args.prefill_tokens, 1)):  # fmt: skip
         if value is not None and value < least:
             raise ConfigError(f"{option} must be at least {least}, got {value}")
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
@@ -678,6 +682,7 @@ def _run(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name,
             api_key=args.api_key,
             max_queue=args.max_queue,
+            prefill_tokens=args.prefill_tokens,
             shutdown_timeout=args.shutdown_timeout,
             log_level=args.log_level,
             device=args.device,

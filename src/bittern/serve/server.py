@@ -57,6 +57,7 @@ def serve(
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_queue: int | None = None,
+    prefill_tokens: int | None = None,
     shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT,
     log_level: str = "info",
     sock: socket.socket | None = None,
@@ -66,7 +67,8 @@ def serve(
     engine) on ``host:port`` (or on the listening socket ``sock``) until SIGINT or SIGTERM.
 
     On a signal the server stops accepting connections, lets running requests finish for up to
-    ``shutdown_timeout`` seconds (None: as long as they take), cancels the rest and returns.
+    ``shutdown_timeout`` seconds (None: as long as they take), cancels the rest and returns. ``max_queue`` and
+    ``prefill_tokens``: the :class:`~bittern.engine.scheduler.Scheduler`'s (None: its defaults).
     """
     import uvicorn
 
@@ -75,7 +77,8 @@ def serve(
     engine = model if isinstance(model, Engine) else load_engine(model, **engine_options)  # type: ignore[arg-type]
     if served_model_name is None:
         served_model_name = Path(str(model)).name if not isinstance(model, Engine) else "bittern"
-    scheduler = Scheduler(engine) if max_queue is None else Scheduler(engine, max_queue=max_queue)
+    limits = {"max_queue": max_queue, "prefill_tokens": prefill_tokens}
+    scheduler = Scheduler(engine, **{name: value for name, value in limits.items() if value is not None})
     if engine.cuda_graph:
         print("bittern serve: capturing the decode and prefill CUDA graphs (once per start)", file=sys.stderr,
               flush=True)  # fmt: skip
