@@ -229,6 +229,18 @@ def test_convert_overwrite_never_replaces_the_source_or_a_directory_holding_it(
     assert load_model(packed) is not None
 
 
+def test_convert_refuses_layer_patterns_for_an_already_ternary_source(
+    full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    packed = tmp_path / "packed"
+    assert main(["convert", str(full_precision_dir), str(packed), "--to", "packed", "--include", "mlp"]) == 0
+    capsys.readouterr()
+    for option in ("--include", "--exclude"):
+        assert main(["convert", str(packed), str(tmp_path / "again"), "--to", "bf16", option, "q_proj"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "already ternary" in err[0] and not (tmp_path / "again").exists()
+
+
 def test_inspect_reports_packed_checkpoint(full_precision_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "packed"
     assert main(["convert", str(full_precision_dir), str(out), "--to", "packed"]) == 0

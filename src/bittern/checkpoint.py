@@ -359,6 +359,10 @@ def convert_checkpoint(
     check_chat_template_spec(chat_template)
     layers: Layers = "bitlinear" if variant == "prequantized" else "ternary"
     checkpoint = formats.read_checkpoint(source)
+    if policy is not None and (policy.include or policy.exclude) and checkpoint.layout != "hf-full":
+        raise ConfigError(f"--include / --exclude choose which layers of a full-precision model become ternary; "
+                          f"'{source}' is already ternary ({checkpoint.layout}), and its layers are kept as they "
+                          "are")  # fmt: skip
     if dtype is None and variant == "packed":
         dtype = stored_dtype(checkpoint)
     model = model_from_checkpoint(checkpoint, layers=layers, dtype=torch.float32, policy=policy)
