@@ -99,6 +99,20 @@ def test_console_script_runs() -> None:
     assert result.stdout.startswith("bittern ")
 
 
+def test_the_command_ignores_ctrl_c_once_the_verb_has_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from bittern import cli
+
+    calls: list[tuple[int, object]] = []
+    monkeypatch.setattr(cli, "main", lambda: calls.append(("main", None)) or 3)
+    monkeypatch.setattr(signal, "signal", lambda number, handler: calls.append((number, handler)))
+    with pytest.raises(SystemExit) as exited:
+        cli.console_main()
+    assert exited.value.code == 3  # the verb's status, whatever comes during the teardown
+    assert calls == [("main", None), (signal.SIGINT, signal.SIG_IGN)]
+
+
 def test_convert_full_precision_to_every_variant(
     full_precision_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

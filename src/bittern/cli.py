@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from bittern import __version__
 from bittern.errors import BitternError
@@ -793,5 +795,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def console_main() -> NoReturn:
+    """The ``bittern`` command: :func:`main`, then exit with its status. Once the verb has returned (its outputs
+    complete and in place), Ctrl-C is ignored: the interpreter's teardown can take a moment, and an interrupt
+    there would give a finished job exit status 130 without a word."""
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
