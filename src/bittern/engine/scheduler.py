@@ -7,8 +7,8 @@ static KV cache holds ``max_batch`` *rows*; each running request owns one row. E
 2. **admits** waiting requests (first come, first served) into free rows: their prompts are prefilled together,
    left-padded, into a separate prefill cache (:class:`~bittern.engine.prefill.EagerPrefill`, or the CUDA-graphed
    :class:`~bittern.engine.prefill.CudaGraphPrefill` per batch and length bucket on a GPU), their first tokens are
-   chosen on the device (the host takes them in the next iteration, as it takes a decode step's: admission never
-   waits for the GPU), and their keys and values are copied into the rows they take;
+   chosen on the device (on a GPU the host takes them in the next iteration, as it takes a decode step's:
+   admission never waits for the GPU), and their keys and values are copied into the rows they take;
 3. launches **one decode step** over the running rows with the engine's own decode step
    (:class:`~bittern.engine.graphs.EagerDecodeStep` on the CPU, :class:`~bittern.engine.graphs.CudaGraphDecodeStep`
    on a GPU: one graph per batch bucket 1, 2, 4, 8, …, ``max_batch``) and samples every row with its own
@@ -627,7 +627,11 @@ class Scheduler:
         self._next[self._tensor(free[: len(group)])] = chosen
         for entry in group:
             entry.launched = 1
-        self._pending.append(self._to_host(group, chosen, logprobs, started, prefill=True))  # taken next iteration
+        first = self._to_host(group, chosen, logprobs, started, prefill=True)
+        if first.ready is None:  # off CUDA the work is done: hand the first tokens over now
+            self._process(first)
+        else:  # the host takes them next iteration, while the GPU runs the decode step launched after them
+            self._pending.append(first)
 
     def _shift(self, shift: int) -> None:
         """Move every running row's slots (and the clock) by ``shift`` slots; positions do not change."""
