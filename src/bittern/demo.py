@@ -60,9 +60,9 @@ def demo_config(out_dir: str | Path, seed: int = 0, steps: int = 400, progress: 
 
 def generate_sample(model_dir: Path, prompt: str = DEMO_PROMPT, new_tokens: int = 40, seed: int = 0) -> str:
     """Reload ``model_dir`` (a packed variant) with bittern and continue ``prompt`` (top-k 20 sampling)."""
-    from transformers import AutoTokenizer
+    from bittern.tokenization import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, "bittern demo")
     model = load_model(model_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     torch.manual_seed(seed)

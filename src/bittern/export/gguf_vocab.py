@@ -66,21 +66,18 @@ def load_hf_tokenizer(directory: str | Path) -> Any:
     Raises:
         MissingFileError: no tokenizer files, or they cannot be loaded as a fast tokenizer.
     """
-    from transformers import AutoTokenizer
-
     from bittern.formats.common import TOKENIZER_FILES
+    from bittern.tokenization import load_tokenizer
 
     directory = Path(directory)
     present = [n for n in TOKENIZER_FILES if n != "generation_config.json" and (directory / n).is_file()]
-    needed = "a GGUF file carries the tokenizer, so the source directory must hold one (tokenizer.json)"
     if not present:
-        raise MissingFileError(f"no tokenizer files; {needed}", directory)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MissingFileError(
-            f"cannot load the tokenizer ({' '.join(str(exc).split())}); {needed}", directory
-        ) from exc
+            "no tokenizer files; a GGUF file carries the tokenizer, so the source directory must hold one "
+            "(tokenizer.json)",
+            directory,
+        )
+    tokenizer = load_tokenizer(directory, "the GGUF export")
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"'{directory}': the tokenizer has no fast (tokenizer.json) form; bittern reads only that")
     return tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from bittern.errors import ConfigError
+from bittern.errors import BitternError, ConfigError
 
 #: The one special token of a locally trained tokenizer: document separator, BOS, EOS and padding at once.
 END_OF_TEXT = "<|endoftext|>"
@@ -51,8 +51,7 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None, option: str =
         ConfigError: ``path`` is not a directory, holds no tokenizer files (for ``--model``: or is no checkpoint
             directory at all), or its files cannot be loaded; the message names ``option`` and ``path``.
     """
-    from transformers import AutoTokenizer
-
+    from bittern.tokenization import load_tokenizer as load_checkpoint_tokenizer
     from bittern.tokenization import tokenizer_files
 
     directory = Path(path)
@@ -68,9 +67,10 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None, option: str =
         hint = "; give the tokenizer with --tokenizer DIR" if option == "--model" else ""
         raise ConfigError(f"{option} {directory}: no usable tokenizer files ({files}) in the directory{hint}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-    except (OSError, ValueError, TypeError) as error:
-        raise ConfigError(f"{option} {directory}: no usable tokenizer files ({str(error).splitlines()[0]})") from None
+        tokenizer = load_checkpoint_tokenizer(directory / gguf_file if gguf_file else directory, option)
+    except BitternError as error:
+        reason = str(error.__cause__ or error).splitlines()[0]
+        raise ConfigError(f"{option} {directory}: no usable tokenizer files ({reason})") from None
     if tokenizer.eos_token is None:
         raise ConfigError(f"{option} {directory}: the tokenizer has no eos_token; documents need a separator token")
     if tokenizer.pad_token is None:
