@@ -149,7 +149,7 @@ def child_server(args: argparse.Namespace) -> None:
 
     engine = _engine(args, build_model(args, dense=args.child == "bittern-dense"))
     serve(engine, host="127.0.0.1", port=args.port, served_model_name=MODEL_NAME, max_queue=4096,
-          log_level="warning", shutdown_timeout=5)  # fmt: skip
+          prefill_tokens=args.prefill_tokens, log_level="warning", shutdown_timeout=5)  # fmt: skip
 
 
 async def _client_run(url: str, requests: list[tuple[list[int], int]], concurrency: int) -> tuple[list, float]:
@@ -529,8 +529,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=64, help="rows of the engines and of transformers' batches")
     parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots per row (default: longest "
                         "prompt + output, x2 for the scheduler's room to shift)")  # fmt: skip
-    parser.add_argument("--prefill-tokens", type=int, default=None, help="bittern-scheduler: the most slots one "
-                        "prefill forward computes (default: the scheduler's)")  # fmt: skip
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="bittern's continuous rows: the most "
+                        "slots one prefill forward computes (default: the scheduler's)")  # fmt: skip
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--hf-attn", default="sdpa", help="transformers-cb attention (default sdpa; "
