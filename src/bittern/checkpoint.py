@@ -24,7 +24,7 @@ from bittern.convert import (
 )
 from bittern.errors import CheckpointError, ConfigError, OutputExistsError, ShapeMismatchError, UnknownFormatError
 from bittern.formats import Checkpoint, TernaryWeight
-from bittern.formats.common import CONFIG_FILE, WEIGHTS_FILE
+from bittern.formats.common import CONFIG_FILE, WEIGHTS_FILE, refuse_replacing
 from bittern.nn import BitLinear, TernaryLinear
 
 Layers = Literal["auto", "ternary", "bitlinear", "linear"]
@@ -139,9 +139,16 @@ def save_model(
             (bittern loads them; stock transformers does not).
         tokenizer_source: directory whose tokenizer files are copied (default: where the model was loaded from).
         overwrite: replace an existing ``destination``.
+
+    Raises:
+        ConfigError: ``destination`` holds (as a parent) the directory the model was loaded from or
+            ``tokenizer_source``: replacing it would delete them and all beside them. Saving over that directory
+            itself is allowed (the new files are complete before it is replaced).
     """
     if variant not in formats.VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(formats.VARIANTS)}")
+    for read in (model_source(model), tokenizer_source):
+        refuse_replacing(destination, read, same_allowed=True)  # in place is fine: everything is staged first
     checkpoint = checkpoint_from_model(model, target="latent" if variant == "prequantized" else "ternary")
     if tokenizer_source is not None:
         checkpoint.source = Path(tokenizer_source)
@@ -351,11 +358,7 @@ def convert_checkpoint(
     source, destination = Path(source), Path(destination)
     if destination.exists() and not overwrite:
         raise OutputExistsError(f"output '{destination}' already exists; pass --overwrite to replace it")
-    if destination.resolve() == source.resolve():
-        raise ConfigError("the destination must differ from the source")
-    if destination.resolve() in source.resolve().parents:
-        raise ConfigError(f"the destination '{destination}' holds the source '{source}': writing it would replace the "
-                          "source (and all beside it); choose a destination outside it")  # fmt: skip
+    refuse_replacing(destination, source)  # before any work; save_model checks again what it is given
     check_chat_template_spec(chat_template)
     layers: Layers = "bitlinear" if variant == "prequantized" else "ternary"
     checkpoint = formats.read_checkpoint(source)

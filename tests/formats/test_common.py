@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_model
 
-from bittern.checkpoint import save_model
+from bittern.checkpoint import load_model, save_model
 from bittern.convert import to_bitlinear, to_ternary
-from bittern.errors import MissingFileError
+from bittern.errors import ConfigError, MissingFileError
 from bittern.formats.common import atomic_output_dir, read_config
 
 
@@ -55,3 +55,19 @@ def test_an_adapter_directory_given_as_a_model_is_named_as_one(tmp_path: Path) -
         read_config(adapter)
     with pytest.raises(MissingFileError, match="is a file, not a checkpoint directory"):
         read_config(adapter / "adapter_config.json")
+
+
+def test_saving_never_replaces_the_directory_the_model_was_read_from(tmp_path: Path) -> None:
+    model = to_ternary(tiny_model("llama", seed=0))
+    source = save_model(model, tmp_path / "variants" / "packed", "packed")
+    (tmp_path / "variants" / "bf16").mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    loaded = load_model(source)
+    for destination in (tmp_path / "variants", tmp_path):
+        with pytest.raises(ConfigError, match="holds the source"):
+            save_model(loaded, destination, "packed", overwrite=True)
+    with pytest.raises(ConfigError, match="holds the source"):  # the tokenizer's directory counts too
+        save_model(model, tmp_path / "variants", "bf16", tokenizer_source=source, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    save_model(loaded, tmp_path / "variants" / "bf16", "bf16", overwrite=True)  # beside it is fine
+    save_model(loaded, source, "bf16", overwrite=True)  # and so is in place (test_roundtrip checks the result)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from bittern import packing
 from bittern.errors import (
     CheckpointError,
+    ConfigError,
     CorruptCheckpointError,
     MissingFileError,
     NonFiniteWeightError,
@@ -366,6 +367,20 @@ def apply_umask_permissions(path: str | Path) -> None:
         os.chmod(path, 0o777 & ~mask)
     elif path.exists():
         os.chmod(path, 0o666 & ~mask)
+
+
+def refuse_replacing(destination: str | Path, source: str | Path | None, same_allowed: bool = False) -> None:
+    """Raise :class:`ConfigError` when writing ``destination`` would replace ``source`` (a directory read to make the
+    output): a directory holding it, which an overwrite replaces whole with everything beside the source, or (unless
+    ``same_allowed``: a model already in memory saved in place) the same path."""
+    if source is None:
+        return
+    target, origin = Path(destination).resolve(), Path(source).resolve()
+    if target == origin and not same_allowed:
+        raise ConfigError("the destination must differ from the source")
+    if target in origin.parents:
+        raise ConfigError(f"the destination '{destination}' holds the source '{source}': writing it would replace the "
+                          "source (and all beside it); choose a destination outside it")  # fmt: skip
 
 
 @contextlib.contextmanager
