@@ -350,26 +350,29 @@ def child_scheduler(args: argparse.Namespace, workloads: dict[int, list]) -> lis
 
     from bittern.engine.scheduler import Request, Scheduler
 
-    options = {} if args.prefill_tokens is None else {"prefill_tokens": args.prefill_tokens}
-    scheduler = Scheduler(_engine(args, build_model(args, dense=False)), max_queue=4096, **options)
-    scheduler.warm_up(args.prompt_lens[1])
-    scheduler.start()
-
-    def submit(prompt: list[int], budget: int, outcome: Outcome) -> None:
-        for event in scheduler.submit(Request(prompt, budget, ignore_eos=True)).events():
-            if event.finish_reason == "error":
-                raise RuntimeError(f"the scheduler failed a request: {event.error}")
-            outcome.tokens += [event.time] * len(event.token_ids)
-            outcome.output_tokens = event.completion_tokens
-
+    engine = _engine(args, build_model(args, dense=False))
     results = []
-    for concurrency, requests in workloads.items():
-        _closed_loop(requests[:concurrency], concurrency, submit)
-        before = asdict(scheduler.stats)
-        outcomes, seconds = _closed_loop(requests, concurrency, submit)
-        work = {k: v - before[k] for k, v in asdict(scheduler.stats).items()}
-        results.append(_record("bittern-scheduler", concurrency, summarize(outcomes, seconds), work))
-    scheduler.shutdown()
+    for prefill in args.prefill_budgets:  # one scheduler per budget, on the same engine (its decode graphs kept)
+        options = {} if prefill is None else {"prefill_tokens": prefill}
+        scheduler = Scheduler(engine, max_queue=4096, **options)
+        scheduler.warm_up(args.prompt_lens[1])
+        scheduler.start()
+        row = "bittern-scheduler" if len(args.prefill_budgets) == 1 else f"bittern-scheduler/{scheduler.prefill_tokens}"
+
+        def submit(prompt: list[int], budget: int, outcome: Outcome, scheduler: Scheduler = scheduler) -> None:
+            for event in scheduler.submit(Request(prompt, budget, ignore_eos=True)).events():
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"the scheduler failed a request: {event.error}")
+                outcome.tokens += [event.time] * len(event.token_ids)
+                outcome.output_tokens = event.completion_tokens
+
+        for concurrency, requests in workloads.items():
+            _closed_loop(requests[:concurrency], concurrency, submit)
+            before = asdict(scheduler.stats)
+            outcomes, seconds = _closed_loop(requests, concurrency, submit)
+            work = {k: v - before[k] for k, v in asdict(scheduler.stats).items()}
+            results.append(_record(row, concurrency, summarize(outcomes, seconds), work))
+        scheduler.shutdown()
     return results
 
 
@@ -514,6 +517,13 @@ def _pair(text: str) -> tuple[int, int]:
     return low, high
 
 
+def _budgets(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",")]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, not {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (use with --tiny)")
@@ -529,8 +539,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=64, help="rows of the engines and of transformers' batches")
     parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache slots per row (default: longest "
                         "prompt + output, x2 for the scheduler's room to shift)")  # fmt: skip
-    parser.add_argument("--prefill-tokens", type=int, default=None, help="bittern's continuous rows: the most "
-                        "slots one prefill forward computes (default: the scheduler's)")  # fmt: skip
+    parser.add_argument("--prefill-tokens", type=_budgets, default=[None], help="bittern's continuous rows: the "
+                        "most slots one prefill forward computes (default: the scheduler's); the scheduler row "
+                        "takes a comma-separated list and runs each budget on one engine, as rows "
+                        "bittern-scheduler/N")  # fmt: skip
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--hf-attn", default="sdpa", help="transformers-cb attention (default sdpa; "
@@ -552,6 +564,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     args.row_list = rows
+    args.prefill_budgets = args.prefill_tokens
+    if len(args.prefill_budgets) > 1 and set(rows) & set(SERVER_ROWS):
+        parser.error("several --prefill-tokens budgets apply to the bittern-scheduler row only")
+    args.prefill_tokens = args.prefill_budgets[0]
     args.concurrency_list = [int(c) for c in args.concurrency.split(",")]
     return args
 
