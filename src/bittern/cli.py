@@ -441,7 +441,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "are answered 429 (default 256)")  # fmt: skip
     parser.add_argument("--prefill-tokens", type=int, default=None, help="the most prompt slots (prompts x padded "
                         "length) prefilled between two decode steps (default 2048): lower bounds the pause running "
-                        "requests see when prompts arrive; a longer prompt is prefilled alone")  # fmt: skip
+                        "requests see when prompts arrive; a longer prompt is prefilled in chunks of this many "
+                        "tokens, one between each two decode steps")  # fmt: skip
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype", choices=_DTYPES, default=None, help="activations and dense weights (default: bfloat16 on GPU, "

@@ -88,6 +88,56 @@ def test_rows_shift_when_spans_pass_the_cache_end() -> None:
     assert scheduler.stats.shifts > 0
 
 
+def test_long_prompts_are_prefilled_in_chunks_between_decode_steps_and_equal_alone(engine: Engine) -> None:
+    """With a 16-slot prefill budget, prompts longer than 16 tokens are fed in chunks (a 70-token prompt: a first
+    chunk of 6, then four of 16) while the other rows keep decoding; every request gives its tokens alone."""
+    lengths, budgets = [9, 70, 5, 40, 17, 3, 33], [30, 12, 25, 9, 20, 40, 6]
+    prompts = _prompts(lengths, seed=7)
+    expected = [_alone(engine, p, m, ignore_eos=True) for p, m in zip(prompts, budgets, strict=True)]
+    scheduler = Scheduler(engine, prefill_tokens=16).start()
+    try:
+        handles = [scheduler.submit(Request(p, m, ignore_eos=True)) for p, m in zip(prompts, budgets, strict=True)]
+        results = [h.result(timeout=120) for h in handles]
+    finally:
+        scheduler.shutdown()
+    assert [r.token_ids for r in results] == expected
+    assert [r.prompt_tokens for r in results] == lengths
+    stats = scheduler.stats
+    chunks = sum(-(-n // 16) for n in lengths if n > 16)  # 5 + 3 + 2 + 3
+    assert stats.prefills >= chunks + 1 and stats.prefill_tokens == sum(lengths)
+    assert stats.prefill_slots == stats.prefill_tokens  # eager prefills pad nothing on the CPU
+
+
+def test_a_long_prompt_cancelled_between_its_chunks_frees_the_scheduler(engine: Engine) -> None:
+    scheduler = Scheduler(engine, prefill_tokens=2).start()
+    reached, gate = threading.Event(), threading.Event()
+
+    def hold(event) -> None:  # on the engine thread: stop it once the long prompt is between two chunks
+        chunked = scheduler._chunked
+        if chunked is not None and chunked.chosen is None and not reached.is_set():
+            reached.set()
+            gate.wait(60)
+
+    try:
+        short = _prompts([4])[0]
+        running = scheduler.submit(Request(short, 60, ignore_eos=True), hold)
+        long = scheduler.submit(Request(_prompts([100], seed=2)[0], 8, ignore_eos=True))
+        assert reached.wait(60)
+        assert scheduler.queue_depth == 1  # the chunked prompt waits for its row
+        long.cancel()
+        gate.set()
+        result = long.result(timeout=60)
+        assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+        assert scheduler.generate(Request(short, 5, ignore_eos=True), timeout=60).token_ids == _alone(
+            engine, short, 5, ignore_eos=True
+        )
+        del running
+    finally:
+        gate.set()
+        scheduler.shutdown()
+    assert scheduler.queue_depth == 0 and scheduler.running == 0 and scheduler.stats.cancelled == 1
+
+
 def test_stop_strings_and_eos_end_a_request_as_alone(engine: Engine, scheduler: Scheduler) -> None:
     prompts = _prompts([4, 10, 7])
     free = engine.generate_ids(prompts, 24, ignore_eos=True)

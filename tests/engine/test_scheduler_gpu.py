@@ -45,3 +45,29 @@ def test_graphed_scheduler_equals_alone_after_warm_up(arch: str) -> None:
     assert results == expected
     assert set(engine._decode_step().graphs) == captured  # nothing captured while serving
     assert set(scheduler._prefill.graphs) == prefills
+
+
+def test_graphed_chunks_of_long_prompts_equal_alone() -> None:
+    """A 16-slot prefill budget: prompts longer than 16 tokens are fed in graphed chunks (one graph for every chunk
+    start, captured at warm-up) and give the tokens they give alone."""
+    model = trained_model("bitnet").to(device="cuda", dtype=torch.float32)
+    engine = Engine(model, tokenizer(), max_batch=4, max_seq_len=128, compile=False)
+    lengths, budgets = [70, 9, 41, 17, 5, 100], [20, 30, 12, 25, 40, 9]
+    rows = synthetic_tokens(len(lengths), max(lengths), seed=9)
+    prompts = [rows[i, :n].tolist() for i, n in enumerate(lengths)]
+    expected = [
+        engine.generate_ids([p], m, ignore_eos=True).token_ids[0] for p, m in zip(prompts, budgets, strict=True)
+    ]
+    scheduler = Scheduler(engine, prefill_tokens=16)
+    scheduler.warm_up()
+    chunk_graphs = set(scheduler._prefill.chunk_graphs)
+    assert chunk_graphs == {(1, 16)}
+    scheduler.start()
+    try:
+        handles = [scheduler.submit(Request(p, m, ignore_eos=True)) for p, m in zip(prompts, budgets, strict=True)]
+        results = [h.result(timeout=300).token_ids for h in handles]
+    finally:
+        scheduler.shutdown()
+    assert results == expected
+    assert set(scheduler._prefill.chunk_graphs) == chunk_graphs
+    assert scheduler.stats.prefills >= 5 + 3 + 1 + 7

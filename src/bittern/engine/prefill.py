@@ -12,6 +12,11 @@ the padded prompt computes the same numbers for every real token — for ternary
 are quantized per token and products are exact integers. A bucket that would not leave room for the new tokens in
 ``max_seq_len`` is not used: such a prompt runs eagerly at its own length.
 
+**Chunks.** A prompt too long for one prefill (the scheduler's ``prefill_tokens``) is fed in pieces: the first at
+slots ``[0, L)`` as above, then chunks of ``C`` tokens at the following slots (:meth:`EagerPrefill.extend`), each
+attending to the cache the earlier pieces wrote. The graphed chunk takes its slots as an input (one graph per batch
+and chunk length, whatever the start) and so attends over all ``max_seq_len`` slots, masked.
+
 **Memory.** All prefill graphs share one memory pool: they never run at the same time, and each one's logits are
 consumed (sampled) before the next prefill replays, so the pool holds about the largest bucket's activations.
 """
@@ -67,6 +72,14 @@ class EagerPrefill:
         slots = self.decoder.slots[:length]
         return self.decoder.forward(input_ids, slots, pad, self.cache, length, last_only=True)[:, -1]
 
+    def extend(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor) -> torch.Tensor:
+        """Feed the next ``T`` tokens of prompts already in the cache (int64 ``[B, T]``) into slots
+        ``[start, start + T)``, attending to the slots before them; ``pad`` as for :meth:`__call__` (int64 ``[B]``).
+        Returns the last slot's logits ``[B, V]`` in the model's dtype."""
+        length = input_ids.shape[1]
+        slots = self.decoder.slots[start : start + length]
+        return self.decoder.forward(input_ids, slots, pad, self.cache, start + length, last_only=True)[:, -1]
+
 
 @dataclass
 class _Graph:
@@ -74,6 +87,7 @@ class _Graph:
     input_ids: torch.Tensor  # int64 [B, L], copied into before every replay
     pad: torch.Tensor  # int64 [B]
     logits: torch.Tensor  # [B, V], written by every replay
+    slots: torch.Tensor | None = None  # int64 [L], a chunk's slots (graphs of extend())
 
 
 class CudaGraphPrefill(EagerPrefill):
@@ -86,6 +100,7 @@ class CudaGraphPrefill(EagerPrefill):
     def __init__(self, decoder: Decoder, cache: StaticKVCache) -> None:
         super().__init__(decoder, cache)
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.chunk_graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def length(self, prompt_len: int, new_tokens: int) -> int:
@@ -112,5 +127,28 @@ class CudaGraphPrefill(EagerPrefill):
         else:
             g.input_ids.copy_(input_ids)
             g.pad.copy_(pad)
+        g.graph.replay()
+        return g.logits
+
+    def extend(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor) -> torch.Tensor:
+        """As :meth:`EagerPrefill.extend`, replayed from the graph of this (batch, chunk length) (captured on first
+        use): its slots are an input, its attention reads every slot of the cache (masked)."""
+        key = tuple(input_ids.shape)
+        slots = self.decoder.slots[start : start + key[1]]
+        g = self.chunk_graphs.get(key)
+        if g is None:
+            input_ids, pad, slots = input_ids.clone(), pad.clone(), slots.clone()
+            max_len = self.cache.max_seq_len
+
+            def forward() -> torch.Tensor:
+                return self.decoder.forward(input_ids, slots, pad, self.cache, max_len, last_only=True)[:, -1]
+
+            graph, logits = capture_graph(forward, pool=self.pool)
+            g = self.chunk_graphs[key] = _Graph(graph, input_ids, pad, logits, slots)
+        else:
+            assert g.slots is not None
+            g.input_ids.copy_(input_ids)
+            g.pad.copy_(pad)
+            g.slots.copy_(slots)
         g.graph.replay()
         return g.logits

@@ -30,8 +30,15 @@ ends is replaced by the highest one), so the decode step runs the smallest bucke
 **Guarantees.** A greedy request produces the tokens it produces alone (``Engine.generate_ids`` with one prompt),
 whatever runs beside it; a seeded sampled request produces the same tokens on every run, whatever runs beside it
 (its own ``torch.Generator`` draws one exponential variate per vocabulary entry per token: ``argmax(p / E)`` is a
-sample of ``p``). Prompts are not chunked: on a GPU the whole prompt's forward replays one CUDA graph, where an
-eager chunk would launch every kernel from Python.
+sample of ``p``).
+
+**Long prompts.** One prefill forward computes at most ``prefill_tokens`` slots (prompts x padded length), so that
+the running rows wait at most that long between two decode steps. A prompt longer than that is prefilled in
+*chunks*, one per iteration, in the prefill cache (:meth:`~bittern.engine.prefill.EagerPrefill.extend`: each chunk
+attends to the keys and values the earlier ones wrote): first the remainder, padded to its bucket, then pieces of
+``prefill_tokens`` tokens; the running rows take a decode step after each. Admission waits behind it (first come,
+first served); after its last chunk the request takes a row like any other. Chunks compute the same numbers as one
+forward up to the order of floating-point sums in attention (bit for bit on the CPU's eager path is not promised).
 
 While a scheduler runs, it is the engine's only user: do not call the engine's ``generate`` at the same time.
 """
@@ -165,7 +172,9 @@ class SchedulerStats:
     decode_steps: int = _counter("Decode steps launched.")
     decode_rows: int = _counter("Rows decode steps computed (batch buckets, rows without a request included).")
     decode_tokens: int = _counter("Tokens decode steps computed for running requests.")
-    prefills: int = _counter("Prefill forwards run (each admits a group of waiting requests).")
+    prefills: int = _counter(
+        "Prefill forwards run (each admits a group of waiting requests, or is one chunk of a long prompt)."
+    )
     prefill_tokens: int = _counter("Prompt tokens prefilled.")
     prefill_slots: int = _counter("Slots prefill forwards computed (rows x padded length, padding included).")
     prefill_seconds: float = _counter(
@@ -263,6 +272,27 @@ class _Pending:
     ready: torch.cuda.Event | None
     started: torch.cuda.Event | None  # recorded before the work that chose the tokens (CUDA)
     prefill: bool  # a prefill's first tokens (else a decode step's)
+    earlier: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)  # a long prompt's chunks
+
+
+@dataclass(eq=False)
+class _Chunked:
+    """A prompt prefilled in chunks over several iterations (row 0 of the prefill cache).
+
+    The first chunk is the prompt's first ``first`` tokens, left-padded by ``pad`` slots; each later one takes
+    ``size`` tokens at the next slots. After the last, ``chosen`` holds the first token (and ``logprobs`` its
+    log-probabilities) until the request takes a row."""
+
+    entry: _Running
+    first: int
+    pad: int
+    size: int
+    done: int = 0  # prompt tokens prefilled
+    slot: int = 0  # the next chunk's first slot in the prefill cache
+    chosen: torch.Tensor | None = None
+    logprobs: _Logprobs | None = None
+    started: torch.cuda.Event | None = None  # before the last chunk (CUDA)
+    earlier: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)  # the other chunks
 
 
 class Scheduler:
@@ -274,7 +304,8 @@ class Scheduler:
         max_queue: the most requests waiting for a row; :meth:`submit` raises :class:`QueueFullError` beyond.
         prefill_rows: the most prompts prefilled in one forward (rows of the prefill cache).
         prefill_tokens: the most slots (prompts x padded length) prefilled in one forward, so that a burst of
-            arrivals does not stall the running rows for long (a longer prompt runs alone).
+            arrivals does not stall the running rows for long; a longer prompt is prefilled in chunks of this many
+            tokens, one per decode step.
         seed: seed of the generator shared by sampled requests without a seed (None: torch's default generator).
     """
 
@@ -317,6 +348,7 @@ class Scheduler:
         self._clock = 0
         self._prefill_cache: StaticKVCache | None = None
         self._prefill: EagerPrefill | CudaGraphPrefill | None = None
+        self._chunked: _Chunked | None = None  # a long prompt being prefilled in chunks
         self._next = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)  # each row's next input
         self._pending: deque[_Pending] = deque()  # tokens launched and not yet taken by the host, oldest first
         self.stats = SchedulerStats()
@@ -334,7 +366,7 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a row (approximate while the engine thread runs)."""
-        return len(self._inbox) + len(self._waiting)
+        return len(self._inbox) + len(self._waiting) + (self._chunked is not None)
 
     @property
     def running(self) -> int:
@@ -356,7 +388,8 @@ class Scheduler:
     def warm_up(self, max_prompt_len: int | None = None) -> None:
         """Before :meth:`start`: capture (on a GPU) every decode-step graph (one per batch bucket) and every prefill
         graph admission can use (one prompt of each length bucket up to ``max_prompt_len``, default
-        ``max_seq_len``, and groups of prompts within ``prefill_tokens``), so that no request waits for a capture
+        ``max_seq_len``, groups of prompts within ``prefill_tokens``, and a long prompt's chunk), so that no request
+        waits for a capture
         (a compiled decode step takes tens of seconds per bucket). Does nothing without CUDA graphs. It writes
         meaningless keys and values into the caches, which no request reads.
 
@@ -382,6 +415,9 @@ class Scheduler:
                     if rows == 1 or rows * length <= self.prefill_tokens:
                         ids = torch.zeros((rows, length), dtype=torch.long, device=device)
                         runner(ids, torch.zeros(rows, dtype=torch.long, device=device))
+            if limit > self.prefill_tokens:  # a long prompt's chunks
+                ids = torch.zeros((1, self.prefill_tokens), dtype=torch.long, device=device)
+                runner.extend(ids, 0, torch.zeros(1, dtype=torch.long, device=device))
             self.engine._sync()
 
     def check(self, request: Request) -> None:
@@ -468,7 +504,8 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._inbox or self._cancels or self._waiting or self.running or self._closing):
+                    while not (self._inbox or self._cancels or self._waiting or self._chunked or self.running
+                               or self._closing):  # fmt: skip
                         self._lock.wait()
                     incoming = list(self._inbox)
                     self._inbox.clear()
@@ -479,9 +516,10 @@ class Scheduler:
                 self._waiting.extend(incoming)
                 if cancel_all:
                     cancels |= {r.id for r in self._waiting} | {r.id for r in self._rows if r is not None}
+                    cancels |= {self._chunked.entry.id} if self._chunked else set()
                 if cancels:
                     self._cancel(cancels)
-                if closing and not self._waiting and not self.running:
+                if closing and not self._waiting and not self._chunked and not self.running:
                     return
                 try:
                     earlier = len(self._pending)
@@ -505,6 +543,10 @@ class Scheduler:
             entry.callback(event)
 
     def _cancel(self, ids: set[int]) -> None:
+        if self._chunked is not None and self._chunked.entry.id in ids:
+            entry, self._chunked = self._chunked.entry, None
+            self.stats.cancelled += 1
+            self._emit(entry, Event(entry.id, finish_reason="cancelled"))
         for entry in [r for r in self._waiting if r.id in ids]:
             self._waiting.remove(entry)
             self.stats.cancelled += 1
@@ -552,9 +594,10 @@ class Scheduler:
         return min(max(0, -low), self.max_seq_len - high) + (clock - self._clock)
 
     def _admit(self) -> None:
-        """Prefill the first waiting requests that fit into free rows (one forward), and give them rows."""
+        """Prefill the first waiting requests that fit into free rows (one forward), and give them rows; or run the
+        next chunk of a long prompt (and give it a row after its last)."""
         free = self.max_batch - self.running
-        if not self._waiting or not free:
+        if not self._chunked and (not self._waiting or not free):
             return
         try:
             runner = self._prefill_runner()
@@ -564,29 +607,80 @@ class Scheduler:
             return
         group: list[_Running] = []
         shift = 0
-        while self._waiting and len(group) < min(free, self.prefill_rows):
+        while not self._chunked and self._waiting and len(group) < min(free, self.prefill_rows):
             candidate = [*group, self._waiting[0]]
             longest = max(len(r.request.prompt_ids) for r in candidate)
             length = runner.length(longest, 0)
             if group and self._group_rows(len(candidate)) * length > self.prefill_tokens:
+                break
+            if not group and longest > self.prefill_tokens:  # too long for one forward: prefilled in chunks
+                self._chunked = self._chunk_plan(self._waiting.popleft(), runner)
                 break
             fits = self._span_shift(candidate)
             if fits is None:
                 break
             group.append(self._waiting.popleft())
             shift = fits
-        if not group:
-            return
         started = time.perf_counter()
         try:
-            self._prefill_group(group, runner, shift)
+            if self._chunked is not None:
+                group = [self._chunked.entry]
+                self._chunk_step(runner)
+            elif group:
+                self._prefill_group(group, runner, shift)
         except Exception as error:  # only this group's requests fail; the running rows go on
+            self._chunked = None
             self._rows = [None if any(r is e for e in group) else r for r in self._rows]
             for entry in group:
                 if not entry.done:
                     self._emit(entry, Event(entry.id, finish_reason="error", error=f"{type(error).__name__}: {error}"))
         finally:
             self.stats.prefill_seconds += time.perf_counter() - started
+
+    def _chunk_plan(self, entry: _Running, runner: EagerPrefill | CudaGraphPrefill) -> _Chunked:
+        """How ``entry``'s long prompt is prefilled: chunks of ``prefill_tokens`` tokens after a first one holding
+        the remainder, padded to its bucket where the whole still fits the prefill cache."""
+        size = self.prefill_tokens
+        length = len(entry.request.prompt_ids)
+        first = length - (length - 1) // size * size  # in [1, size]
+        pad = runner.length(first, length - first) - first
+        return _Chunked(entry, first, pad, size)
+
+    def _chunk_step(self, runner: EagerPrefill | CudaGraphPrefill) -> None:
+        """Run the long prompt's next chunk; after its last, choose its first token and give it a row when its span
+        fits next to the running rows' (else it waits, keeping its cache, until rows end)."""
+        chunked = self._chunked
+        assert chunked is not None
+        entry = chunked.entry
+        prompt = list(entry.request.prompt_ids)
+        if chunked.chosen is None:
+            started = self._gpu_event()
+            pad = self._tensor([chunked.pad])
+            if chunked.done == 0:
+                tokens = prompt[: chunked.first]
+                ids = [self.engine.pad_token_id] * chunked.pad + tokens
+                logits = runner(self._tensor([ids]), pad)
+            else:
+                tokens = ids = prompt[chunked.done : chunked.done + chunked.size]
+                logits = runner.extend(self._tensor([ids]), chunked.slot, pad)
+            chunked.done += len(tokens)
+            chunked.slot += len(ids)
+            self.stats.prefills += 1
+            self.stats.prefill_tokens += len(tokens)
+            self.stats.prefill_slots += len(ids)
+            if chunked.done < len(prompt):
+                ended = self._gpu_event()
+                if started is not None and ended is not None:
+                    chunked.earlier.append((started, ended))
+                return
+            chunked.started = started
+            chunked.chosen, chunked.logprobs = self._choose(logits, [entry])
+        shift = self._span_shift([entry])
+        if shift is None:
+            return
+        self._chunked = None
+        self._place([entry], [prompt], chunked.slot, chunked.chosen, chunked.logprobs, chunked.started, shift,
+                    chunked.earlier)  # fmt: skip
 
     def _prefill_group(self, group: list[_Running], runner: EagerPrefill | CudaGraphPrefill, shift: int) -> None:
         pad_id = self.engine.pad_token_id
@@ -601,6 +695,23 @@ class Scheduler:
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
         self.stats.prefill_slots += rows * length
         chosen, logprobs = self._choose(logits, group)
+        self._place(group, prompts, length, chosen, logprobs, started, shift)
+
+    def _place(
+        self,
+        group: list[_Running],
+        prompts: list[list[int]],
+        length: int,
+        chosen: torch.Tensor,
+        logprobs: _Logprobs | None,
+        started: torch.cuda.Event | None,
+        shift: int,
+        earlier: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None,
+    ) -> None:
+        """Give prefilled requests rows: shift the running rows by ``shift``, copy the keys and values of prompt
+        ``j`` (prefill-cache row ``j``, the slots ending at ``length``) into a free row at the slots ending at the
+        clock, and set their first tokens ``chosen`` (int64 ``[len(group)]`` on the device) on their way to the
+        host (``started``, ``earlier``: timing events of the prefill's GPU work)."""
         if self.running:
             self._shift(shift)
         else:
@@ -628,6 +739,7 @@ class Scheduler:
         for entry in group:
             entry.launched = 1
         first = self._to_host(group, chosen, logprobs, started, prefill=True)
+        first.earlier = earlier or []
         if first.ready is None:  # off CUDA the work is done: hand the first tokens over now
             self._process(first)
         else:  # the host takes them next iteration, while the GPU runs the decode step launched after them
@@ -752,6 +864,7 @@ class Scheduler:
             if pending.started is not None:
                 seconds = pending.started.elapsed_time(pending.ready) / 1e3
                 if pending.prefill:
+                    seconds += sum(start.elapsed_time(end) for start, end in pending.earlier) / 1e3
                     self.stats.prefill_gpu_seconds += seconds
                 else:
                     self.stats.decode_gpu_seconds += seconds
