@@ -28,7 +28,7 @@ the running ones waits until enough of them end. Running rows are kept at the lo
 ends is replaced by the highest one), so the decode step runs the smallest bucket that holds them.
 
 **Guarantees.** A greedy request produces the tokens it produces alone (``Engine.generate_ids`` with one prompt),
-whatever runs beside it; a seeded sampled request produces the same tokens on every run, whatever runs beside it
+whatever runs beside it (for a prompt prefilled in chunks, see below); a seeded sampled request produces the same tokens on every run, whatever runs beside it
 (its own ``torch.Generator`` draws one exponential variate per vocabulary entry per token: ``argmax(p / E)`` is a
 sample of ``p``).
 
@@ -37,8 +37,10 @@ the running rows wait at most that long between two decode steps. A prompt longe
 *chunks*, one per iteration, in the prefill cache (:meth:`~bittern.engine.prefill.EagerPrefill.extend`: each chunk
 attends to the keys and values the earlier ones wrote): first the remainder, padded to its bucket, then pieces of
 ``prefill_tokens`` tokens; the running rows take a decode step after each. Admission waits behind it (first come,
-first served); after its last chunk the request takes a row like any other. Chunks compute the same numbers as one
-forward up to the order of floating-point sums in attention (bit for bit on the CPU's eager path is not promised).
+first served); after its last chunk the request takes a row like any other. Its linear layers compute the numbers
+one forward computes, its attention the same sums in another order (a chunk's queries read the cached keys of the
+earlier chunks), so its logits may differ from a whole prompt's by rounding: its greedy tokens are the same unless
+two candidates tie within that rounding (the tests check long prompts against ``Engine.generate_ids``).
 
 While a scheduler runs, it is the engine's only user: do not call the engine's ``generate`` at the same time.
 """
