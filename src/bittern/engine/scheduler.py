@@ -28,9 +28,9 @@ the running ones waits until enough of them end. Running rows are kept at the lo
 ends is replaced by the highest one), so the decode step runs the smallest bucket that holds them.
 
 **Guarantees.** A greedy request produces the tokens it produces alone (``Engine.generate_ids`` with one prompt),
-whatever runs beside it (for a prompt prefilled in chunks, see below); a seeded sampled request produces the same tokens on every run, whatever runs beside it
-(its own ``torch.Generator`` draws one exponential variate per vocabulary entry per token: ``argmax(p / E)`` is a
-sample of ``p``).
+whatever runs beside it (for a prompt prefilled in chunks, see below); a seeded sampled request produces the same
+tokens on every run, whatever runs beside it (its own ``torch.Generator`` draws one exponential variate per
+vocabulary entry per token: ``argmax(p / E)`` is a sample of ``p``).
 
 **Long prompts.** One prefill forward computes at most ``prefill_tokens`` slots (prompts x padded length), so that
 the running rows wait at most that long between two decode steps. A prompt longer than that is prefilled in
