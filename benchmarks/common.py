@@ -86,6 +86,24 @@ def time_call(call: Callable, device: torch.device, calls: int, warmup: int, rep
     return statistics.median(times)
 
 
+def text_table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    """Rows of cells as aligned text: the first column left-aligned, the others right-aligned, a rule under the
+    header."""
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in [header, *body]]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--tiny``, ``--layers`` and ``--seed`` of the benchmarks on ``decode.py``'s 2B4T-shaped model."""
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a dry run; use with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (a dry run)")
+    parser.add_argument("--layers", type=int, default=30, help="decoder blocks (default 30, the full 2B4T depth)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+
+
 def print_and_save(table: str, report: dict, path: str | None) -> None:
     """Print ``table`` after a blank line and, with a ``path``, write ``report`` there as JSON."""
     print()

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt, print_and_save, versions
+from common import add_model_options, fmt, print_and_save, text_table, versions
 from decode import build_ternary_model, model_config
 
 ROWS = ("ternary", "dense")
@@ -140,11 +136,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         per = [fmt(None if times.get(r) is None else times[r] * 1e6 / (rows * length), ".2f") for r in ROWS]
         speedup = times["dense"] / times["ternary"] if {"dense", "ternary"} <= times.keys() else None
         body.append((shape, str(rows * length), *ms, *per, fmt(speedup, ".2f", "x")))
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in [header, *body]]  # fmt: skip
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, body)
 
 
 def format_profile(row: str, report: dict[str, Any]) -> str:
@@ -160,15 +152,12 @@ def format_profile(row: str, report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a dry run; use with --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model of the same structure")
-    parser.add_argument("--layers", type=int, default=30, help="decoder blocks (default 30, the full 2B4T depth)")
+    add_model_options(parser)
     parser.add_argument("--shapes", default="1x128,1x512,4x512,1x2048", help="comma-separated PROMPTSxLENGTH "
                         "prefill shapes (default 1x128,1x512,4x512,1x2048)")  # fmt: skip
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--profile", type=_shape, help="also profile this PROMPTSxLENGTH shape's eager forward")
     parser.add_argument("--repeats", type=int, default=15, help="timed replays, median taken (default 15)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report as JSON to this path")
     args = parser.parse_args(argv)
     try:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import add_model_options, text_table
 
 ROWS = ("bittern-ternary", "bittern-dense", "bittern-scheduler", "bittern-static", "transformers-cb")
 SERVER_ROWS = ("bittern-ternary", "bittern-dense")
@@ -494,11 +495,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
          ratio(r["itl_p99_vs_batch1_step"]))
         for r in results
     ]  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in [header, *body]]  # fmt: skip
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, body)
 
 
 def _environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -526,9 +523,7 @@ def _budgets(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (use with --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model of the same structure")
-    parser.add_argument("--layers", type=int, default=30, help="decoder blocks (default 30, the full 2B4T depth)")
+    add_model_options(parser)
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated client counts (default "
                         "1,8,32,64)")  # fmt: skip
     parser.add_argument("--requests", type=int, default=None, help="requests per concurrency (default max(16, 4C))")
@@ -549,7 +544,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "flash_attention_2 where installed)")  # fmt: skip
     parser.add_argument("--no-cuda-graph", action="store_true", help="bittern rows: eager decode step and prefill")
     parser.add_argument("--no-compile", action="store_true", help="bittern rows: capture the step uncompiled")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report as JSON to this path")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
