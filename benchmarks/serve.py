@@ -114,7 +114,6 @@ def _ms(value: float | None) -> float | None:
 
 def build_model(args: argparse.Namespace, dense: bool) -> torch.nn.Module:
     """decode.py's random ternary 2B4T-shaped model (or the tiny one); ``dense``: projections as ``nn.Linear``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from decode import build_ternary_model, model_config
 
     import bittern
